@@ -1,0 +1,5 @@
+"""Allow ``python -m trackalert``."""
+
+from trackalert.cli import main
+
+raise SystemExit(main())

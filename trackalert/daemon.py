@@ -1,0 +1,284 @@
+"""Starting, running and stopping the trackalert server.
+
+Start-up follows the C++ daemon's order where it matters (config state, then worker states, then
+listeners, READY) with its bugs fixed: `setNumLuaStates` counts because worker states are created
+after the config ran; listeners are bound before `-d` forks, and the parent only exits once the
+child is ready, so a busy port or a broken log is a non-zero exit, not a silent death; nothing
+that runs threads exists before the fork, so background work survives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+from trackalert import log, notify
+from trackalert.clock import Clock, RealClock
+from trackalert.eventlog import open_event_log
+from trackalert.eventlog.base import EventLog
+from trackalert.eventlog.retention import run_retention
+from trackalert.lua.host import Host
+from trackalert.lua.pool import LuaPool
+from trackalert.lua.runner import PolicyRunner
+from trackalert.lua.state import LuaError, LuaState, LuaSyntaxError, StateKind
+from trackalert.perfstats import log_every
+from trackalert.settings import Settings
+from trackalert.web import WebServer, bind_listeners
+
+STATS_INTERVAL = 300.0
+
+
+class StartupError(Exception):
+    """A problem that stops the daemon from starting; the message is for the operator."""
+
+
+@dataclass
+class Options:
+    config_file: str
+    config_dir: str
+    mode: str = "foreground"  # foreground | systemd | daemon | docker
+    regexes: str = ""
+
+
+class Daemon:
+    def __init__(self, options: Options, clock: Clock | None = None) -> None:
+        self.options = options
+        settings = Settings(config_file=options.config_file, config_dir=options.config_dir,
+                            verbose=log.verbose())
+        self.host = Host(settings=settings, clock=clock or RealClock())
+        self.config_state = LuaState(StateKind.CONFIG, self.host)
+        self.workers: list[LuaState] = []
+        self.sockets: list[socket.socket] = []
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.web: WebServer | None = None
+        self.host.on_endpoint = self._endpoint_registered
+        self.host.shutdown = self.request_stop
+
+    # ---- before the event loop (and before any fork) --------------------------------------
+
+    def load_config(self) -> None:
+        """Run the config in the config state, then in each of N worker states."""
+        self._run_config(self.config_state)
+        settings = self.host.settings
+        settings.add_default_acl()
+        log.notice("ACL allowing queries from: " + ", ".join(settings.acl.entries()))
+        for index in range(settings.num_lua_states):
+            state = LuaState(StateKind.WORKER, self.host, index)
+            self._run_config(state)
+            self.workers.append(state)
+        log.logger.info("Read configuration from '%s'", self.options.config_file)
+
+    def _run_config(self, state: LuaState) -> None:
+        name = self.options.config_file
+        try:
+            state.run_file(name, os.path.basename(name))
+        except OSError as exc:
+            raise StartupError(f"Unable to read configuration from '{name}': {exc.strerror}") from exc
+        except LuaSyntaxError as exc:
+            raise StartupError(f"Syntax error in configuration: {exc}") from exc
+        except LuaError as exc:
+            raise StartupError(f"Fatal Lua error: {exc}") from exc
+
+    def bind(self) -> None:
+        if not self.host.settings.listeners:
+            log.logger.warning("No listener configured (addListener): the REST API is not served")
+        self.sockets = bind_listeners(self.host.settings.listeners)
+
+    # ---- the running server --------------------------------------------------------------
+
+    async def run(self, ready: "callable | None" = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self.request_stop)
+        settings = self.host.settings
+        url = settings.eventlog_url or settings.default_eventlog_url()
+        try:
+            eventlog = open_event_log(url, self.host.clock)
+            await eventlog.open()
+        except Exception as exc:
+            raise StartupError(f"Cannot open the event log {url}: {exc}") from exc
+        self.host.eventlog = eventlog
+        pool = LuaPool(self.workers, self.host.clock)
+        runner = PolicyRunner(eventlog, pool, self.host)
+        self.host.metrics.set_lag_source(runner.lag_events, runner.lag_seconds)
+        self.host.metrics.set_eventlog_source(lambda: eventlog.stats)
+        await runner.start()
+        self.web = WebServer(self.host, eventlog, pool)
+        for name in settings.custom_endpoints:
+            self.web.add_custom_endpoint(name)
+        await self.web.start(settings.listeners, self.sockets)
+        tasks = self._background_tasks(eventlog, pool)
+        _tune_gc()
+        if self.web.bound_addresses():
+            notify.status("Listening on " + ", ".join(self.web.bound_addresses()))
+        notify.ready()
+        if ready:
+            ready()
+        log.logger.info("trackalert is ready: event log %s, %d Lua worker states", eventlog.location, len(pool))
+        try:
+            await self._stop.wait()
+        finally:
+            log.notice("Shutting down")
+            notify.stopping()
+            await self.web.stop()
+            await runner.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await eventlog.close()
+            pool.close()
+
+    def request_stop(self) -> None:
+        """Ask for a graceful stop; safe from any thread (shutdown() runs in Lua threads)."""
+        if self._loop is None or self._stop is None:
+            os._exit(0)
+        self._loop.call_soon_threadsafe(self._stop.set)
+
+    def _endpoint_registered(self, name: str) -> None:
+        if self.web is not None:  # registered from the console at runtime
+            self._loop.call_soon_threadsafe(self.web.add_custom_endpoint, name)  # type: ignore[union-attr]
+
+    def _background_tasks(self, eventlog: EventLog, pool: LuaPool) -> list[asyncio.Task[None]]:
+        clock = self.host.clock
+        tasks = [
+            asyncio.create_task(log_every(clock, STATS_INTERVAL, self._stats_lines), name="stats-log"),
+            asyncio.create_task(self._watch_lua(pool), name="lua-watchdog"),
+        ]
+        if self.host.settings.retention_seconds:
+            tasks.append(asyncio.create_task(
+                run_retention(eventlog, clock, self.host.settings.retention_seconds), name="retention",
+            ))
+        return tasks
+
+    def _stats_lines(self) -> list[str]:
+        lines = [self.host.perf.log_line()]
+        for stats in (self.host.command_stats, self.host.custom_stats):
+            line = stats.log_line()
+            if line:
+                lines.append(line)
+        return lines
+
+    async def _watch_lua(self, pool: LuaPool) -> None:
+        """LuaJIT cannot interrupt a runaway loop; make it loud instead of silent."""
+        while True:
+            await asyncio.sleep(1.0)
+            slow = 0
+            for busy in pool.busy():
+                elapsed = pool.elapsed(busy)
+                if elapsed < self.host.settings.slow_call_seconds:
+                    continue
+                slow += 1
+                if not busy.warned:
+                    busy.warned = True
+                    self.host.metrics.lua_slow_call(busy.kind)
+                    log.logger.warning(
+                        "Lua %s function has been running for %.0f s in worker state %d "
+                        "(LuaJIT cannot interrupt it; the other states carry on)",
+                        busy.kind, elapsed, busy.index,
+                    )
+            self.host.metrics.set_lua_busy_states(slow)
+
+
+def _tune_gc() -> None:
+    """Every report allocates short-lived objects; with the default gen-0 threshold (700) the
+    cyclic GC runs thousands of times a second at full load. Freeze what start-up built and
+    collect less often: reports create no reference cycles worth chasing that soon."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def run_server(options: Options) -> int:
+    """Start the server in the mode asked for; the process exit status."""
+    try:
+        daemon = Daemon(options)
+        daemon.load_config()
+        daemon.bind()
+    except StartupError as exc:
+        log.logger.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.logger.error("%s", exc)
+        return 1
+    if options.mode == "daemon":
+        return _daemonize(daemon)
+    if options.mode == "systemd":
+        log.set_console(False)
+    elif options.mode == "foreground":
+        log.logger.info("Running in the foreground")
+    return _exit(daemon, _serve(daemon, None))
+
+
+def _exit(daemon: Daemon, status: int) -> int:
+    """A Lua call stuck in a LuaJIT loop can never be joined: leave without waiting for it."""
+    if any(state.lock.locked() for state in daemon.workers):
+        log.logger.warning("A Lua state is still running; exiting without waiting for it")
+        logging.shutdown()
+        os._exit(status)
+    return status
+
+
+def _serve(daemon: Daemon, ready: "callable | None") -> int:
+    try:
+        _event_loop_runner()(daemon.run(ready))
+    except StartupError as exc:
+        log.logger.error("%s", exc)
+        return 1
+    return 0
+
+
+def _event_loop_runner():  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.run
+
+
+def _daemonize(daemon: Daemon) -> int:
+    """Fork; the parent exits 0 only when the child reports it is serving."""
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("READY"):
+            return 0
+        sys.stderr.write(message or "trackalert: the daemon exited during start-up\n")
+        return 1
+    os.close(read_fd)
+    os.setsid()
+    log.set_console(False)
+    _redirect_stdio()
+
+    def ready() -> None:
+        os.write(write_fd, b"READY")
+        os.close(write_fd)
+
+    try:
+        status = _exit(daemon, _serve(daemon, ready))
+    except BaseException as exc:  # report anything to the waiting parent
+        os.write(write_fd, f"trackalert: {exc}\n".encode())
+        raise
+    if status != 0:
+        try:
+            os.write(write_fd, b"trackalert: start-up failed, see the system log\n")
+        except OSError:
+            pass
+    os._exit(status)
+
+
+def _redirect_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)

@@ -1,0 +1,151 @@
+"""Values crossing between Python and Lua.
+
+Data only ever crosses as values (tables, numbers, strings, whitelisted userdata), never as code:
+a login name full of Lua syntax is just a string to the policy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable
+
+import lupa.luajit21 as luajit
+
+from trackalert.netaddr import parse_combo
+
+if TYPE_CHECKING:
+    from trackalert.eventlog.base import Event
+    from trackalert.lua.state import LuaState
+
+lua_type = luajit.lua_type
+
+# Builds the LoginTuple table in Lua (one crossing instead of one per field) and runs the
+# policy under xpcall so an error comes back with its Lua traceback instead of unwinding Python.
+_RUN_WITH_TUPLE = """
+return function(fn, t, remote, login, pwhash, success, policy_reject, protocol, tls,
+                device_id, session_id, fail_type, attrs, attrs_mv, device_attrs)
+  local lt = {t=t, remote=remote, login=login, pwhash=pwhash, success=success,
+              policy_reject=policy_reject, protocol=protocol, tls=tls, device_id=device_id,
+              session_id=session_id, fail_type=fail_type, attrs=attrs or {},
+              attrs_mv=attrs_mv or {}, device_attrs=device_attrs or {}}
+  return xpcall(function() return fn(lt) end, debug.traceback)
+end
+"""
+
+
+_PROTECTED_CALL = """
+return function(fn, ...)
+  local args, n = {...}, select('#', ...)
+  return xpcall(function() return fn(unpack(args, 1, n)) end, debug.traceback)
+end
+"""
+
+
+def protected_call(state: "LuaState", fn: Any, *args: Any) -> tuple[Any, ...]:
+    """Call a Lua function under xpcall: (True, results...) or (False, message with traceback)."""
+    caller = state.cache.get("protected_call")
+    if caller is None:
+        caller = state.cache["protected_call"] = state.lua.execute(_PROTECTED_CALL)
+    result = caller(fn, *args)
+    return result if isinstance(result, tuple) else (result,)
+
+
+def tuple_runner(state: "LuaState") -> Any:
+    """The Lua function that runs ``fn(lt)`` for one event; compiled once per state."""
+    runner = state.cache.get("tuple_runner")
+    if runner is None:
+        runner = state.cache["tuple_runner"] = state.lua.execute(_RUN_WITH_TUPLE)
+    return runner
+
+
+def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> tuple[bool, Any]:
+    """Run `fn(lt)` for one event; returns (ok, error-or-first-result)."""
+    r = event.report
+    table_from = state.lua.table_from
+    result = runner(
+        fn,
+        r.t,
+        parse_combo(r.remote),
+        r.login,
+        r.pwhash,
+        r.success,
+        r.policy_reject,
+        r.protocol,
+        r.tls,
+        r.device_id,
+        r.session_id,
+        r.fail_type,
+        table_from(r.attrs) if r.attrs else None,
+        table_from({k: list(v) for k, v in r.attrs_mv.items()}, recursive=True)
+        if r.attrs_mv
+        else None,
+        table_from(r.device_attrs) if r.device_attrs else None,
+    )
+    if isinstance(result, tuple):
+        return result[0], result[1] if len(result) > 1 else None
+    return result, None
+
+
+def is_table(value: Any) -> bool:
+    return lua_type(value) == "table"
+
+
+def number_text(value: int | float) -> str:
+    """A number as Lua 5.1 prints it (`%.14g`, integral values without a decimal point)."""
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return format(value, ".14g")
+    return str(value)
+
+
+def scalar_text(value: Any, what: str) -> str:
+    """A Lua string or number as text; anything else is a type error naming `what`."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return number_text(value)
+    raise TypeError(f"{what} must be a string or a number, got {describe(value)}")
+
+
+def describe(value: Any) -> str:
+    kind = lua_type(value)
+    if kind:
+        return kind
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return type(value).__name__
+
+
+def table_items(value: Any, what: str) -> list[tuple[Any, Any]]:
+    if not is_table(value):
+        raise TypeError(f"{what} must be a table, got {describe(value)}")
+    return list(value.items())
+
+
+def string_list(value: Any, what: str) -> list[str]:
+    """An array of strings (numbers accepted), e.g. setACL's argument."""
+    items = sorted(table_items(value, what), key=lambda kv: kv[0] if isinstance(kv[0], (int, float)) else 0)
+    return [scalar_text(v, f"{what} element") for _, v in items]
+
+
+def string_map(value: Any, what: str) -> dict[str, str]:
+    """A table of string keys to string values (numbers converted), e.g. custom endpoint results."""
+    return {
+        scalar_text(k, f"{what} key"): scalar_text(v, f"{what} value")
+        for k, v in table_items(value, what)
+    }
+
+
+def kv_pairs(value: Any, what: str) -> Iterable[tuple[str, str]]:
+    """Pairs in Lua iteration order, for the logging functions."""
+    return [
+        (scalar_text(k, f"{what} key"), scalar_text(v, f"{what} value"))
+        for k, v in table_items(value, what)
+    ]

@@ -1,0 +1,92 @@
+"""The daemon services that Lua functions may touch, shared by every Lua state.
+
+Lua globals never import the daemon: they reach settings, statistics and the log through this one
+object, which the daemon builds and tests can build for real without a web server.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from trackalert import log
+from trackalert.clock import Clock, RealClock
+from trackalert.metrics import Metrics
+from trackalert.perfstats import NamedStats, PerfStats
+from trackalert.settings import Settings
+
+if TYPE_CHECKING:
+    from trackalert.eventlog.base import EventLog
+
+
+def _exit_now() -> None:
+    raise SystemExit(0)
+
+
+@dataclass
+class Host:
+    settings: Settings = field(default_factory=Settings)
+    clock: Clock = field(default_factory=RealClock)
+    metrics: Metrics = field(default_factory=Metrics)
+    eventlog: "EventLog | None" = None
+    #: Called by shutdown(); the daemon replaces it with a graceful stop.
+    shutdown: Callable[[], None] = _exit_now
+    #: Called when setCustomEndpoint runs in the config state (the web layer routes the name).
+    on_endpoint: Callable[[str], None] = lambda name: None
+    reports: int = 0
+    started: float = 0.0
+    perf: PerfStats = field(init=False)
+    command_stats: NamedStats = field(init=False)
+    custom_stats: NamedStats = field(init=False)
+    #: The console output buffer that show*/stats/makeKey fill (reference §9.3).
+    console_output: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.perf = PerfStats(self.clock)
+        self.command_stats = NamedStats(self.clock, "command")
+        self.custom_stats = NamedStats(self.clock, "custom")
+        self.started = self.clock.monotonic()
+
+    def console_replace(self, text: str) -> None:
+        self.console_output[:] = [text]
+
+    def console_append(self, text: str) -> None:
+        self.console_output.append(text)
+
+    def take_console_output(self) -> str:
+        text = "".join(self.console_output)
+        self.console_output.clear()
+        return text
+
+    def count_report(self) -> None:
+        with self._lock:
+            self.reports += 1
+        self.metrics.report_accepted()
+
+    def lua_error(self, function: str, message: str) -> None:
+        """The crash boundary's sink: every Lua error is logged with its location and counted."""
+        log.logger.error("Lua function [%s] exception: %s", function, message)
+        self.metrics.lua_error(function)
+
+    def declare_custom_stat(self, name: str) -> None:
+        if name not in self.settings.custom_stats:
+            self.settings.custom_stats.append(name)
+        self.custom_stats.register(name)
+        self.metrics.register_custom_stat(name)
+
+    def inc_custom_stat(self, name: str) -> None:
+        self.custom_stats.add(name)
+        self.metrics.inc_custom_stat(name)
+
+    def register_command(self, name: str) -> None:
+        self.command_stats.register(name)
+        self.metrics.register_command(name)
+
+    def count_command(self, name: str) -> None:
+        self.command_stats.add(name)
+        self.metrics.command(name)
+
+    def uptime(self) -> float:
+        return self.clock.monotonic() - self.started

@@ -1,0 +1,178 @@
+"""Runs the Lua `report` policy over the event log, at least once per event, even across a crash.
+
+The runner is a consumer of the log with a persisted cursor: every event up to the cursor has been
+through `report`. Right after a commit the log hands the new events over in memory; after a restart,
+or when the runner falls behind and its buffer is full, it reads them back from the log instead. So
+a slow policy never slows ingestion (the HTTP answer only waits for the append), and memory stays
+bounded whatever the lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING
+
+from trackalert import log
+from trackalert.lua.convert import call_with_tuple, tuple_runner
+
+if TYPE_CHECKING:
+    from trackalert.eventlog.base import Event, EventLog
+    from trackalert.lua.host import Host
+    from trackalert.lua.pool import LuaPool
+    from trackalert.lua.state import LuaState
+
+CURSOR_NAME = "report"
+
+
+class PolicyRunner:
+    def __init__(
+        self,
+        eventlog: "EventLog",
+        pool: "LuaPool",
+        host: "Host",
+        batch_max: int = 256,
+        buffer_max: int = 100_000,
+    ) -> None:
+        self._log = eventlog
+        self._pool = pool
+        self._host = host
+        self._batch_max = batch_max
+        self._buffer_max = buffer_max
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, tuple[int, float]] = {}  # first seq -> (last seq, received)
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Leave one state free for custom endpoints whenever there is more than one.
+        self._slots = asyncio.Semaphore(max(1, len(pool) - 1))
+        self._loop_task: asyncio.Task[None] | None = None
+        self.done = 0  # every seq <= done has run through report
+        self.dispatched = 0  # every seq <= dispatched has been handed to a state
+        self.head = 0  # last seq known to be in the log
+        self._oldest_unread: float | None = None
+
+    async def start(self) -> None:
+        self.done = self.dispatched = await self._log.load_cursor(CURSOR_NAME)
+        self._log.add_listener(self._on_commit)
+        self.head = max(self.head, await self._log.last_seq())
+        if self.head > self.done:
+            log.logger.info(
+                "Policy runner resumes after event %d: %d stored reports still to run",
+                self.done, self.head - self.done,
+            )
+        self._loop_task = asyncio.create_task(self._loop(), name="policy-runner")
+        self._wake.set()
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Stop dispatching, give running batches `timeout` to finish and save the cursor.
+
+        A batch still running then (a runaway policy) is not waited for: its events run again
+        after the restart, which keeps the at-least-once promise.
+        """
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+        self._log.save_cursor(CURSOR_NAME, self.done)
+
+    def lag_events(self) -> int:
+        return max(0, self.head - self.done)
+
+    def lag_seconds(self) -> float:
+        """How long the oldest report not yet run has been waiting."""
+        if self.head <= self.done:
+            return 0.0
+        received = [r for _, r in self._inflight.values()]
+        if self._buffer:
+            received.append(self._buffer[0].received)
+        if self._oldest_unread is not None:
+            received.append(self._oldest_unread)
+        if not received:
+            return 0.0
+        return max(0.0, self._host.clock.time() - min(received))
+
+    def _on_commit(self, events: "list[Event]") -> None:
+        self.head = max(self.head, events[-1].seq)
+        if len(self._buffer) + len(events) <= self._buffer_max:
+            self._buffer.extend(events)
+        elif self._oldest_unread is None:
+            # Too far behind to keep everything in memory: these are read back from the log.
+            self._oldest_unread = events[0].received
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.dispatched < self.head:
+                await self._slots.acquire()
+                try:
+                    batch = await self._next_batch()
+                except Exception as exc:  # the log is unreadable for now: retry shortly
+                    self._slots.release()
+                    log.logger.error("Policy runner cannot read the event log: %s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                if not batch:
+                    self._slots.release()
+                    break
+                self._dispatch(batch)
+
+    async def _next_batch(self) -> "list[Event]":
+        buffer = self._buffer
+        while buffer and buffer[0].seq <= self.dispatched:
+            buffer.popleft()
+        expected = self.dispatched + 1
+        if buffer and buffer[0].seq == expected:
+            batch = []
+            while buffer and buffer[0].seq == expected and len(batch) < self._batch_max:
+                batch.append(buffer.popleft())
+                expected += 1
+            return batch
+        gap = (buffer[0].seq - expected) if buffer else self._batch_max
+        batch = await self._log.read(self.dispatched, min(self._batch_max, max(1, gap)))
+        if not buffer or (batch and batch[-1].seq >= buffer[0].seq - 1):
+            self._oldest_unread = None
+        return batch
+
+    def _dispatch(self, batch: "list[Event]") -> None:
+        first, last = batch[0].seq, batch[-1].seq
+        self.dispatched = last
+        self._inflight[first] = (last, batch[0].received)
+        task = asyncio.create_task(self._run_batch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, batch: "list[Event]") -> None:
+        try:
+            await self._pool.run("report", lambda state: self._run_in_state(state, batch))
+        except Exception as exc:  # the crash boundary is per event; this is a daemon fault
+            log.logger.error("Policy runner failed on events %d-%d: %s", batch[0].seq, batch[-1].seq, exc)
+        finally:
+            self._slots.release()
+            self._complete(batch[0].seq)
+
+    def _complete(self, first: int) -> None:
+        self._inflight.pop(first, None)
+        done = min(self._inflight) - 1 if self._inflight else self.dispatched
+        if done > self.done:
+            self.done = done
+            self._log.save_cursor(CURSOR_NAME, done)
+
+    def _run_in_state(self, state: "LuaState", batch: "list[Event]") -> None:
+        """Runs in a worker thread with the state locked: one Lua call per event."""
+        fn = state.report_fn
+        if fn is None:
+            return
+        runner = tuple_runner(state)
+        for event in batch:
+            state.as_of_seq = event.seq
+            try:
+                ok, error = call_with_tuple(state, runner, fn, event)
+            except Exception as exc:  # a conversion fault must not stop the batch
+                ok, error = False, f"{type(exc).__name__}: {exc}"
+            if not ok:
+                self._host.lua_error("report", str(error))
+        state.as_of_seq = None
+        self._host.metrics.lua_calls("report", len(batch))

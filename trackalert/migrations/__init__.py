@@ -1,0 +1,72 @@
+"""Alembic migrations of the SQLite event log, run programmatically.
+
+The scripts live inside the package (``trackalert/migrations``) and are located from this file's
+path, so migrating works from an installed wheel and from any working directory; there is no
+``alembic.ini``. To write a new revision during development::
+
+    python -c "from alembic import command; from trackalert.migrations import alembic_config; \\
+               command.revision(alembic_config(), 'add enrichment columns', rev_id='0003')"
+
+(the ``alembic`` command line also works with ``-x url=sqlite:///some.db`` and a throw-away ini
+whose ``script_location`` points here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.engine import Connection
+
+from trackalert.eventlog.base import SchemaVersionError
+
+SCRIPT_LOCATION = Path(__file__).resolve().parent
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic config pointing at our scripts; `env.py` migrates `connection` when given."""
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    config.set_main_option("path_separator", "os")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """The revision a freshly migrated file ends at."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revisions(connection: Connection) -> tuple[str, ...]:
+    """The revision(s) stamped in the database (empty for a file never migrated)."""
+    return MigrationContext.configure(connection).get_current_heads()
+
+
+def upgrade(connection: Connection, target: str = "head", *, location: str = "") -> None:
+    """Bring the database on `connection` to `target`, refusing files from a newer trackalert.
+
+    Alembic's own message for an unknown revision ("Can't locate revision") does not tell an
+    operator what happened, hence the explicit check.
+    """
+    config = alembic_config(connection)
+    scripts = ScriptDirectory.from_config(config)
+    for revision in current_revisions(connection):
+        try:
+            known = scripts.get_revision(revision)
+        except CommandError:
+            known = None
+        if known is None:
+            raise SchemaVersionError(
+                f"event log {location or '(database)'} has schema revision {revision!r}, which "
+                f"this version of trackalert does not know (newest known: "
+                f"{scripts.get_current_head()!r}); it was probably written by a newer trackalert. "
+                f"Upgrade trackalert or point it at another file."
+            )
+    command.upgrade(config, target)

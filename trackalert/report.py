@@ -1,0 +1,222 @@
+"""The login report: the one record everything else in trackalert is about.
+
+`parse_report` is a pure function (JSON bytes in, `Report` out, no I/O) so that the web layer, the
+NDJSON importer and the replay tool all validate reports the same way. Unlike the C++ daemon, which
+silently turns a mistyped field into its default, we reject a report whose fields have the wrong
+type: a report that cannot be trusted must not enter a log that policies will read for months.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from trackalert.netaddr import AddressError, parse_combo
+
+#: Fields of a wforce LoginTuple, with the JSON type each must have.
+_STRING_FIELDS = ("login", "pwhash", "protocol", "device_id", "session_id", "fail_type")
+_BOOL_FIELDS = ("success", "policy_reject", "tls")
+
+
+class ReportError(ValueError):
+    """The body is not an acceptable report; the message says why, for the 400 body.
+
+    `reason` is a short category for metrics: ``json`` (not a JSON object), ``field`` (a field of
+    the wrong type) or ``remote`` (an address that does not parse).
+    """
+
+    def __init__(self, message: str, reason: str = "field") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One validated login report, as wforce's LoginTuple plus whatever unknown fields it carried."""
+
+    t: float = 0.0
+    remote: str = "0.0.0.0"
+    login: str = ""
+    pwhash: str = ""
+    success: bool = False
+    policy_reject: bool = False
+    protocol: str = ""
+    tls: bool = False
+    device_id: str = ""
+    session_id: str = ""
+    fail_type: str = ""
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    attrs_mv: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    device_attrs: Mapping[str, str] = field(default_factory=dict)
+    #: Unknown top-level JSON members (e.g. wforce's ``"type": "wforce_report"``), kept losslessly.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The report as wforce would send it (attrs merged back into one object), plus extras."""
+        attrs: dict[str, Any] = dict(self.attrs)
+        attrs.update({k: list(v) for k, v in self.attrs_mv.items()})
+        body: dict[str, Any] = dict(self.extra)
+        body.update(
+            t=self.t,
+            remote=self.remote,
+            login=self.login,
+            pwhash=self.pwhash,
+            success=self.success,
+            policy_reject=self.policy_reject,
+            protocol=self.protocol,
+            tls=self.tls,
+            device_id=self.device_id,
+            session_id=self.session_id,
+            fail_type=self.fail_type,
+            attrs=attrs,
+            device_attrs=dict(self.device_attrs),
+        )
+        return body
+
+
+def parse_report(body: bytes | str, received: float) -> Report:
+    """Validate a report body; `received` stands in for a missing ``t`` (the C++ daemon used 0)."""
+    try:
+        # Decode ourselves: json.loads would guess UTF-16/32 from a BOM; RFC 8259 says UTF-8.
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        doc = _DECODER.decode(text)
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"body is not valid UTF-8: {exc.reason}", "json") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"body is not valid JSON: {exc}", "json") from None
+    if not isinstance(doc, dict):
+        raise ReportError(f"body must be a JSON object, got {_json_type(doc)}", "json")
+    return report_from_dict(doc, received)
+
+
+def report_from_dict(doc: Mapping[str, Any], received: float) -> Report:
+    """Validate an already-decoded JSON object (shared by the web layer and NDJSON import).
+
+    One pass over the members with exact type checks: this runs for every report on the event
+    loop, so it is written for speed (`type(v) is str` rather than isinstance, no re-lookups).
+    """
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in doc.items():
+        kind = _FIELD_KINDS.get(key)
+        if kind is None:
+            extra[key] = value
+        elif type(value) is kind:
+            values[key] = value
+        elif kind is _Time:
+            values[key] = _parse_time(value)
+        elif kind is _Remote:
+            values[key] = _parse_remote(_expect(key, value, str, "a string"))
+        elif kind is _Attrs:
+            values["attrs"], values["attrs_mv"] = split_attrs(_expect(key, value, dict, "an object"))
+        elif kind is _DeviceAttrs:
+            values[key] = _parse_device_attrs(_expect(key, value, dict, "an object"))
+        else:
+            _expect(key, value, kind, "a string" if kind is str else "a boolean")
+    if "t" not in values:
+        values["t"] = received
+    return Report(extra=extra, **values)
+
+
+class _Time:
+    """Marker kinds for the members that need more than a type check."""
+
+
+class _Remote:
+    pass
+
+
+class _Attrs:
+    pass
+
+
+class _DeviceAttrs:
+    pass
+
+
+_FIELD_KINDS: dict[str, type] = {
+    **{name: str for name in _STRING_FIELDS},
+    **{name: bool for name in _BOOL_FIELDS},
+    "t": _Time,
+    "remote": _Remote,
+    "attrs": _Attrs,
+    "device_attrs": _DeviceAttrs,
+}
+
+
+def split_attrs(attrs: Mapping[str, Any], where: str = "attrs") -> tuple[dict, dict]:
+    """Split an attrs object into single-valued and multi-valued attributes (reference §5.3)."""
+    single: dict[str, str] = {}
+    multi: dict[str, tuple[str, ...]] = {}
+    for key, value in attrs.items():
+        if isinstance(value, str):
+            single[key] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            multi[key] = tuple(value)
+        else:
+            raise ReportError(
+                f"field '{where}.{key}' must be a string or an array of strings, "
+                f"got {_json_type(value)}"
+            )
+    return single, multi
+
+
+def _parse_device_attrs(attrs: Mapping[str, Any]) -> dict[str, str]:
+    for key, value in attrs.items():
+        if not isinstance(value, str):
+            raise ReportError(
+                f"field 'device_attrs.{key}' must be a string, got {_json_type(value)}"
+            )
+    return dict(attrs)
+
+
+def _parse_time(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReportError(f"field 't' must be a number, got {_json_type(value)}")
+    if not math.isfinite(value):
+        raise ReportError("field 't' must be a finite number")
+    return float(value)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_remote(text: str) -> str:
+    # Cached: the same client addresses report over and over, and normalising through
+    # `ipaddress` costs more than the rest of the validation.
+    try:
+        address = parse_combo(text)
+    except AddressError as exc:
+        raise ReportError(f"field 'remote': {exc}", "remote") from None
+    return address.unmapped().tostring()
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; RFC 8259 (and wforce) do not.
+    raise json.JSONDecodeError(f"invalid constant {name}", name, 0)
+
+
+# Built once: json.loads(..., parse_constant=...) would build a new decoder for every report.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _expect(name: str, value: Any, kind: type, described: str) -> Any:
+    # bool is a subclass of int in Python; JSON keeps them apart, so must we.
+    if type(value) is not kind:
+        raise ReportError(f"field '{name}' must be {described}, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

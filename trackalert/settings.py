@@ -1,0 +1,57 @@
+"""What the operator's configuration sets, gathered in one place.
+
+The config state's Lua functions write here; the daemon reads it once the config has run (listeners,
+number of Lua states, event log, ...). Values that may change at runtime from the console (the ACL,
+the password) are read from here on every use rather than captured at start.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from trackalert.netaddr import DEFAULT_ACL, ComboAddress, NetmaskGroup
+
+DEFAULT_NUM_LUA_STATES = 6
+DEFAULT_MAX_CONNS = 10000
+DEFAULT_BODY_LIMIT = 1024 * 1024
+
+
+@dataclass
+class Listener:
+    address: ComboAddress
+    tls: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Settings:
+    config_file: str = ""
+    config_dir: str = "."
+    verbose: bool = False
+    listeners: list[Listener] = field(default_factory=list)
+    password: str = ""
+    metrics_no_password: bool = False
+    num_lua_states: int = DEFAULT_NUM_LUA_STATES
+    num_worker_threads: int = 4
+    max_conns: int = DEFAULT_MAX_CONNS
+    body_limit: int = DEFAULT_BODY_LIMIT
+    acl: NetmaskGroup = field(default_factory=NetmaskGroup)
+    eventlog_url: str = ""
+    retention_seconds: float | None = None
+    #: Custom endpoint names in registration order (registered from the config state).
+    custom_endpoints: list[str] = field(default_factory=list)
+    custom_stats: list[str] = field(default_factory=list)
+    #: A Lua call running longer than this is logged and counted (LuaJIT cannot interrupt it).
+    slow_call_seconds: float = 5.0
+
+    def add_default_acl(self) -> None:
+        """The private ranges the C++ daemon always allows, added after the config has run."""
+        for mask in DEFAULT_ACL:
+            self.acl.addMask(mask)
+
+    def default_eventlog_url(self) -> str:
+        """With no setEventLog, the log is a SQLite file next to the config file."""
+        return "sqlite:///" + os.path.abspath(os.path.join(self.config_dir, "trackalert-events.db"))
