@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any, Callable, Coroutine
 
 from trackalert import log, notify
 from trackalert.clock import Clock, RealClock
@@ -93,7 +94,7 @@ class Daemon:
 
     # ---- the running server --------------------------------------------------------------
 
-    async def run(self, ready: "callable | None" = None) -> None:
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,8 +144,9 @@ class Daemon:
         self._loop.call_soon_threadsafe(self._stop.set)
 
     def _endpoint_registered(self, name: str) -> None:
-        if self.web is not None:  # registered from the console at runtime
-            self._loop.call_soon_threadsafe(self.web.add_custom_endpoint, name)  # type: ignore[union-attr]
+        """setCustomEndpoint from the console at runtime: route the new name too."""
+        if self.web is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.web.add_custom_endpoint, name)
 
     def _background_tasks(self, eventlog: EventLog, pool: LuaPool) -> list[asyncio.Task[None]]:
         clock = self.host.clock
@@ -226,7 +228,7 @@ def _exit(daemon: Daemon, status: int) -> int:
     return status
 
 
-def _serve(daemon: Daemon, ready: "callable | None") -> int:
+def _serve(daemon: Daemon, ready: Callable[[], None] | None) -> int:
     try:
         _event_loop_runner()(daemon.run(ready))
     except StartupError as exc:
@@ -235,7 +237,7 @@ def _serve(daemon: Daemon, ready: "callable | None") -> int:
     return 0
 
 
-def _event_loop_runner():  # type: ignore[no-untyped-def]
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
     try:
         import uvloop
 

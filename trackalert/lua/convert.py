@@ -6,12 +6,13 @@ a login name full of Lua syntax is just a string to the policy.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Iterable
 
 import lupa.luajit21 as luajit
 
-from trackalert.netaddr import parse_combo
+from trackalert.netaddr import ComboAddress, parse_combo
 
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event
@@ -65,7 +66,7 @@ def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> 
     result = runner(
         fn,
         r.t,
-        parse_combo(r.remote),
+        _combo(r.remote),
         r.login,
         r.pwhash,
         r.success,
@@ -84,6 +85,12 @@ def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> 
     if isinstance(result, tuple):
         return result[0], result[1] if len(result) > 1 else None
     return result, None
+
+
+@functools.lru_cache(maxsize=65536)
+def _combo(remote: str) -> ComboAddress:
+    # ComboAddress is immutable, so one object per client address can serve every report.
+    return parse_combo(remote)
 
 
 def is_table(value: Any) -> bool:

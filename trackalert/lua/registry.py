@@ -8,6 +8,8 @@ from here, so a global cannot exist without documentation (a test enforces that)
 from __future__ import annotations
 
 import enum
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -62,7 +64,13 @@ def lua_global(
 
 
 def load_all() -> dict[str, LuaGlobal]:
-    """Import every module that declares globals, so the registry is complete."""
-    from trackalert.lua import api_core, api_eventlog, api_web  # noqa: F401
+    """Import every `trackalert/lua/api_*.py` module, so the registry is complete.
 
+    Discovered rather than listed: a new module of globals cannot be forgotten here.
+    """
+    import trackalert.lua as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name.startswith("api_"):
+            importlib.import_module(f"trackalert.lua.{module.name}")
     return REGISTRY
