@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trackalert.clock import RealClock  # noqa: E402
 from trackalert.eventlog.sqlite import SQLiteEventLog, encode_row  # noqa: E402
+from trackalert.eventlog.schema import EVENT_COLUMNS  # noqa: E402
 from trackalert.report import Report  # noqa: E402
 
 PREFILL_TRANSACTION = 200_000
@@ -66,7 +67,7 @@ def prefill(path: Path, events: int, deliveries: int) -> float:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("PRAGMA cache_size=-262144")
-    insert_event = f"INSERT INTO events VALUES ({','.join('?' * 18)})"
+    insert_event = f"INSERT INTO events VALUES ({','.join('?' * len(EVENT_COLUMNS))})"
     base = time.time() - 86_400.0
     step = 86_400.0 / max(events, 1)
     first_with_id = events - deliveries

@@ -26,6 +26,7 @@ from trackalert.testing import DaemonProcess, basic_auth, listener_config  # noq
 
 POLICY = listener_config() + """
 setNumLuaStates(2)
+setNumWebProcesses({web_processes})
 setReport(function(lt) local l = lt.login end)
 """
 
@@ -79,7 +80,7 @@ def prefill(db_path: Path, count: int) -> None:
                 "attrs_mv": None, "device_attrs": None, "extra": '{"type":"wforce_report"}',
                 "delivery_id": f"old-{seq}",
             }
-            rows.append(tuple(values[c] for c in EVENT_COLUMNS))
+            rows.append(tuple(values.get(c) for c in EVENT_COLUMNS))  # later columns: NULL
         db.executemany(insert, rows)
         db.commit()
     # As a long-running daemon would have it: the policy has run over everything, and the
@@ -122,22 +123,29 @@ def scenario(name: str, prefill_count: int, args: argparse.Namespace, script: Pa
     with tempfile.TemporaryDirectory(prefix="ta-bench-") as tmp:
         directory = Path(tmp)
         db_path = directory / "trackalert-events.db"
-        print(f"\n== {name}")
         if prefill_count:
             prefill(db_path, prefill_count)
-        with DaemonProcess(directory, POLICY, args=("-s",)) as process:
-            before = stored(db_path)
-            run_wrk(process.url("/command/report"), 32, 3, script)  # warm-up
-            for connections in args.connections:
-                start_count = stored(db_path)
-                figures = run_wrk(process.url("/command/report"), connections, args.duration, script)
-                added = stored(db_path) - start_count
-                print(
-                    f"  {connections:4d} connections: {figures['rps']:9,.0f} reports/s  "
-                    f"p50 {figures['p50']:6.2f} ms  p99 {figures['p99']:6.2f} ms  "
-                    f"non-2xx {figures['non2xx']:.0f}  stored {added:,}"
-                )
-            print(f"  log holds {stored(db_path):,} events (started with {before:,})")
+        for web_processes in args.web_processes:
+            print(f"\n== {name}, setNumWebProcesses({web_processes})")
+            run_daemon(directory, db_path, web_processes, args, script)
+
+
+def run_daemon(directory: Path, db_path: Path, web_processes: int, args: argparse.Namespace,
+               script: Path) -> None:
+    config = POLICY.replace("{web_processes}", str(web_processes))
+    with DaemonProcess(directory, config, args=("-s",)) as process:
+        before = stored(db_path)
+        run_wrk(process.url("/command/report"), 32, 3, script)  # warm-up
+        for connections in args.connections:
+            start_count = stored(db_path)
+            figures = run_wrk(process.url("/command/report"), connections, args.duration, script)
+            added = stored(db_path) - start_count
+            print(
+                f"  {connections:4d} connections: {figures['rps']:9,.0f} reports/s  "
+                f"p50 {figures['p50']:6.2f} ms  p99 {figures['p99']:6.2f} ms  "
+                f"non-2xx {figures['non2xx']:.0f}  stored {added:,}"
+            )
+        print(f"  log holds {stored(db_path):,} events (started with {before:,})")
 
 
 def main() -> None:
@@ -146,6 +154,8 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=15, help="seconds per measurement")
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--skip-empty", action="store_true", help="only the pre-filled scenario")
+    parser.add_argument("--web-processes", type=int, nargs="+", default=[0, 2],
+                        help="setNumWebProcesses values to measure")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench/ingest.py needs wrk (apt-get install wrk)")

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -145,3 +146,33 @@ def test_daemon_mode_reports_a_failure_in_the_child(tmp_path: Path) -> None:
     result = run("-C", str(config), "-d")
     assert result.returncode == 1
     assert "start-up failed" in result.stderr or "event log" in result.stderr
+
+
+def test_daemon_mode_background_functions_survive_the_fork(tmp_path: Path) -> None:
+    config = write_config(tmp_path, listener_config() + (
+        'setBackground("tick", function()\n'
+        '  local f = io.open("ticks.txt", "a"); f:write("tick\\n"); f:close()\n'
+        'end)\n'
+        'intervalScheduleBackgroundFunc("00:00:01", "tick")\n'
+    ))
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(10)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        parent = subprocess.run(
+            [sys.executable, "-m", "trackalert", "-C", str(config), "-d"], env=env,
+            capture_output=True, text=True, timeout=60,
+        )
+        assert parent.returncode == 0, parent.stderr
+        messages = notify.recv(4096).decode() + "\n" + notify.recv(4096).decode()
+    pid = int(re.search(r"MAINPID=(\d+)", messages).group(1))
+    ticks = tmp_path / "ticks.txt"
+    try:
+        for _ in range(200):  # bounded: up to ~20 s for two runs one second apart
+            if ticks.exists() and ticks.read_text().count("tick") >= 2:
+                break
+            time.sleep(0.1)
+        assert ticks.read_text().count("tick") >= 2
+    finally:
+        os.kill(pid, signal.SIGTERM)

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
 
@@ -60,8 +61,10 @@ async def hammer(process: DaemonProcess, prefix: str, total: int, concurrency: i
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
 
 
-async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    process = DaemonProcess(tmp_path, RECORDING_POLICY).start()
+@pytest.mark.parametrize("web_processes", [0, 2])
+async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path, web_processes: int) -> None:
+    config = RECORDING_POLICY + f"setNumWebProcesses({web_processes})\n"
+    process = DaemonProcess(tmp_path, config).start()
     acked: list[str] = []
     await hammer(process, "crash", total=20_000, concurrency=64, acked=acked, kill_after=2_000)
     assert process.process.returncode == -9
@@ -69,7 +72,7 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> N
     stored = set(stored_logins(tmp_path))
     assert set(acked) <= stored, "every report that got a 200 is in the log"
 
-    with DaemonProcess(tmp_path, RECORDING_POLICY):
+    with DaemonProcess(tmp_path, config):
         assert await wait_for(lambda: set(ran_logins(tmp_path)) >= stored, timeout=60)
     ran = ran_logins(tmp_path)
     assert set(ran) == stored, "report ran for each stored event, and only for them"

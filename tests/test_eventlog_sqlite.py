@@ -111,8 +111,9 @@ async def test_fresh_file_is_migrated_to_head(tmp_path: Path) -> None:
         ]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"events", "cursors", "deliveries", "alembic_version"} <= tables
-        # seq is the rowid and the only index on events: every extra index costs ingest
-        assert conn.execute("PRAGMA index_list(events)").fetchall() == []
+        # every index costs ingest: only the three the long-term helpers need (0004)
+        assert {r[1] for r in conn.execute("PRAGMA index_list(events)")} == {
+            "ix_events_login", "ix_events_ip", "ix_events_pwhash_failed"}
         deliveries_sql = conn.execute(
             "SELECT sql FROM sqlite_master WHERE name='deliveries'"
         ).fetchone()[0]
@@ -125,7 +126,7 @@ def test_migration_scripts_are_found_from_the_package_not_the_cwd(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert migrations.SCRIPT_LOCATION == REPO / "trackalert" / "migrations"
-    assert migrations.head_revision() == "0002"
+    assert migrations.head_revision() == "0004"
 
 
 async def test_reopen_keeps_data_and_schema(tmp_path: Path) -> None:
@@ -150,9 +151,9 @@ def _make_revision_0001_file(path: Path) -> None:
         migrations.upgrade(connection, "0001")
     engine.dispose()
     rows = [
-        (1, 1_700_000_000.0) + encode_row(report(1), "retry-me"),
-        (2, 1_700_000_001.0) + encode_row(full_report(), None),
-        (3, 1_700_000_002.0) + encode_row(report(3), "other"),
+        (1, 1_700_000_000.0) + encode_row(report(1), "retry-me")[:16],
+        (2, 1_700_000_001.0) + encode_row(full_report(), None)[:16],
+        (3, 1_700_000_002.0) + encode_row(report(3), "other")[:16],
     ]
     with raw(path) as conn:
         conn.executemany(f"INSERT INTO events VALUES ({','.join('?' * 18)})", rows)
@@ -176,7 +177,7 @@ async def test_old_file_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
     finally:
         await log.close()
     with raw(path) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0004",)
 
 
 async def test_file_from_a_newer_trackalert_is_refused(tmp_path: Path) -> None:
@@ -276,7 +277,7 @@ async def test_failed_commit_fails_its_whole_batch_and_the_writer_recovers(
         await log.append(report(1))
         with raw(path) as conn:
             conn.execute(
-                f"INSERT INTO events VALUES ({','.join('?' * 18)})",
+                f"INSERT INTO events VALUES ({','.join('?' * 25)})",
                 (2, 1_700_000_000.0) + encode_row(report(2, login="intruder"), None),
             )
         results = await asyncio.gather(

@@ -42,6 +42,12 @@ OWN_FAMILIES = [
     ("trackalert_lua_calls", "counter"),
     ("trackalert_lua_slow_calls", "counter"),
     ("trackalert_lua_busy_states", "gauge"),
+    ("trackalert_background_runs", "counter"),
+    ("trackalert_webhook_outbox_depth", "gauge"),
+    ("trackalert_webhook_retries", "counter"),
+    ("trackalert_webhook_expired", "counter"),
+    ("trackalert_webhook_permanent_failures", "counter"),
+    ("trackalert_webhook_outbox_full", "counter"),
 ]
 
 

@@ -287,7 +287,8 @@ async def test_max_connections_closes_the_extra_ones(tmp_path: Path) -> None:
         writer.close()
 
 
-async def test_tls_listener_with_min_protocol(tmp_path: Path) -> None:
+@pytest.mark.parametrize("web_processes", [0, 1])
+async def test_tls_listener_with_min_protocol(tmp_path: Path, web_processes: int) -> None:
     import ssl
     import subprocess
 
@@ -300,9 +301,10 @@ async def test_tls_listener_with_min_protocol(tmp_path: Path) -> None:
     config = (
         f'addListener("127.0.0.1:0", true, "{cert}", "{key}", {{MinProtocol="TLSv1.3", Bogus="x"}})\n'
         'setWebserverPassword("secret")\n'
+        f"setNumWebProcesses({web_processes})\n"
     )
     with DaemonProcess(tmp_path, config) as process:
-        assert "TLS option Bogus=x is not supported" in process.output()
+        assert await wait_for(lambda: "TLS option Bogus=x is not supported" in process.output())
         url = f"https://127.0.0.1:{process.port}/command/stats"
         context = ssl.create_default_context(cafile=str(cert))
         async with aiohttp.ClientSession() as session:

@@ -69,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     level = _log_level(args)
     log.configure(
-        level=level, verbose=args.verbose, console=True, timestamps=args.docker, facility=args.facility
+        level=level, verbose=args.verbose, console=True, timestamps=args.docker, facility=args.facility,
+        # console client: stdout is for replies only (`trackalert -e 'makeKey()' >> config`)
+        stream=sys.stderr if args.client is not None or args.execute is not None else None,
     )
     client = args.client is not None or args.execute is not None
     config = args.client if args.client else (args.config or default_config())
@@ -83,13 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.logger.error("Cannot read the ua-parser regexes file %s", args.regexes)
         return 1
     if client:
-        sys.stderr.write("trackalert: the console client is not implemented yet\n")
-        return 1
+        from trackalert.console.client import run_client  # no server imports for the client
+
+        return run_client(config_file, args.execute)
 
     from trackalert.daemon import Options, run_server  # heavy imports only for the server
 
     mode = "systemd" if args.systemd else "daemon" if args.daemon else "docker" if args.docker else "foreground"
-    options = Options(config_file=config_file, config_dir=os.getcwd(), mode=mode, regexes=args.regexes or "")
+    options = Options(
+        config_file=config_file, config_dir=os.getcwd(), mode=mode, regexes=args.regexes or "",
+        loglevel=level, facility=args.facility,
+    )
     return run_server(options)
 
 

@@ -21,6 +21,8 @@ from typing import Any, Callable, Coroutine
 
 from trackalert import log, notify
 from trackalert.clock import Clock, RealClock
+from trackalert.devices import DeviceParser
+from trackalert.enrich import Enricher
 from trackalert.eventlog import open_event_log
 from trackalert.eventlog.base import EventLog
 from trackalert.eventlog.retention import run_retention
@@ -30,7 +32,11 @@ from trackalert.lua.runner import PolicyRunner
 from trackalert.lua.state import LuaError, LuaState, LuaSyntaxError, StateKind
 from trackalert.perfstats import log_every
 from trackalert.settings import Settings
-from trackalert.web import WebServer, bind_listeners
+from trackalert.console.service import ConsoleService, bind_control_sockets  # the console
+from trackalert.frontend.supervisor import LogOptions, WebWorkers
+from trackalert.web import WebServer, bind_listeners, socket_addresses
+from trackalert.scheduler import Scheduler
+from trackalert.webhooks import WebHooks
 
 STATS_INTERVAL = 300.0
 
@@ -45,6 +51,8 @@ class Options:
     config_dir: str
     mode: str = "foreground"  # foreground | systemd | daemon | docker
     regexes: str = ""
+    loglevel: int = 6
+    facility: str = "daemon"
 
 
 class Daemon:
@@ -53,9 +61,14 @@ class Daemon:
         settings = Settings(config_file=options.config_file, config_dir=options.config_dir,
                             verbose=log.verbose())
         self.host = Host(settings=settings, clock=clock or RealClock())
+        self.host.scheduler = Scheduler(
+            self.host.clock, self.host.metrics, lambda: settings.num_scheduler_threads
+        )
+        self.host.webhooks = WebHooks(settings, self.host.metrics, self.host.clock)
         self.config_state = LuaState(StateKind.CONFIG, self.host)
         self.workers: list[LuaState] = []
         self.sockets: list[socket.socket] = []
+        self.control_sockets: list[socket.socket] = []  # console
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web: WebServer | None = None
@@ -75,6 +88,13 @@ class Daemon:
             self._run_config(state)
             self.workers.append(state)
         log.logger.info("Read configuration from '%s'", self.options.config_file)
+        try:
+            devices = DeviceParser(self.options.regexes)
+        except Exception as exc:  # a broken -R file: say so instead of a traceback
+            raise StartupError(
+                f"Cannot load the ua-parser regexes from '{self.options.regexes}': {exc}"
+            ) from exc
+        self.host.enricher = Enricher(self.host.geoip, settings.enrichment, devices)
 
     def _run_config(self, state: LuaState) -> None:
         name = self.options.config_file
@@ -91,6 +111,7 @@ class Daemon:
         if not self.host.settings.listeners:
             log.logger.warning("No listener configured (addListener): the REST API is not served")
         self.sockets = bind_listeners(self.host.settings.listeners)
+        self.control_sockets = bind_control_sockets(self.host.settings.control_sockets)  # console
 
     # ---- the running server --------------------------------------------------------------
 
@@ -112,14 +133,20 @@ class Daemon:
         self.host.metrics.set_lag_source(runner.lag_events, runner.lag_seconds)
         self.host.metrics.set_eventlog_source(lambda: eventlog.stats)
         await runner.start()
+        await self._start_alerting(pool)
         self.web = WebServer(self.host, eventlog, pool)
         for name in settings.custom_endpoints:
             self.web.add_custom_endpoint(name)
-        await self.web.start(settings.listeners, self.sockets)
+        front = await self._start_web(eventlog)
+        # console: control sockets, and the local console of a foreground daemon on a terminal
+        console = ConsoleService(
+            self.host, self.config_state, pool, eventlog, lambda: (runner.lag_events(), runner.lag_seconds())
+        )
+        await console.start(self.control_sockets, local_console=self.options.mode == "foreground")
         tasks = self._background_tasks(eventlog, pool)
         _tune_gc()
-        if self.web.bound_addresses():
-            notify.status("Listening on " + ", ".join(self.web.bound_addresses()))
+        if self.sockets:
+            notify.status("Listening on " + ", ".join(socket_addresses(self.sockets)))
         notify.ready()
         if ready:
             ready()
@@ -129,13 +156,44 @@ class Daemon:
         finally:
             log.notice("Shutting down")
             notify.stopping()
+            await console.stop()  # console first: the reply to shutdown() is still delivered
+            if front:  # first: their in-flight reports still need the event log
+                await front.stop()
             await self.web.stop()
             await runner.stop()
+            await self._stop_alerting()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await eventlog.close()
             pool.close()
+
+    async def _start_web(self, eventlog: EventLog) -> WebWorkers | None:
+        """Serve HTTP here, or from web worker processes that hand reports to this one."""
+        settings = self.host.settings
+        assert self.web is not None
+        if not settings.num_web_processes:
+            await self.web.start(settings.listeners, self.sockets)
+            return None
+        await self.web.start([], [])
+        front = WebWorkers(
+            self.host, eventlog, self.web, settings.num_web_processes, settings.listeners,
+            self.sockets, self._log_options(),
+        )
+        try:
+            await front.start()
+        except RuntimeError as exc:
+            await front.stop()
+            raise StartupError(str(exc)) from exc
+        self.host.metrics.set_connection_source(front.connections)
+        return front
+
+    def _log_options(self) -> LogOptions:
+        mode = self.options.mode
+        return LogOptions(
+            level=self.options.loglevel, verbose=log.verbose(), timestamps=mode == "docker",
+            console=mode in ("foreground", "docker"), facility=self.options.facility,
+        )
 
     def request_stop(self) -> None:
         """Ask for a graceful stop; safe from any thread (shutdown() runs in Lua threads)."""
@@ -187,6 +245,23 @@ class Daemon:
                         busy.kind, elapsed, busy.index,
                     )
             self.host.metrics.set_lua_busy_states(slow)
+
+    async def _start_alerting(self, pool: LuaPool) -> None:
+        """Start the custom webhook sender (outbox left from before a restart included) and the
+        background function schedules."""
+        assert self.host.webhooks is not None and self.host.scheduler is not None
+        try:
+            await self.host.webhooks.start()
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from exc
+        await self.host.scheduler.start(pool)
+
+    async def _stop_alerting(self) -> None:
+        """Stop scheduling, then sending; undelivered webhooks stay in the outbox."""
+        if self.host.scheduler is not None:
+            await self.host.scheduler.stop()
+        if self.host.webhooks is not None:
+            await self.host.webhooks.stop()
 
 
 def _tune_gc() -> None:

@@ -142,6 +142,7 @@ class Metrics:
         self._eventlog = _EventLogCollector()
         self._build_compat_families()
         self._build_own_families()
+        self._build_schedule_webhook_families()
         self._view = _WithoutCreated(self.registry)
 
     # -- construction ----------------------------------------------------------------------------
@@ -255,12 +256,12 @@ class Metrics:
         """Create the `cmd` series at 0 (report, stats, readyz, livez, custom endpoints)."""
         self._commands[name] = self._command_counter.labels(cmd=name)
 
-    def command(self, name: str) -> None:
+    def command(self, name: str, count: int = 1) -> None:
         """Count one command. Unregistered names are ignored: they come from request paths, and
         counting them would let any client create series without bound."""
         child = self._commands.get(name)
         if child is not None:
-            child.inc()
+            child.inc(count)
 
     def report_accepted(self) -> None:
         """A report was stored (the C++ `reports` count, as a counter)."""
@@ -338,3 +339,68 @@ class Metrics:
         """How many states are running a call past the threshold (the daemon's watchdog polls
         the pool, so a call that never returns is still seen)."""
         self._lua_busy.set(count)
+
+    # -- background functions and the webhook outbox ---------------------------------------------
+
+    def _build_schedule_webhook_families(self) -> None:
+        r = self.registry
+        self._background_runs = Counter(
+            "trackalert_background_runs",
+            "Scheduled background function runs, by name and status (ok, error, skipped: the "
+            "previous run of that name was still going, missing: no worker state registered "
+            "the name with setBackground).", ["name", "status"], registry=r)
+        self._outbox_depth = Gauge(
+            "trackalert_webhook_outbox_depth",
+            "Custom webhook deliveries in the persisted outbox, waiting to be sent or retried.",
+            registry=r)
+        self._webhook_retries = Counter(
+            "trackalert_webhook_retries",
+            "Custom webhook deliveries rescheduled after a failed attempt (transport error, "
+            "timeout, 5xx, 408, 429).", ["id", "url"], registry=r)
+        self._webhook_expired = Counter(
+            "trackalert_webhook_expired",
+            "Custom webhook deliveries given up because their expiry (setWebHookExpiry) "
+            "passed before a receiver accepted them; each is logged.", ["id", "url"], registry=r)
+        self._webhook_permanent = Counter(
+            "trackalert_webhook_permanent_failures",
+            "Custom webhook deliveries refused by the receiver with a 4xx other than 408/429: "
+            "not retried; each is logged.", ["id", "url"], registry=r)
+        self._webhook_outbox_full = Counter(
+            "trackalert_webhook_outbox_full",
+            "runCustomWebHook calls refused because the outbox held setWebHookQueueSize "
+            "deliveries (the call returned false and was logged).", ["id", "url"], registry=r)
+
+    def register_background(self, name: str) -> None:
+        """Create a scheduled name's ok, error and skipped series at 0."""
+        for status in ("ok", "error", "skipped"):
+            self._background_runs.labels(name=name, status=status)
+
+    def background_run(self, name: str, status: str) -> None:
+        """One scheduled run of `name` ended with `status` (ok, error, skipped, missing)."""
+        self._background_runs.labels(name=name, status=status).inc()
+
+    def set_webhook_outbox_source(self, source: Callable[[], float]) -> None:
+        """Read the outbox depth at scrape time."""
+        self._outbox_depth.set_function(_safe(source, "webhook outbox depth"))
+
+    def register_webhook_outcomes(self, hook_id: int | str, url: str) -> None:
+        """Create a custom webhook's retry, expiry, permanent-failure and full series at 0."""
+        for family in (self._webhook_retries, self._webhook_expired, self._webhook_permanent,
+                       self._webhook_outbox_full):
+            family.labels(id=str(hook_id), url=url)
+
+    def webhook_retry(self, hook_id: int | str, url: str) -> None:
+        """A failed delivery attempt was rescheduled."""
+        self._webhook_retries.labels(id=str(hook_id), url=url).inc()
+
+    def webhook_expired(self, hook_id: int | str, url: str) -> None:
+        """A delivery was given up after its expiry."""
+        self._webhook_expired.labels(id=str(hook_id), url=url).inc()
+
+    def webhook_permanent_failure(self, hook_id: int | str, url: str) -> None:
+        """A receiver refused a delivery for good (4xx other than 408/429)."""
+        self._webhook_permanent.labels(id=str(hook_id), url=url).inc()
+
+    def webhook_outbox_full(self, hook_id: int | str, url: str) -> None:
+        """runCustomWebHook was refused: the outbox is full."""
+        self._webhook_outbox_full.labels(id=str(hook_id), url=url).inc()

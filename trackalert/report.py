@@ -34,6 +34,22 @@ class ReportError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Enrichment:
+    """What ingest adds from the GeoIP databases (trackalert.enrich), stored with the report.
+
+    Frozen in the event log so that policies and replays see the values of the day the report
+    arrived, whatever happened to the mmdb files since. Unknown values are "" or None.
+    """
+
+    country: str = ""
+    city: str = ""
+    latitude: float | None = None
+    longitude: float | None = None
+    asn: int | None = None
+    isp: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """One validated login report, as wforce's LoginTuple plus whatever unknown fields it carried."""
 
@@ -53,6 +69,21 @@ class Report:
     device_attrs: Mapping[str, str] = field(default_factory=dict)
     #: Unknown top-level JSON members (e.g. wforce's ``"type": "wforce_report"``), kept losslessly.
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Added at ingest by trackalert.enrich (not part of `fields()`: the core process enriches
+    #: after a web worker handed the report over).
+    geo: Enrichment | None = None
+
+    def fields(self) -> tuple[Any, ...]:
+        """The field values in declaration order: `Report(*r.fields())` rebuilds the report.
+
+        A plain tuple of builtins crosses a process boundary (marshal) far cheaper than the
+        dataclass itself.
+        """
+        return (
+            self.t, self.remote, self.login, self.pwhash, self.success, self.policy_reject,
+            self.protocol, self.tls, self.device_id, self.session_id, self.fail_type,
+            dict(self.attrs), dict(self.attrs_mv), dict(self.device_attrs), dict(self.extra),
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         """The report as wforce would send it (attrs merged back into one object), plus extras."""

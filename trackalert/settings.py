@@ -27,6 +27,26 @@ class Listener:
 
 
 @dataclass
+class WebHookSettings:
+    """Custom webhook delivery settings (reference §8; the expiry and outbox path are ours)."""
+
+    threads: int = 5
+    conns_per_thread: int = 10
+    #: The most deliveries the outbox holds; beyond it runCustomWebHook refuses (and says so).
+    queue_size: int = 50000
+    timeout_seconds: float = 2.0
+    #: How long a delivery is retried before it is given up as expired.
+    expiry_seconds: float = 86400.0
+    #: The outbox file ("" = trackalert-outbox.db next to the config file).
+    outbox_path: str = ""
+    verify_peer: bool = True
+    verify_host: bool = True
+    ca_bundle: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+
+
+@dataclass
 class Settings:
     config_file: str = ""
     config_dir: str = "."
@@ -44,8 +64,20 @@ class Settings:
     #: Custom endpoint names in registration order (registered from the config state).
     custom_endpoints: list[str] = field(default_factory=list)
     custom_stats: list[str] = field(default_factory=list)
+    #: Web worker processes serving HTTP (0: the core process serves HTTP itself).
+    num_web_processes: int = 0
     #: A Lua call running longer than this is logged and counted (LuaJIT cannot interrupt it).
     slow_call_seconds: float = 5.0
+    #: How many background functions may run at once (setNumSchedulerThreads).
+    num_scheduler_threads: int = 4
+    webhooks: WebHookSettings = field(default_factory=WebHookSettings)
+    #: setEnrichment: which GeoIP database (by newGeoIP2DB name) fills city/country/asn/isp.
+    enrichment: dict[str, str] = field(default_factory=dict)
+
+    # Console (trackalert.console): control socket addresses (controlSocket) and the key
+    # (setKey; None until set).
+    control_sockets: list[ComboAddress] = field(default_factory=list)
+    console_key: bytes | None = None
 
     def add_default_acl(self) -> None:
         """The private ranges the C++ daemon always allows, added after the config has run."""

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import json
+import os
 import resource
 import socket
 import ssl
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from trackalert.lua.state import LuaState
 
 JSON_TYPE = "application/json"
+#: Client address of a request proxied by a web worker ("ip port"); trusted on the internal socket only.
+PEER_HEADER = "X-Trackalert-Peer"
 OK_BODY = b'{"status":"ok"}'
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
 
@@ -71,6 +74,7 @@ class WebServer:
         self._commands: dict[str, Command] = {}
         self._servers: list[asyncio.base_events.Server] = []
         self._http: Server | None = None
+        self._internal: Server | None = None
         for command in (
             Command("report", "POST", self._report),
             Command("stats", "GET", self._stats),
@@ -105,20 +109,12 @@ class WebServer:
         if listeners:
             log.logger.info("Starting webserver")
 
-    def bound_addresses(self) -> list[str]:
-        """`ip:port` of every listening socket (ephemeral ports resolved)."""
-        addresses = []
-        for server in self._servers:
-            for sock in server.sockets:
-                ip, port = sock.getsockname()[:2]
-                addresses.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
-        return addresses
-
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
-        if self._http:
-            await self._http.shutdown(2.0)
+        for http in (self._http, self._internal):
+            if http:
+                await http.shutdown(2.0)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -137,16 +133,37 @@ class WebServer:
 
     # ---- dispatch ---------------------------------------------------------------------
 
+    async def start_internal(self, path: str) -> None:
+        """Serve requests proxied by the web workers on a Unix socket only they can reach.
+
+        The worker already applied the ACL; it passes the client's address in a header, which is
+        trusted on this socket alone, so auth logs and `ip` fields still name the real client.
+        """
+        loop = asyncio.get_running_loop()
+        self._internal = Server(
+            self._handle_internal, request_factory=self._make_request, access_log=None,
+        )
+        server = await loop.create_unix_server(self._internal, path=path)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
+
+    async def _handle_internal(self, request: web.BaseRequest) -> web.StreamResponse:
+        ip, _, port = request.headers.get(PEER_HEADER, "").partition(" ")
+        return await self._serve(request, ip, int(port or 0))
+
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        ip = peer[0] if peer else ""
+        ip, port = (peer[0], peer[1]) if peer else ("", 0)
+        return await self._serve(request, ip, port)
+
+    async def _serve(self, request: web.BaseRequest, ip: str, port: int) -> web.StreamResponse:
         if not self._host.settings.acl.match_ip(ip):
             return json_response(
                 401, {"status": "failure", "reason": "Source IP Address not in ACL", "ip": ip},
                 headers={"Connection": "close"},
             )
         try:
-            return await self._route(request, ip)
+            return await self._route(request, ip, port)
         except HTTPRequestEntityTooLarge:
             self._host.metrics.report_rejected("too_large")
             return failure(413, f"Request body larger than {self._host.settings.body_limit} bytes")
@@ -154,7 +171,7 @@ class WebServer:
             log.logger.exception("Internal error handling %s %s", request.method, request.path)
             return failure(500, f"internal error: {type(exc).__name__}")
 
-    async def _route(self, request: web.BaseRequest, ip: str) -> web.StreamResponse:
+    async def _route(self, request: web.BaseRequest, ip: str, port: int) -> web.StreamResponse:
         path, query = split_target(request.raw_path)
         lower = path.lower()
         method = "GET" if request.method == "HEAD" else request.method
@@ -164,14 +181,14 @@ class WebServer:
             command = self._commands.get(lower[9:])
             if command is None or command.method != method:
                 return failure(404, "Not found")
-            if command.auth and not self._authorised(request, ip):
-                return _unauthorised()
+            if command.auth and not self._authorised(request, ip, port):
+                return unauthorised()
             return await self._run(command, request)
         if path == "/":
             if method not in ("GET", "POST", "PUT", "DELETE"):
                 return failure(405, "Method not allowed")
-            if not self._authorised(request, ip):
-                return _unauthorised()
+            if not self._authorised(request, ip, port):
+                return unauthorised()
             name = legacy_command(query)
             command = self._commands.get(name.lower())
             if command is None or command.method != method or command.name != name:
@@ -180,8 +197,8 @@ class WebServer:
         if lower == "/metrics":
             if method != "GET":
                 return failure(405, "Method not allowed")
-            if not self._host.settings.metrics_no_password and not self._authorised(request, ip):
-                return _unauthorised()
+            if not self._host.settings.metrics_no_password and not self._authorised(request, ip, port):
+                return unauthorised()
             return web.Response(body=self._host.metrics.render(), headers={"Content-Type": METRICS_TYPE})
         return failure(404, "Not found")
 
@@ -202,15 +219,10 @@ class WebServer:
             self._host.perf.record_response(elapsed)
             self._host.metrics.response_duration(elapsed)
 
-    def _authorised(self, request: web.BaseRequest, ip: str) -> bool:
+    def _authorised(self, request: web.BaseRequest, ip: str, port: int) -> bool:
         if check_basic_auth(request.headers.get("Authorization", ""), self._host.settings.password):
             return True
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        port = peer[1] if peer else 0
-        log.logger.error(
-            'WforceWebserver: HTTP(S) Request "%s" from %s: Web Authentication failed',
-            request.path, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
-        )
+        log_auth_failure(request.path, ip, port)
         return False
 
     # ---- commands ---------------------------------------------------------------------
@@ -223,6 +235,8 @@ class WebServer:
         except ReportError as exc:
             host.metrics.report_rejected(exc.reason)
             return failure(400, str(exc))
+        if host.enricher is not None:  # GeoIP and device attributes, frozen in the log
+            report = host.enricher.enrich(report)
         started = host.clock.monotonic()
         try:
             appended = await self._log.append(report, request.headers.get("X-Wforce-Delivery"))
@@ -307,6 +321,15 @@ def bind_listeners(listeners: list[Listener]) -> list[socket.socket]:
     return sockets
 
 
+def socket_addresses(sockets: list[socket.socket]) -> list[str]:
+    """`ip:port` of listening sockets, ephemeral ports resolved (for logs and systemd STATUS)."""
+    addresses = []
+    for sock in sockets:
+        ip, port = sock.getsockname()[:2]
+        addresses.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    return addresses
+
+
 class EndpointError(Exception):
     """A custom endpoint failed; the message goes into the 500 body and the log."""
 
@@ -318,7 +341,14 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
-def _unauthorised() -> web.Response:
+def log_auth_failure(path: str, ip: str, port: int) -> None:
+    log.logger.error(
+        'WforceWebserver: HTTP(S) Request "%s" from %s: Web Authentication failed',
+        path, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
+    )
+
+
+def unauthorised() -> web.Response:
     return json_response(
         401, {"status": "failure", "reason": "Unauthorized"},
         headers={"WWW-Authenticate": 'basic realm="wforce"'},

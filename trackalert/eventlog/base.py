@@ -9,10 +9,14 @@ of them, and lets the policy runner be written once.
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.report import Report
+
+if TYPE_CHECKING:
+    from trackalert.eventlog.filters import AsOf, Field, Filter
 
 
 class EventLogError(Exception):
@@ -65,6 +69,43 @@ class AppendStats:
 Listener = Callable[[list[Event]], None]
 
 
+class EventQueries(abc.ABC):
+    """The long-term helpers' questions (DESIGN §5), answered by a backend.
+
+    Backend-neutral on purpose: a validated `Filter` and an `AsOf` in, plain values out, so the
+    Lua layer is written once and every backend must give the same answers. Synchronous: Lua
+    calls the helpers from worker threads, never from the event loop.
+    """
+
+    @abc.abstractmethod
+    def count_reports(self, flt: "Filter", as_of: "AsOf") -> int:
+        """How many events match."""
+
+    @abc.abstractmethod
+    def count_distinct(self, field: "Field", flt: "Filter", as_of: "AsOf") -> int:
+        """How many distinct non-empty values `field` has over the matching events."""
+
+    @abc.abstractmethod
+    def top_values(self, field: "Field", flt: "Filter", n: int, as_of: "AsOf") -> list[tuple[Any, int]]:
+        """The `n` most frequent values of `field` with their counts, most frequent first
+        (ties by value, ascending)."""
+
+    @abc.abstractmethod
+    def first_seen(self, flt: "Filter", as_of: "AsOf") -> float | None:
+        """When the first matching event was received, or None."""
+
+    @abc.abstractmethod
+    def last_seen(self, flt: "Filter", as_of: "AsOf") -> float | None:
+        """When the last matching event was received, or None."""
+
+    @abc.abstractmethod
+    def recent_reports(self, flt: "Filter", n: int, as_of: "AsOf") -> list[Event]:
+        """Up to `n` matching events, newest first."""
+
+    def close(self) -> None:
+        """Release connections (called by the event log's close)."""
+
+
 class EventLog(abc.ABC):
     """An append-only, durable, ordered log of reports.
 
@@ -91,6 +132,14 @@ class EventLog(abc.ABC):
         With a `delivery_id` the append is idempotent: a delivery id seen before (within the
         delivery window) stores nothing and returns the original seq with ``duplicate=True``.
         """
+
+    def submit(self, report: Report, delivery_id: str | None = None) -> "asyncio.Future[Appended]":
+        """Like `append`, but returns the future at once (no task per report).
+
+        For callers that forward many appends and answer each from a done-callback, such as the
+        core process serving its web workers. Backends may override it with a cheaper path.
+        """
+        return asyncio.ensure_future(self.append(report, delivery_id))
 
     @abc.abstractmethod
     def add_listener(self, fn: Listener) -> None:
@@ -127,6 +176,10 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def prune_deliveries(self, older_than: float, chunk: int = 5000) -> int:
         """Forget delivery ids recorded before `older_than` (the end of the retry window)."""
+
+    def queries(self) -> EventQueries:
+        """The long-term helpers' query engine for this log (while it is open)."""
+        raise NotImplementedError(f"the {self.backend} event log does not answer long-term queries")
 
     @abc.abstractmethod
     async def describe(self) -> dict:

@@ -6,9 +6,9 @@ changing this file never changes what an old migration does.
 
 Why the shape is what it is:
 
-* ``events.seq`` is ``INTEGER PRIMARY KEY`` — the rowid — and the ONLY index on ``events``.
-  Every extra index is another random page write per append, and ingest rate is the whole
-  point. Queries go by seq range; ``received`` is non-decreasing in seq, so time cut-offs are
+* ``events.seq`` is ``INTEGER PRIMARY KEY`` — the rowid. Every extra index is another random
+  page write per append, and ingest rate is the whole point, so the only other indexes are the
+  three the long-term helpers need (migration 0004: per login, per address, per failed pwhash). Queries go by seq range; ``received`` is non-decreasing in seq, so time cut-offs are
   found by binary search on seq rather than through an index. ``AUTOINCREMENT`` makes SQLite
   remember the highest seq ever stored, so a seq is never reused even after retention empties
   the table.
@@ -17,12 +17,13 @@ Why the shape is what it is:
 * ``deliveries`` is a separate, small, ``WITHOUT ROWID`` table keyed by delivery id: it is the
   idempotency index, pruned to the retry window so that it stays small and in cache, instead of a
   second random-key index on the ever-growing ``events`` table.
-* Enrichment columns (country, city, lat, lon, asn, isp) will arrive with a later migration.
+* Enrichment columns (country, city, latitude, longitude, asn, isp) are real columns too, so
+  that the long-term helpers can filter on them without json_extract.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Float, Integer, MetaData, Table, Text
+from sqlalchemy import Boolean, Column, Float, Index, Integer, LargeBinary, MetaData, Table, Text
 
 metadata = MetaData()
 
@@ -47,8 +48,25 @@ events = Table(
     Column("device_attrs", Text, nullable=True),
     Column("extra", Text, nullable=True),
     Column("delivery_id", Text, nullable=True),
+    # Enrichment at ingest (migration 0003; NULL = unknown or stored before enrichment).
+    Column("country", Text, nullable=True),
+    Column("city", Text, nullable=True),
+    Column("latitude", Float, nullable=True),
+    Column("longitude", Float, nullable=True),
+    Column("asn", Integer, nullable=True),
+    Column("isp", Text, nullable=True),
+    # The address as sortable bytes (eventlog/ipkey.py), for remote/netmask filters (0004).
+    Column("ip", LargeBinary, nullable=True),
     sqlite_autoincrement=True,
 )
+
+# The helper indexes (migration 0004; why these three: see its docstring).
+Index("ix_events_login", events.c.login, events.c.success, events.c.seq, events.c.country,
+      events.c.ip)
+Index("ix_events_ip", events.c.ip, events.c.seq,
+      sqlite_where=events.c.success == False)  # noqa: E712 - SQL, not Python
+Index("ix_events_pwhash_failed", events.c.pwhash, events.c.seq,
+      sqlite_where=events.c.success == False)  # noqa: E712 - SQL, not Python
 
 cursors = Table(
     "cursors",

@@ -41,8 +41,10 @@ from trackalert.eventlog.base import (
     EventLogError,
     Listener,
 )
+from trackalert.eventlog.ipkey import ip_key
+from trackalert.eventlog.queries import SQLiteQueries
 from trackalert.eventlog.schema import cursors, deliveries, events
-from trackalert.report import Report
+from trackalert.report import Enrichment, Report
 
 logger = logging.getLogger("trackalert")
 
@@ -91,16 +93,34 @@ def encode_row(report: Report, delivery_id: str | None) -> tuple:
         r.device_id, r.session_id, r.fail_type,
         _json_or_null(r.attrs), _json_or_null(r.attrs_mv), _json_or_null(r.device_attrs),
         _json_or_null(r.extra), delivery_id,
-    )
+    ) + _geo_columns(r.geo) + (ip_key(r.remote),)
     if None in row[:11]:
         raise ValueError("report has a missing (None) field")
     return row
 
 
+_NO_GEO = (None,) * 6
+
+
+def _geo_columns(geo: Enrichment | None) -> tuple:
+    """The enrichment columns (country, city, latitude, longitude, asn, isp); NULL = unknown."""
+    if geo is None:
+        return _NO_GEO
+    return (geo.country or None, geo.city or None, geo.latitude, geo.longitude, geo.asn,
+            geo.isp or None)
+
+
+def _geo_from_columns(country: Any, city: Any, latitude: Any, longitude: Any, asn: Any,
+                      isp: Any) -> Enrichment | None:
+    if country is None and city is None and latitude is None and asn is None and isp is None:
+        return None
+    return Enrichment(country or "", city or "", latitude, longitude, asn, isp or "")
+
+
 def decode_row(row: Any) -> Event:
     """An `Event` from an `events` row in table column order."""
     (seq, received, t, login, remote, pwhash, success, policy_reject, protocol, tls, device_id,
-     session_id, fail_type, attrs, attrs_mv, device_attrs, extra, delivery_id) = row
+     session_id, fail_type, attrs, attrs_mv, device_attrs, extra, delivery_id) = row[:18]
     report = Report(
         t=t, remote=remote, login=login, pwhash=pwhash, success=bool(success),
         policy_reject=bool(policy_reject), protocol=protocol, tls=bool(tls),
@@ -109,6 +129,7 @@ def decode_row(row: Any) -> Event:
         attrs_mv={k: tuple(v) for k, v in _loads(attrs_mv).items()} if attrs_mv else {},
         device_attrs=_loads(device_attrs) if device_attrs else {},
         extra=_loads(extra) if extra else {},
+        geo=_geo_from_columns(*row[18:24]) if len(row) >= 24 else None,
     )
     return Event(seq, received, report, delivery_id)
 
@@ -474,6 +495,7 @@ class SQLiteEventLog(EventLog):
         self._active_reads = 0
         self._reads_done = asyncio.Event()
         self._reads_done.set()
+        self._queries = SQLiteQueries(self.path)  # connects lazily, per thread
 
     def __repr__(self) -> str:
         return f"<SQLiteEventLog {self.path} {self._state}>"
@@ -565,6 +587,7 @@ class SQLiteEventLog(EventLog):
             await self._reads_done.wait()
             if self._engine is not None:
                 await self._engine.dispose()
+            self._queries.close()
             self._state = _CLOSED
 
     @contextlib.asynccontextmanager
@@ -589,13 +612,16 @@ class SQLiteEventLog(EventLog):
     # -- writing
 
     async def append(self, report: Report, delivery_id: str | None = None) -> Appended:
+        return await self.submit(report, delivery_id)
+
+    def submit(self, report: Report, delivery_id: str | None = None) -> "asyncio.Future[Appended]":
         self._check_open()
         row = encode_row(report, delivery_id)
         assert self._loop is not None
         future: asyncio.Future[Appended] = self._loop.create_future()
         self._writer.queue.put((row, report, delivery_id, future))
         self.stats.pending += 1
-        return await future
+        return future
 
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
@@ -763,6 +789,11 @@ class SQLiteEventLog(EventLog):
         async with self._reading() as conn:
             row = (await conn.execute(select(cursors.c.seq).where(cursors.c.name == name))).first()
         return int(row[0]) if row else 0
+
+    def queries(self) -> SQLiteQueries:
+        """The long-term helpers' engine: per-thread read-only connections (eventlog/queries.py)."""
+        self._check_open()
+        return self._queries
 
     async def describe(self) -> dict:
         """Counts come from the seq range: seqs are contiguous and retention only cuts the head,

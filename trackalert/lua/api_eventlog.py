@@ -48,7 +48,9 @@ def _set_retention(state: "LuaState") -> Callable[[Any], None]:
     """The policy run for every report, after it is stored in the event log. `lt` has `t`,
     `remote` (a ComboAddress), `login`, `pwhash`, `success`, `policy_reject`, `attrs`,
     `attrs_mv`, `protocol`, `tls`, `device_id`, `device_attrs`, `session_id` and `fail_type`.
-    Each stored report is run at least once, even across a crash.""",
+    Each stored report is run at least once, even across a crash. Enrichment at ingest
+    (`setEnrichment`) adds `country`, `city`, `isp` ("" when unknown) and `latitude`,
+    `longitude`, `asn` (nil when unknown).""",
     example='setReport(function(lt) infoLog("report", {login=lt.login}) end)', topic="lua",
 )
 def _set_report(state: "LuaState") -> Callable[[Any], None]:

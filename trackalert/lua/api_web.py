@@ -138,10 +138,10 @@ def _setter(attribute: str, convert: Callable[[Any], Any]) -> Callable[["LuaStat
     return factory
 
 
-def _positive_int(what: str) -> Callable[[Any], int]:
+def _count(what: str, minimum: int = 1) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) < 1:
-            raise ValueError(f"{what} must be a positive number, got {describe(value)} {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) < minimum:
+            raise ValueError(f"{what} must be a number of at least {minimum}, got {describe(value)} {value!r}")
         return int(value)
 
     return convert
@@ -160,7 +160,17 @@ lua_global(
     Effective, unlike in the C++ daemon: the worker states are created after the config has run.
     It bounds how many Lua functions run at once.""",
     example="setNumLuaStates(4)", topic="lua",
-)(_setter("num_lua_states", _positive_int("setNumLuaStates")))
+)(_setter("num_lua_states", _count("setNumLuaStates")))
+
+lua_global(
+    "setNumWebProcesses", CONFIG, "setNumWebProcesses(n)",
+    """Serve the REST API from `n` web worker processes (default 0: the core process serves it).
+    A worker does the per-request work (HTTP, ACL, auth, parsing, validation) on its own CPU core
+    and hands each report to the core, which stores it and runs the policy; the 200 still means
+    the report is durable. Use it when one process cannot keep up (about 10,000 reports/s on
+    one core); `setMaxWebserverConns` is shared out between the workers. Read at start.""",
+    example="setNumWebProcesses(2)", topic="web",
+)(_setter("num_web_processes", _count("setNumWebProcesses", minimum=0)))
 
 lua_global(
     "setNumWorkerThreads", CONFIG, "setNumWorkerThreads(n)",
@@ -168,14 +178,14 @@ lua_global(
     it, so HTTP needs no thread pool; the number of Lua calls running at once is
     `setNumLuaStates`.""",
     topic="web",
-)(_setter("num_worker_threads", _positive_int("setNumWorkerThreads")))
+)(_setter("num_worker_threads", _count("setNumWorkerThreads")))
 
 lua_global(
     "setMaxWebserverConns", CONFIG, "setMaxWebserverConns(n)",
     """The most REST connections open at once (default 10000); connections beyond it are closed
     at once. Effective, unlike in the C++ daemon.""",
     example="setMaxWebserverConns(2000)", topic="web",
-)(_setter("max_conns", _positive_int("setMaxWebserverConns")))
+)(_setter("max_conns", _count("setMaxWebserverConns")))
 
 
 @lua_global(

@@ -24,11 +24,14 @@ lua_type = luajit.lua_type
 # policy under xpcall so an error comes back with its Lua traceback instead of unwinding Python.
 _RUN_WITH_TUPLE = """
 return function(fn, t, remote, login, pwhash, success, policy_reject, protocol, tls,
-                device_id, session_id, fail_type, attrs, attrs_mv, device_attrs)
+                device_id, session_id, fail_type, attrs, attrs_mv, device_attrs,
+                country, city, latitude, longitude, asn, isp)
   local lt = {t=t, remote=remote, login=login, pwhash=pwhash, success=success,
               policy_reject=policy_reject, protocol=protocol, tls=tls, device_id=device_id,
               session_id=session_id, fail_type=fail_type, attrs=attrs or {},
-              attrs_mv=attrs_mv or {}, device_attrs=device_attrs or {}}
+              attrs_mv=attrs_mv or {}, device_attrs=device_attrs or {},
+              country=country, city=city, latitude=latitude, longitude=longitude, asn=asn,
+              isp=isp}
   return xpcall(function() return fn(lt) end, debug.traceback)
 end
 """
@@ -81,10 +84,21 @@ def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> 
         if r.attrs_mv
         else None,
         table_from(r.device_attrs) if r.device_attrs else None,
+        *_geo_values(r.geo),
     )
     if isinstance(result, tuple):
         return result[0], result[1] if len(result) > 1 else None
     return result, None
+
+
+_NO_GEO = ("", "", None, None, None, "")
+
+
+def _geo_values(geo: Any) -> tuple:
+    """lt.country, city, latitude, longitude, asn, isp: "" / nil when unknown (trackalert.enrich)."""
+    if geo is None:
+        return _NO_GEO
+    return (geo.country, geo.city, geo.latitude, geo.longitude, geo.asn, geo.isp)
 
 
 @functools.lru_cache(maxsize=65536)

@@ -11,9 +11,13 @@ TOPICS = {
     "web": "REST API",
     "lua": "Policies and Lua states",
     "eventlog": "Event log",
+    "helpers": "Long-term helpers",
+    "geoip": "GeoIP and enrichment",
     "logging": "Logging",
     "addresses": "Addresses and netmasks",
     "stats": "Statistics",
+    "schedule": "Background functions",
+    "webhooks": "Custom webhooks",
     "console": "Console commands",
     "general": "General",
 }

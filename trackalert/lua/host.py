@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert import log
 from trackalert.clock import Clock, RealClock
+from trackalert.geoip import GeoIPRegistry
 from trackalert.metrics import Metrics
 from trackalert.perfstats import NamedStats, PerfStats
 from trackalert.settings import Settings
 
 if TYPE_CHECKING:
+    from trackalert.enrich import Enricher
     from trackalert.eventlog.base import EventLog
+    from trackalert.netaddr import ComboAddress
+    from trackalert.scheduler import Scheduler
+    from trackalert.webhooks import WebHooks
 
 
 def _exit_now() -> None:
@@ -30,6 +35,9 @@ class Host:
     clock: Clock = field(default_factory=RealClock)
     metrics: Metrics = field(default_factory=Metrics)
     eventlog: "EventLog | None" = None
+    #: Background functions and custom webhooks; the daemon (or a test, or replay) sets them.
+    scheduler: "Scheduler | None" = None
+    webhooks: "WebHooks | None" = None
     #: Called by shutdown(); the daemon replaces it with a graceful stop.
     shutdown: Callable[[], None] = _exit_now
     #: Called when setCustomEndpoint runs in the config state (the web layer routes the name).
@@ -41,6 +49,17 @@ class Host:
     custom_stats: NamedStats = field(init=False)
     #: The console output buffer that show*/stats/makeKey fill (reference §9.3).
     console_output: list[str] = field(default_factory=list)
+    # Console hooks, set by trackalert.console while the daemon runs: bind a control socket
+    # added from the console; summarise the event log for showEventLog() (callable from a Lua
+    # thread); reload the GeoIP databases for reloadGeoIPDBs() (raises on failure; the GeoIP
+    # support fills it in).
+    on_control_socket: "Callable[[ComboAddress], None]" = lambda address: None
+    eventlog_summary: "Callable[[], dict[str, Any]] | None" = None
+    reload_geoip: Callable[[], None] = lambda: None
+    #: GeoIP databases opened by newGeoIP2DB (one registry for every state) and the ingest
+    #: enricher built from them (None: reports are stored as parsed).
+    geoip: GeoIPRegistry = field(default_factory=GeoIPRegistry)
+    enricher: "Enricher | None" = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -48,6 +67,7 @@ class Host:
         self.command_stats = NamedStats(self.clock, "command")
         self.custom_stats = NamedStats(self.clock, "custom")
         self.started = self.clock.monotonic()
+        self.reload_geoip = self.geoip.reload  # reloadGeoIPDBs() reopens this host's databases
 
     def console_replace(self, text: str) -> None:
         self.console_output[:] = [text]
@@ -84,9 +104,9 @@ class Host:
         self.command_stats.register(name)
         self.metrics.register_command(name)
 
-    def count_command(self, name: str) -> None:
-        self.command_stats.add(name)
-        self.metrics.command(name)
+    def count_command(self, name: str, count: int = 1) -> None:
+        self.command_stats.add(name, count)
+        self.metrics.command(name, count)
 
     def uptime(self) -> float:
         return self.clock.monotonic() - self.started

@@ -1,0 +1,149 @@
+"""Web worker processes (setNumWebProcesses): the same REST API, served from several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+
+AUTH = basic_auth()
+
+CONFIG = listener_config() + """
+setNumWebProcesses(2)
+setNumLuaStates(2)
+addACL("!127.0.0.2/32")
+function report(lt)
+  local f = io.open("ran.txt", "a"); f:write(lt.login .. "\\n"); f:close()
+end
+setReport(report)
+setCustomEndpoint("custom", function(args) return true, {login = args.attrs.login or "unknown"} end)
+"""
+
+
+def worker_pids(core_pid: int) -> list[int]:
+    children = Path(f"/proc/{core_pid}/task/{core_pid}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+def stored(directory: Path, login: str) -> int:
+    with sqlite3.connect(directory / "trackalert-events.db") as db:
+        return db.execute("SELECT count(*) FROM events WHERE login = ?", (login,)).fetchone()[0]
+
+
+def ran(directory: Path) -> list[str]:
+    path = directory / "ran.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+async def call(process: DaemonProcess, method: str, path: str, body: str | None = None,
+               headers: dict[str, str] | None = None, local_addr: str | None = None):
+    connector = aiohttp.TCPConnector(local_addr=(local_addr, 0) if local_addr else None, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.request(method, process.url(path), data=body, headers=headers) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    with DaemonProcess(tmp_path_factory.mktemp("front"), CONFIG) as process:
+        yield process
+
+
+def test_two_workers_are_running(daemon: DaemonProcess) -> None:
+    assert len(worker_pids(daemon.process.pid)) == 2
+    assert "Started 2 web worker processes" in daemon.output()
+
+
+@pytest.mark.parametrize("path", ["/command/report", "/?command=report"])
+async def test_reports_are_stored_by_the_core_and_run(daemon: DaemonProcess, path: str) -> None:
+    logins = [f"front{i}-{'legacy' if '?' in path else 'path'}" for i in range(20)]
+    for login in logins:  # new connections each time: both workers get some
+        status, headers, body = await call(daemon, "POST", path, json.dumps({"login": login}), AUTH)
+        assert (status, body) == (200, b'{"status":"ok"}')
+        assert stored(daemon.directory, login) == 1, "the 200 comes after the append"
+    assert await wait_for(lambda: set(logins) <= set(ran(daemon.directory)))
+
+
+async def test_duplicate_delivery_across_workers(daemon: DaemonProcess) -> None:
+    for _ in range(6):
+        status, _, _ = await call(daemon, "POST", "/command/report", json.dumps({"login": "dup"}),
+                                  {**AUTH, "X-Wforce-Delivery": "same-delivery"})
+        assert status == 200
+    assert stored(daemon.directory, "dup") == 1
+
+
+async def test_bad_input_auth_and_acl_are_handled_in_the_worker(daemon: DaemonProcess) -> None:
+    status, _, body = await call(daemon, "POST", "/command/report", '{"success": "no"}', AUTH)
+    assert status == 400 and "field 'success'" in json.loads(body)["reason"]
+    status, headers, _ = await call(daemon, "POST", "/command/report", "{}", basic_auth("wrong"))
+    assert status == 401 and headers["WWW-Authenticate"] == 'basic realm="wforce"'
+    status, _, body = await call(daemon, "POST", "/command/report", "{}", AUTH, local_addr="127.0.0.2")
+    assert status == 401 and json.loads(body)["ip"] == "127.0.0.2"
+    assert "Web Authentication failed" in daemon.output()
+
+
+async def test_other_requests_are_proxied_to_the_core(daemon: DaemonProcess) -> None:
+    status, _, body = await call(daemon, "POST", "/command/custom", '{"attrs": {"login": "c1"}}', AUTH)
+    assert (status, json.loads(body)) == (200, {"r_attrs": {"login": "c1"}, "success": True})
+    status, _, body = await call(daemon, "GET", "/command/stats", headers=AUTH)
+    assert status == 200 and "perfstats" in json.loads(body)
+    status, headers, _ = await call(daemon, "GET", "/command/stats")
+    assert status == 401 and headers["WWW-Authenticate"] == 'basic realm="wforce"'
+    assert (await call(daemon, "GET", "/command/livez"))[0] == 200
+    assert (await call(daemon, "GET", "/nothing", headers=AUTH))[0] == 404
+    status, _, body = await call(daemon, "GET", "/command/readyz", local_addr="127.0.0.2")
+    assert status == 401, "the ACL applies to proxied requests too"
+
+
+async def test_statistics_count_the_workers_requests(daemon: DaemonProcess) -> None:
+    async def stats() -> dict:
+        return json.loads((await call(daemon, "GET", "/command/stats", headers=AUTH))[2])
+
+    before = await stats()
+    for i in range(5):
+        await call(daemon, "POST", "/command/report", json.dumps({"login": f"counted{i}"}), AUTH)
+    after = await stats()
+    assert after["reports"] == before["reports"] + 5  # counted by the core at append time
+
+    async def metric(name: str) -> float:
+        text = (await call(daemon, "GET", "/metrics", headers=AUTH))[2].decode()
+        return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name))
+
+    reports_before = await metric('trackalert_commands_total{cmd="report"}')
+    for i in range(3):
+        await call(daemon, "POST", "/command/report", json.dumps({"login": f"metric{i}"}), AUTH)
+    for _ in range(100):  # workers flush their statistics every half second
+        if await metric('trackalert_commands_total{cmd="report"}') >= reports_before + 3:
+            break
+        await asyncio.sleep(0.1)
+    assert await metric('trackalert_commands_total{cmd="report"}') >= reports_before + 3
+
+
+async def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, CONFIG) as process:
+        victim = worker_pids(process.process.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert await wait_for(lambda: "starting a new one" in process.output(), timeout=20)
+        assert await wait_for(
+            lambda: len(worker_pids(process.process.pid)) == 2 and victim not in worker_pids(process.process.pid)
+        )
+        for i in range(10):
+            status, _, _ = await call(process, "POST", "/command/report", json.dumps({"login": f"after{i}"}), AUTH)
+            assert status == 200
+
+
+async def test_workers_leave_with_the_core(tmp_path: Path) -> None:
+    process = DaemonProcess(tmp_path, CONFIG).start()
+    workers = worker_pids(process.process.pid)
+    process.kill()  # kill -9 the core: the workers see their channel close and exit
+    assert await wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and
+                                          "zombie" not in Path(f"/proc/{pid}/status").read_text()
+                                          for pid in workers), timeout=20)

@@ -1,0 +1,1 @@
+"""Web worker processes: HTTP on several cores, the event log and Lua in the core process."""

@@ -1,0 +1,238 @@
+"""The core process's side of the web workers: spawn them, append for them, keep them in step.
+
+Each worker gets the listening sockets and its end of a socketpair. Over the socketpair it sends
+validated reports; the core appends each one to the event log and answers with the seq once it is
+durable, so a worker's 200 means exactly what the single-process 200 means. Every half second the
+core pushes the settings a worker needs (ACL, password, body and connection limits) when they have
+changed, e.g. by `setACL` on the console, and merges the workers' statistics into its own, so
+`stats`, `/metrics` and the 5-minute log lines count every process. A worker that dies is logged
+and replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from trackalert import log
+from trackalert.frontend import ipc
+from trackalert.settings import Listener
+
+if TYPE_CHECKING:
+    from trackalert.eventlog.base import Appended, EventLog
+    from trackalert.lua.host import Host
+    from trackalert.web import WebServer
+
+RESPAWN_DELAY = 1.0
+SETTINGS_EVERY = 0.5
+
+
+@dataclass
+class LogOptions:
+    """How workers log: the same as the core."""
+
+    level: int = 6
+    verbose: bool = False
+    timestamps: bool = False
+    console: bool = True
+    facility: str = "daemon"
+
+    def arguments(self) -> list[str]:
+        args = ["--loglevel", str(self.level), "--facility", self.facility]
+        args += ["--verbose"] * self.verbose + ["--timestamps"] * self.timestamps
+        return args + ["--console"] * self.console
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes]
+    writer: asyncio.StreamWriter | None = None
+    task: asyncio.Task[None] | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    connections: int = 0
+    sent_settings: dict[str, Any] | None = None
+
+
+class WebWorkers:
+    def __init__(
+        self,
+        host: "Host",
+        eventlog: "EventLog",
+        web: "WebServer",
+        count: int,
+        listeners: list[Listener],
+        sockets: list[socket.socket],
+        log_options: LogOptions,
+    ) -> None:
+        self._host = host
+        self._log = eventlog
+        self._web = web
+        self._count = count
+        self._listeners = listeners
+        self._sockets = sockets
+        self._log_options = log_options
+        self._workers: dict[int, _Worker] = {}
+        self._running = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dir = ""
+        self.proxy_path = ""
+
+    def connections(self) -> int:
+        return sum(worker.connections for worker in self._workers.values())
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self._dir = tempfile.mkdtemp(prefix="trackalert-")  # 0700: only we can reach the socket
+        self.proxy_path = os.path.join(self._dir, "core.sock")
+        await self._web.start_internal(self.proxy_path)
+        self._running = True
+        for index in range(self._count):
+            self._spawn(index)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(w.ready.wait() for w in self._workers.values())), timeout
+            )
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"the web workers did not start within {timeout:.0f} s") from None
+        self._tasks.append(asyncio.create_task(self._push_settings(), name="worker-settings"))
+        log.logger.info("Started %d web worker processes", self._count)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._running = False
+        for task in self._tasks:
+            task.cancel()
+        for worker in self._workers.values():
+            if worker.process.poll() is None:
+                worker.process.terminate()
+        loop = asyncio.get_running_loop()
+        for worker in self._workers.values():
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, worker.process.wait), timeout)
+            except asyncio.TimeoutError:
+                worker.process.kill()
+            if worker.task:
+                await asyncio.gather(worker.task, return_exceptions=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # ---- workers ----------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> None:
+        parent, child = socket.socketpair()
+        fds = [sock.fileno() for sock in self._sockets]
+        command = [
+            sys.executable, "-m", "trackalert.frontend.worker", "--index", str(index),
+            "--ipc-fd", str(child.fileno()), "--listen-fds", ",".join(map(str, fds)),
+            *self._log_options.arguments(),
+        ]
+        process = subprocess.Popen(
+            command, pass_fds=[child.fileno(), *fds], env=ipc.inherit_env(), stdin=subprocess.DEVNULL
+        )
+        child.close()
+        worker = _Worker(index, process)
+        self._workers[index] = worker  # registered now: start() waits for its HELLO
+        worker.task = asyncio.create_task(self._connect(worker, parent), name=f"web-worker-{index}")
+
+    async def _connect(self, worker: _Worker, sock: socket.socket) -> None:
+        reader, worker.writer = await ipc.open_channel(sock)
+        await self._serve_worker(worker, reader)
+
+    async def _serve_worker(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        append = self._append
+        assert worker.writer is not None
+        while (message := await ipc.read_message(reader)) is not None:
+            kind = message[0]
+            if kind == ipc.APPEND:
+                append(worker.writer, message[1], message[2], message[3])
+            elif kind == ipc.STATS:
+                worker.connections = message[1]["connections"]
+                self._merge(message[1])
+            elif kind == ipc.HELLO:
+                self._send_settings(worker)
+                worker.ready.set()
+        worker.connections = 0
+        if self._running:
+            await asyncio.get_running_loop().run_in_executor(None, worker.process.wait)
+            log.logger.error(
+                "Web worker %d (pid %d) exited with status %s; starting a new one",
+                worker.index, worker.process.pid, worker.process.returncode,
+            )
+            await asyncio.sleep(RESPAWN_DELAY)
+            if self._running:
+                self._spawn(worker.index)
+
+    def _append(self, writer: asyncio.StreamWriter, request_id: int, fields: tuple, delivery_id: str | None) -> None:
+        report = ipc.report_from_fields(fields)
+        enricher = self._host.enricher
+        try:
+            if enricher is not None:  # enrichment happens here, where the GeoIP DBs are open
+                report = enricher.enrich(report)
+            future = self._log.submit(report, delivery_id)
+        except Exception as exc:
+            writer.write(ipc.encode((ipc.APPENDED, request_id, 0, False, str(exc))))
+            return
+        future.add_done_callback(functools.partial(self._appended, writer, request_id, report))
+
+    def _appended(self, writer: asyncio.StreamWriter, request_id: int, report: Any, future: "asyncio.Future[Appended]") -> None:
+        if writer.is_closing():
+            return
+        exc = future.exception()
+        if exc is not None:
+            writer.write(ipc.encode((ipc.APPENDED, request_id, 0, False, str(exc))))
+            return
+        appended = future.result()
+        if not appended.duplicate:
+            self._host.count_report()
+            if log.verbose():
+                log.logger.info("%s", log.report_log_line(report))
+        writer.write(ipc.encode((ipc.APPENDED, request_id, appended.seq, appended.duplicate, None)))
+
+    def _merge(self, delta: dict[str, Any]) -> None:
+        """A worker's statistics, counted as if this process had served the requests."""
+        host = self._host
+        if delta["reports"]:
+            host.count_command("report", delta["reports"])
+        for seconds in delta["durations"]:
+            host.perf.record_response(seconds)
+            host.metrics.response_duration(seconds)
+        for seconds in delta["append_durations"]:
+            host.metrics.append_duration(seconds)
+        for reason, count in delta["rejected"].items():
+            for _ in range(count):
+                host.metrics.report_rejected(reason)
+
+    # ---- settings ---------------------------------------------------------------------
+
+    def settings_snapshot(self) -> dict[str, Any]:
+        settings = self._host.settings
+        return {
+            "acl": settings.acl.entries(),
+            "password": settings.password,
+            "body_limit": settings.body_limit,
+            "max_conns": max(1, settings.max_conns // self._count),
+            "report_shadowed": "report" in settings.custom_endpoints,
+            "listeners": [(l.tls, l.cert_file, l.key_file, dict(l.options)) for l in self._listeners],
+            "proxy_path": self.proxy_path,
+        }
+
+    def _send_settings(self, worker: _Worker) -> None:
+        snapshot = self.settings_snapshot()
+        if worker.writer is None or worker.writer.is_closing():
+            return
+        if snapshot != worker.sent_settings:
+            worker.writer.write(ipc.encode((ipc.SETTINGS, snapshot)))
+            worker.sent_settings = snapshot
+
+    async def _push_settings(self) -> None:
+        while True:
+            await asyncio.sleep(SETTINGS_EVERY)
+            for worker in list(self._workers.values()):
+                if worker.ready.is_set():
+                    self._send_settings(worker)

@@ -1,0 +1,325 @@
+"""A web worker process: serves the REST API on the shared listening sockets.
+
+Why: one Python process tops out near 10,000 reports/s because the event loop, the log writer and
+the Lua states share one GIL, and HTTP handling alone costs ~35 µs a request. A worker does the
+expensive per-request part (HTTP, ACL, auth, parsing, validation) on its own core and hands the
+validated report to the core process, which appends it to the log (group commit) and answers
+with its seq; only then does the worker send the 200. Every other request (stats, custom
+endpoints, metrics, ...) is proxied to the core's own handler, so there is one implementation of
+them and one set of Lua states.
+
+Started by `trackalert.frontend.supervisor` as `python -m trackalert.frontend.worker`, with the
+listening sockets and its end of a socketpair passed as file descriptors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import signal
+import socket
+import sys
+from typing import Any, Sequence
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
+from aiohttp.web_server import Server
+
+from trackalert import log
+from trackalert.clock import RealClock
+from trackalert.frontend import ipc
+from trackalert.netaddr import NetmaskGroup, parse_combo
+from trackalert.report import ReportError, parse_report
+from trackalert.settings import Listener
+from trackalert.web import (
+    JSON_TYPE,
+    OK_BODY,
+    PEER_HEADER,
+    check_basic_auth,
+    failure,
+    json_response,
+    legacy_command,
+    log_auth_failure,
+    split_target,
+    tls_context,
+    unauthorised,
+)
+
+#: Request headers not forwarded to the core (hop-by-hop, or set by the proxy itself).
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+#: Response headers relayed back to the client.
+_RELAYED = ("Content-Type", "WWW-Authenticate", "Connection")
+
+
+class StatsBuffer:
+    """What this worker measured since the last flush; the core merges it into its statistics."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.reports = 0
+        self.durations: list[float] = []
+        self.append_durations: list[float] = []
+        self.rejected: dict[str, int] = {}
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def drain(self, connections: int) -> dict[str, Any]:
+        delta = {
+            "reports": self.reports, "durations": self.durations,
+            "append_durations": self.append_durations, "rejected": self.rejected,
+            "connections": connections,
+        }
+        self._reset()
+        return delta
+
+
+class CoreLink:
+    """The socketpair to the core: appends out, acknowledgements and settings in."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[int, bool]]] = {}
+        self.settings: dict[str, Any] = {}
+        self.settings_changed = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self._writer.write(ipc.encode(message))
+
+    def append(self, fields: tuple[Any, ...], delivery_id: str | None) -> "asyncio.Future[tuple[int, bool]]":
+        if self.closed.is_set():
+            raise ConnectionError("the trackalert core process is gone")
+        request_id = next(self._ids)
+        future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        self.send((ipc.APPEND, request_id, fields, delivery_id))
+        return future
+
+    async def run(self) -> None:
+        while (message := await ipc.read_message(self._reader)) is not None:
+            if message[0] == ipc.APPENDED:
+                _, request_id, seq, duplicate, error = message
+                future = self._pending.pop(request_id, None)
+                if future is not None and not future.done():
+                    if error is None:
+                        future.set_result((seq, duplicate))
+                    else:
+                        future.set_exception(RuntimeError(error))
+            elif message[0] == ipc.SETTINGS:
+                self.settings = message[1]
+                self.settings_changed.set()
+        self.closed.set()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the trackalert core process is gone"))
+        self._pending.clear()
+
+
+class WorkerWeb:
+    """The request handler of a worker: reports locally, everything else through the core."""
+
+    def __init__(self, link: CoreLink, proxy_path: str) -> None:
+        self._link = link
+        self._clock = RealClock()
+        self._stats = StatsBuffer()
+        self._acl = NetmaskGroup()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=proxy_path), auto_decompress=False
+        )
+        self.http: Server | None = None
+        self.apply_settings()
+
+    def apply_settings(self) -> None:
+        self._acl = NetmaskGroup(self._link.settings.get("acl", ()))
+
+    @property
+    def _settings(self) -> dict[str, Any]:
+        return self._link.settings
+
+    def stats_delta(self) -> dict[str, Any]:
+        return self._stats.drain(len(self.http.connections) if self.http else 0)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        ip, port = (peer[0], peer[1]) if peer else ("", 0)
+        if not self._acl.match_ip(ip):
+            return json_response(
+                401, {"status": "failure", "reason": "Source IP Address not in ACL", "ip": ip},
+                headers={"Connection": "close"},
+            )
+        try:
+            if self._is_report(request):
+                return await self._report(request, ip, port)
+            return await self._proxy(request, ip, port)
+        except HTTPRequestEntityTooLarge:
+            self._stats.reject("too_large")
+            return failure(413, f"Request body larger than {self._settings.get('body_limit')} bytes")
+        except Exception as exc:
+            log.logger.exception("Internal error handling %s %s", request.method, request.path)
+            return failure(500, f"internal error: {type(exc).__name__}")
+
+    def _is_report(self, request: web.BaseRequest) -> bool:
+        if request.method != "POST" or self._settings.get("report_shadowed"):
+            return False
+        path, query = split_target(request.raw_path)
+        if path.lower() == "/command/report":
+            return True
+        return path == "/" and legacy_command(query) == "report"
+
+    async def _report(self, request: web.BaseRequest, ip: str, port: int) -> web.Response:
+        if not check_basic_auth(request.headers.get("Authorization", ""), self._settings.get("password", "")):
+            log_auth_failure(request.path, ip, port)
+            return unauthorised()
+        clock = self._clock
+        started = clock.monotonic()
+        stats = self._stats
+        try:
+            body = await request.read()
+            try:
+                report = parse_report(body, clock.time())
+            except ReportError as exc:
+                stats.reject(exc.reason)
+                return failure(400, str(exc))
+            append_started = clock.monotonic()
+            try:
+                await self._link.append(report.fields(), request.headers.get("X-Wforce-Delivery"))
+            except Exception as exc:
+                log.logger.error("Could not store report: %s", exc)
+                return failure(500, f"could not store report: {exc}")
+            stats.append_durations.append(clock.monotonic() - append_started)
+            return web.Response(body=OK_BODY, content_type=JSON_TYPE, charset="utf-8")
+        finally:
+            stats.reports += 1
+            stats.durations.append(clock.monotonic() - started)
+
+    async def _proxy(self, request: web.BaseRequest, ip: str, port: int) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers[PEER_HEADER] = f"{ip} {port}"
+        body = await request.read()
+        async with self._session.request(
+            request.method, "http://trackalert-core" + request.raw_path, headers=headers,
+            data=body, allow_redirects=False,
+        ) as response:
+            payload = await response.read()
+            relayed = {k: response.headers[k] for k in _RELAYED if k in response.headers}
+            return web.Response(status=response.status, body=payload, headers=relayed)
+
+
+def _protocol_factory(worker: WorkerWeb, link: CoreLink):  # type: ignore[no-untyped-def]
+    refuse = _Refuse
+
+    def factory() -> asyncio.Protocol:
+        assert worker.http is not None
+        if len(worker.http.connections) >= max(1, int(link.settings.get("max_conns", 10000))):
+            return refuse()
+        return worker.http()
+
+    return factory
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    reader, writer = await ipc.open_channel(socket.socket(fileno=args.ipc_fd))
+    link = CoreLink(reader, writer)
+    link_task = asyncio.create_task(link.run())
+    link.send((ipc.HELLO, args.index))
+    await asyncio.wait(
+        [asyncio.create_task(link.settings_changed.wait()), link_task],
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    if not link.settings:
+        return 1
+    worker = WorkerWeb(link, link.settings["proxy_path"])
+    worker.http = Server(
+        worker.handle, access_log=None, keepalive_timeout=60.0,
+        request_factory=lambda message, payload, protocol, writer_, task: web.BaseRequest(
+            message, payload, protocol, writer_, task, loop,
+            client_max_size=int(link.settings.get("body_limit", 1024 * 1024)),
+        ),
+    )
+    servers = []
+    for fd, spec in zip(args.listen_fds, link.settings["listeners"]):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        tls, cert_file, key_file, options = spec
+        listener = Listener(parse_combo("0.0.0.0"), tls, cert_file, key_file, options)
+        context = tls_context(listener) if tls else None
+        servers.append(await loop.create_server(_protocol_factory(worker, link), sock=sock, ssl=context))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    tasks = [
+        asyncio.create_task(_watch_settings(link, worker)),
+        asyncio.create_task(_flush_stats(link, worker)),
+    ]
+    await asyncio.wait(
+        [asyncio.create_task(stop.wait()), link_task], return_when=asyncio.FIRST_COMPLETED
+    )
+    for server in servers:
+        server.close()
+    await worker.http.shutdown(2.0)
+    link.send((ipc.STATS, worker.stats_delta()))
+    for task in tasks:
+        task.cancel()
+    await worker.close()
+    return 0
+
+
+async def _watch_settings(link: CoreLink, worker: WorkerWeb) -> None:
+    while True:
+        await link.settings_changed.wait()
+        link.settings_changed.clear()
+        worker.apply_settings()
+
+
+async def _flush_stats(link: CoreLink, worker: WorkerWeb, every: float = 0.5) -> None:
+    while True:
+        await asyncio.sleep(every)
+        if not link.closed.is_set():
+            link.send((ipc.STATS, worker.stats_delta()))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trackalert-web-worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--ipc-fd", type=int, required=True)
+    parser.add_argument("--listen-fds", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
+    parser.add_argument("--loglevel", type=int, default=6)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--timestamps", action="store_true")
+    parser.add_argument("--console", action="store_true")
+    parser.add_argument("--facility", default="daemon")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    log.configure(
+        level=args.loglevel, verbose=args.verbose, console=args.console,
+        timestamps=args.timestamps, facility=args.facility,
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(serve(args))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Lua globals of the console: the control socket, its key, and the operators' status commands."""
+
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING, Any, Callable
+
+import nacl.secret
+
+from trackalert import log
+from trackalert.console.protocol import (
+    DEFAULT_SERVER_PORT,
+    decode_key,
+    decrypt,
+    encrypt,
+    increment_nonce,
+    make_key_command,
+    random_nonce,
+)
+from trackalert.lua.convert import scalar_text
+from trackalert.lua.registry import Where, lua_global
+from trackalert.netaddr import AddressError, parse_combo
+
+if TYPE_CHECKING:
+    from trackalert.lua.state import LuaState
+
+CONFIG = Where.CONFIG | Where.CLIENT
+
+
+@lua_global(
+    "controlSocket", CONFIG, "controlSocket(address)",
+    f"""Accept encrypted console connections (`trackalert -c`, or the C++ client) on `address`
+    (`ip[:port]`, port {DEFAULT_SERVER_PORT} when omitted). Needs `setKey`. Bound at start
+    (a busy port stops the daemon with an error), or at once when given from the console. In a
+    client's config it is where the client connects (127.0.0.1:4005 when absent).""",
+    example='controlSocket("127.0.0.1:4004")', topic="console",
+)
+def _control_socket(state: "LuaState") -> Callable[[Any], None]:
+    def control_socket(address: Any) -> None:
+        text = scalar_text(address, "address")
+        try:
+            combo = parse_combo(text, DEFAULT_SERVER_PORT)
+        except AddressError:
+            log.logger.error(
+                "controlSocket() error parsing address/port [%s]. Make sure to use IP addresses not "
+                "hostnames", text,
+            )
+            return
+        if state.is_config:
+            state.host.on_control_socket(combo)  # a no-op until the daemon runs
+        state.host.settings.control_sockets.append(combo)
+
+    return control_socket
+
+
+@lua_global(
+    "setKey", CONFIG, "setKey(base64key) -> boolean",
+    """The console key, Base64 of 32 random bytes (`makeKey()` makes one); the daemon and its
+    clients need the same. Returns false and outputs `Unable to decode <key> as Base64` when the
+    text is not Base64. A new key applies to the connections made after it.""",
+    example='setKey("paste the output of makeKey() here")', topic="console",
+)
+def _set_key(state: "LuaState") -> Callable[[Any], bool]:
+    def set_key(text: Any) -> bool:
+        text = scalar_text(text, "key")
+        try:
+            key = decode_key(text)
+        except ValueError as exc:
+            log.logger.error("%s", exc)
+            state.host.console_replace(str(exc))
+            return False
+        if len(key) != nacl.secret.SecretBox.KEY_SIZE:
+            log.logger.warning(
+                "setKey(): the key is %d bytes long; the console needs %d (makeKey() makes one)",
+                len(key), nacl.secret.SecretBox.KEY_SIZE,
+            )
+        state.host.settings.console_key = key
+        return True
+
+    return set_key
+
+
+@lua_global(
+    "makeKey", CONFIG, "makeKey()",
+    """Console output `setKey("<base64>")` with a fresh random 32-byte key, ready to paste into
+    the config. Works without a daemon: `trackalert -e 'makeKey()'`.""",
+    topic="console",
+)
+def _make_key(state: "LuaState") -> Callable[[], None]:
+    return lambda: state.host.console_replace(make_key_command())
+
+
+def crypto_works(key: bytes | None, message: bytes) -> bool:
+    """The C++ `testCrypto`: two encrypt/decrypt round trips on consecutive nonces."""
+    if key is None:
+        return False
+    try:
+        box = nacl.secret.SecretBox(key)
+        nonce = random_nonce()
+        for _ in range(2):
+            if decrypt(box, encrypt(box, message, nonce), nonce) != message:
+                return False
+            nonce = increment_nonce(nonce)
+    except Exception:
+        return False
+    return True
+
+
+@lua_global(
+    "testCrypto", CONFIG, "testCrypto(message)",
+    "Console output `Everything is ok!` when the key encrypts and decrypts `message`, else `Crypto failed..`.",
+    example='testCrypto("hello")', topic="console",
+)
+def _test_crypto(state: "LuaState") -> Callable[..., None]:
+    def test_crypto(message: Any = "") -> None:
+        ok = crypto_works(state.host.settings.console_key, scalar_text(message, "message").encode())
+        state.host.console_replace("Everything is ok!\n" if ok else "Crypto failed..\n")
+
+    return test_crypto
+
+
+@lua_global(
+    "reloadGeoIPDBs", Where.CONFIG, "reloadGeoIPDBs()",
+    """Reopen the GeoIP databases (after a MaxMind update). Console output
+    `reloadGeoIPDBs() successful`, or `reloadGeoIPDBs(): Error reloading GeoIP (<reason>)`.""",
+    topic="console",
+)
+def _reload_geoip(state: "LuaState") -> Callable[[], None]:
+    def reload() -> None:
+        try:
+            state.host.reload_geoip()
+        except Exception as exc:
+            log.logger.error("reloadGeoIPDBs(): Error reloading GeoIP (%s)", exc)
+            state.host.console_append(f"reloadGeoIPDBs(): Error reloading GeoIP ({exc})\n")
+            return
+        state.host.console_append("reloadGeoIPDBs() successful\n")
+
+    return reload
+
+
+# ---- showEventLog -------------------------------------------------------------------------
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "none"
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit} ({size} bytes)"
+    return f"{size} bytes"
+
+
+def _span(seconds: float | None) -> str:
+    if not seconds:
+        return "keep forever"
+    for unit, scale in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= scale and seconds % scale == 0:
+            return f"{int(seconds // scale)}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_eventlog_summary(info: dict[str, Any]) -> str:
+    """The `showEventLog()` text: one `Label: value` line per fact, labels aligned."""
+    events = info.get("events", 0)
+    rows = [
+        ("Backend", str(info.get("backend", ""))),
+        ("Location", str(info.get("location", ""))),
+        ("Events", f"{events} (seq {info['first_seq']} to {info['last_seq']})" if events else "0"),
+        ("Size", _size(int(info.get("size_bytes") or 0))),
+        ("Oldest event", _when(info.get("oldest_received"))),
+        ("Newest event", _when(info.get("newest_received"))),
+        ("Retention", _span(info.get("retention_seconds"))),
+        ("Policy lag", f"{info.get('lag_events', 0)} events, {info.get('lag_seconds', 0.0):.1f} s"),
+    ]
+    return "".join(f"{label + ':':<14}{value}\n" for label, value in rows)
+
+
+@lua_global(
+    "showEventLog", Where.CONFIG, "showEventLog()",
+    """Console output: the event log's backend and location, how many events it holds (and
+    their seq range), its size on disk, the oldest and newest event (UTC), the retention, and
+    how far the report policy lags behind (events and seconds).""",
+    topic="console",
+)
+def _show_event_log(state: "LuaState") -> Callable[[], None]:
+    def show_event_log() -> None:
+        summary = state.host.eventlog_summary
+        if summary is None:
+            state.host.console_replace("showEventLog(): the event log is not open yet\n")
+            return
+        state.host.console_replace(format_eventlog_summary(summary()))
+
+    return show_event_log

@@ -1,0 +1,164 @@
+"""Lua globals: the long-term helpers over the event log (DESIGN §5 "Long-term helpers").
+
+As-of rule: inside `report(lt)` a helper sees only events logged before `lt` (windows end when lt
+was received); in background and custom functions it sees events received up to the clock's now
+(virtual in replays and tests). That one rule makes live runs and replays agree.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
+from trackalert.lua.convert import describe, is_table
+from trackalert.lua.registry import Where, lua_global
+
+if TYPE_CHECKING:
+    from trackalert.eventlog.base import Event, EventQueries
+    from trackalert.lua.state import LuaState
+
+_FILTER_DOC = """`filter` is a table; every key given must match: `login`, `remote` (address string or
+ComboAddress), `netmask` (`"192.0.2.0/24"`), `success` (boolean), `protocol`, `pwhash`, `country`
+(ISO code from enrichment), `asn`, `["device_attrs.<key>"]`, `["attrs.<key>"]`, and a time window:
+`window` (`"30d"`, `"1h"`, or seconds) and/or `since`/`until` (epoch seconds, compared with the
+time each report was received). Fast paths: anything with `login`; `remote`, `netmask` or `pwhash`
+with `success=false` (attacks); otherwise a scan of the window, so give a short `window`.
+Inside `report(lt)` only events logged before `lt` are seen
+(windows end when `lt` was received); elsewhere events received up to now. An unknown key or a
+value of the wrong type raises a Lua error naming it."""
+
+
+def _queries(state: "LuaState") -> "EventQueries":
+    log = state.host.eventlog
+    if log is None:
+        raise RuntimeError("the event log is not open (helpers work in report, background and "
+                           "custom functions of a running daemon)")
+    return log.queries()
+
+
+def _as_of(state: "LuaState") -> AsOf:
+    if state.as_of_seq is not None:
+        return AsOf(before_seq=state.as_of_seq)
+    return AsOf(now=state.host.clock.time())
+
+
+def _filter(value: Any) -> Filter:
+    if value is None:
+        return Filter()
+    if not is_table(value):
+        raise FilterError(f"filter must be a table, got {describe(value)}")
+    return parse_filter(value.items())
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{what} must be a number, got {describe(value)}")
+    return max(0, int(value))
+
+
+def event_dict(event: "Event") -> dict[str, Any]:
+    """An event as recentReports returns it (nil for unknown enrichment values)."""
+    r = event.report
+    geo = r.geo
+    return {
+        "seq": event.seq, "received": event.received, "t": r.t, "remote": r.remote,
+        "login": r.login, "pwhash": r.pwhash, "success": r.success,
+        "policy_reject": r.policy_reject, "protocol": r.protocol, "tls": r.tls,
+        "device_id": r.device_id, "session_id": r.session_id, "fail_type": r.fail_type,
+        "attrs": dict(r.attrs), "attrs_mv": {k: list(v) for k, v in r.attrs_mv.items()},
+        "device_attrs": dict(r.device_attrs),
+        "country": geo.country if geo else "", "city": geo.city if geo else "",
+        "latitude": geo.latitude if geo else None, "longitude": geo.longitude if geo else None,
+        "asn": geo.asn if geo else None, "isp": geo.isp if geo else "",
+    }
+
+
+@lua_global(
+    "countReports", Where.WORKER, "countReports(filter) -> number",
+    "How many logged reports match `filter`. " + _FILTER_DOC,
+    example='local fails = countReports({login=lt.login, success=false, window="1h"})',
+    topic="helpers",
+)
+def _count_reports(state: "LuaState") -> Callable[[Any], int]:
+    def count_reports(flt: Any = None) -> int:
+        return _queries(state).count_reports(_filter(flt), _as_of(state))
+
+    return count_reports
+
+
+@lua_global(
+    "countDistinct", Where.WORKER, "countDistinct(field, filter) -> number",
+    """How many distinct values `field` takes over the reports matching `filter`. Fields:
+    `login`, `remote`, `pwhash`, `protocol`, `country`, `city`, `asn`, `isp`, `device_id`,
+    `fail_type`, `session_id`, `"device_attrs.<key>"`, `"attrs.<key>"`, and `"remote/<bits>"`
+    (networks, e.g. `"remote/24"`). Unknown values (no enrichment) are not counted. """ + _FILTER_DOC,
+    example='local sprayed = countDistinct("login", {remote=lt.remote, success=false, window="1h"})',
+    topic="helpers",
+)
+def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
+    def count_distinct(field: Any, flt: Any = None) -> int:
+        return _queries(state).count_distinct(parse_field(field), _filter(flt), _as_of(state))
+
+    return count_distinct
+
+
+@lua_global(
+    "topValues", Where.WORKER, "topValues(field, filter, n) -> {{value=, count=}, ...}",
+    """The `n` most frequent values of `field` (as for `countDistinct`) over the reports matching
+    `filter`, most frequent first (ties in value order), as an array of `{value=, count=}`.
+    """ + _FILTER_DOC,
+    example='for _, v in ipairs(topValues("country", {login=lt.login, success=true, window="180d"}, 3)) do\n'
+            '  infoLog("country", {country=v.value, count=v.count})\nend',
+    topic="helpers",
+)
+def _top_values(state: "LuaState") -> Callable[[Any, Any, Any], Any]:
+    def top_values(field: Any, flt: Any = None, n: Any = 10) -> Any:
+        rows = _queries(state).top_values(parse_field(field), _filter(flt), _count(n, "n"), _as_of(state))
+        return state.table([{"value": value, "count": count} for value, count in rows])
+
+    return top_values
+
+
+@lua_global(
+    "firstSeen", Where.WORKER, "firstSeen(filter) -> time or nil",
+    """When the first report matching `filter` was received (epoch seconds), or nil when there is
+    none. """ + _FILTER_DOC,
+    example='if firstSeen({login=lt.login, country=lt.country, success=true}) == nil then\n'
+            '  warnLog("first login from this country", {login=lt.login})\nend',
+    topic="helpers",
+)
+def _first_seen(state: "LuaState") -> Callable[[Any], float | None]:
+    def first_seen(flt: Any = None) -> float | None:
+        return _queries(state).first_seen(_filter(flt), _as_of(state))
+
+    return first_seen
+
+
+@lua_global(
+    "lastSeen", Where.WORKER, "lastSeen(filter) -> time or nil",
+    """When the last report matching `filter` was received (epoch seconds), or nil. """ + _FILTER_DOC,
+    example='local last = lastSeen({login=lt.login, success=true})',
+    topic="helpers",
+)
+def _last_seen(state: "LuaState") -> Callable[[Any], float | None]:
+    def last_seen(flt: Any = None) -> float | None:
+        return _queries(state).last_seen(_filter(flt), _as_of(state))
+
+    return last_seen
+
+
+@lua_global(
+    "recentReports", Where.WORKER, "recentReports(filter, n) -> {report, ...}",
+    """Up to `n` reports matching `filter`, newest first. Each is a table with the LoginTuple
+    fields (`remote` as a string), `seq`, `received`, and the enrichment `country`, `city`,
+    `latitude`, `longitude`, `asn`, `isp` (nil/"" when unknown). """ + _FILTER_DOC,
+    example='local prev = recentReports({login=lt.login, success=true}, 1)[1]\n'
+            'if prev then infoLog("previous login", {from=prev.remote}) end',
+    topic="helpers",
+)
+def _recent_reports(state: "LuaState") -> Callable[[Any, Any], Any]:
+    def recent_reports(flt: Any = None, n: Any = 10) -> Any:
+        events = _queries(state).recent_reports(_filter(flt), _count(n, "n"), _as_of(state))
+        return state.table([event_dict(event) for event in events])
+
+    return recent_reports
