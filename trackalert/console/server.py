@@ -127,6 +127,10 @@ class ControlServer:
             await self._session(reader, writer, peer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away
+        except asyncio.CancelledError:
+            # stop() cancels idle connections. Ending quietly matters: asyncio's start_server
+            # callback would report a cancelled task as an unhandled exception.
+            pass
         finally:
             log.logger.info("Closed control connection from %s", peer)
             writer.close()

@@ -14,7 +14,7 @@ import marshal
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from trackalert.report import Report
 
@@ -35,16 +35,61 @@ def encode(message: tuple[Any, ...]) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
-async def read_message(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
-    """The next message, or None when the other side has gone."""
-    try:
-        header = await reader.readexactly(4)
-        (length,) = _LENGTH.unpack(header)
-        if length > MAX_FRAME:
-            raise ValueError(f"IPC frame of {length} bytes")
-        return marshal.loads(await reader.readexactly(length))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
+class Channel(asyncio.Protocol):
+    """One end of the socketpair, built for thousands of small messages a second.
+
+    Every complete frame of a read is handled in one pass (no await per message), and messages
+    sent during one event-loop iteration leave in one write: without that, each report would
+    cost a system call for its append and another for its acknowledgement.
+    """
+
+    def __init__(self, on_message: Callable[[tuple[Any, ...]], None]) -> None:
+        self._on_message = on_message
+        self._buffer = bytearray()
+        self._outgoing: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self.closed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        offset, size = 0, len(buffer)
+        while size - offset >= 4:
+            (length,) = _LENGTH.unpack_from(buffer, offset)
+            if length > MAX_FRAME:
+                self.close()
+                return
+            end = offset + 4 + length
+            if end > size:
+                break
+            self._on_message(marshal.loads(buffer[offset + 4:end]))
+            offset = end
+        if offset:
+            del buffer[:offset]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self.closed.set()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if self._transport is None:
+            return
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(encode(message))
+
+    def _flush(self) -> None:
+        if self._transport is not None and self._outgoing:
+            self._transport.write(b"".join(self._outgoing))
+        self._outgoing.clear()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._flush()
+            self._transport.close()
 
 
 def report_from_fields(fields: tuple[Any, ...]) -> Report:
@@ -59,6 +104,8 @@ def inherit_env() -> dict[str, str]:
     return env
 
 
-async def open_channel(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_channel(sock: socket.socket, on_message: Callable[[tuple[Any, ...]], None]) -> Channel:
     sock.setblocking(False)
-    return await asyncio.open_connection(sock=sock, limit=MAX_FRAME)
+    loop = asyncio.get_running_loop()
+    _, channel = await loop.create_connection(lambda: Channel(on_message), sock=sock)
+    return channel

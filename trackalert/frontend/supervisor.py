@@ -55,7 +55,7 @@ class LogOptions:
 class _Worker:
     index: int
     process: subprocess.Popen[bytes]
-    writer: asyncio.StreamWriter | None = None
+    channel: ipc.Channel | None = None
     task: asyncio.Task[None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     connections: int = 0
@@ -141,22 +141,22 @@ class WebWorkers:
         worker.task = asyncio.create_task(self._connect(worker, parent), name=f"web-worker-{index}")
 
     async def _connect(self, worker: _Worker, sock: socket.socket) -> None:
-        reader, worker.writer = await ipc.open_channel(sock)
-        await self._serve_worker(worker, reader)
+        worker.channel = await ipc.open_channel(sock, functools.partial(self._on_message, worker))
+        await worker.channel.closed.wait()
+        await self._worker_gone(worker)
 
-    async def _serve_worker(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        append = self._append
-        assert worker.writer is not None
-        while (message := await ipc.read_message(reader)) is not None:
-            kind = message[0]
-            if kind == ipc.APPEND:
-                append(worker.writer, message[1], message[2], message[3])
-            elif kind == ipc.STATS:
-                worker.connections = message[1]["connections"]
-                self._merge(message[1])
-            elif kind == ipc.HELLO:
-                self._send_settings(worker)
-                worker.ready.set()
+    def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == ipc.APPEND:
+            self._append(worker.channel, message[1], message[2], message[3])
+        elif kind == ipc.STATS:
+            worker.connections = message[1]["connections"]
+            self._merge(message[1])
+        elif kind == ipc.HELLO:
+            self._send_settings(worker)
+            worker.ready.set()
+
+    async def _worker_gone(self, worker: _Worker) -> None:
         worker.connections = 0
         if self._running:
             await asyncio.get_running_loop().run_in_executor(None, worker.process.wait)
@@ -168,7 +168,7 @@ class WebWorkers:
             if self._running:
                 self._spawn(worker.index)
 
-    def _append(self, writer: asyncio.StreamWriter, request_id: int, fields: tuple, delivery_id: str | None) -> None:
+    def _append(self, channel: ipc.Channel, request_id: int, fields: tuple, delivery_id: str | None) -> None:
         report = ipc.report_from_fields(fields)
         enricher = self._host.enricher
         try:
@@ -176,23 +176,21 @@ class WebWorkers:
                 report = enricher.enrich(report)
             future = self._log.submit(report, delivery_id)
         except Exception as exc:
-            writer.write(ipc.encode((ipc.APPENDED, request_id, 0, False, str(exc))))
+            channel.send((ipc.APPENDED, request_id, 0, False, str(exc)))
             return
-        future.add_done_callback(functools.partial(self._appended, writer, request_id, report))
+        future.add_done_callback(functools.partial(self._appended, channel, request_id, report))
 
-    def _appended(self, writer: asyncio.StreamWriter, request_id: int, report: Any, future: "asyncio.Future[Appended]") -> None:
-        if writer.is_closing():
-            return
+    def _appended(self, channel: ipc.Channel, request_id: int, report: Any, future: "asyncio.Future[Appended]") -> None:
         exc = future.exception()
         if exc is not None:
-            writer.write(ipc.encode((ipc.APPENDED, request_id, 0, False, str(exc))))
+            channel.send((ipc.APPENDED, request_id, 0, False, str(exc)))
             return
         appended = future.result()
         if not appended.duplicate:
             self._host.count_report()
             if log.verbose():
                 log.logger.info("%s", log.report_log_line(report))
-        writer.write(ipc.encode((ipc.APPENDED, request_id, appended.seq, appended.duplicate, None)))
+        channel.send((ipc.APPENDED, request_id, appended.seq, appended.duplicate, None))
 
     def _merge(self, delta: dict[str, Any]) -> None:
         """A worker's statistics, counted as if this process had served the requests."""
@@ -224,10 +222,8 @@ class WebWorkers:
 
     def _send_settings(self, worker: _Worker) -> None:
         snapshot = self.settings_snapshot()
-        if worker.writer is None or worker.writer.is_closing():
-            return
-        if snapshot != worker.sent_settings:
-            worker.writer.write(ipc.encode((ipc.SETTINGS, snapshot)))
+        if worker.channel is not None and snapshot != worker.sent_settings:
+            worker.channel.send((ipc.SETTINGS, snapshot))
             worker.sent_settings = snapshot
 
     async def _push_settings(self) -> None:

@@ -81,17 +81,20 @@ class StatsBuffer:
 class CoreLink:
     """The socketpair to the core: appends out, acknowledgements and settings in."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[int, bool]]] = {}
+        self._channel: ipc.Channel | None = None
         self.settings: dict[str, Any] = {}
         self.settings_changed = asyncio.Event()
         self.closed = asyncio.Event()
 
+    async def connect(self, sock: socket.socket) -> None:
+        self._channel = await ipc.open_channel(sock, self._on_message)
+
     def send(self, message: tuple[Any, ...]) -> None:
-        self._writer.write(ipc.encode(message))
+        if self._channel is not None:
+            self._channel.send(message)
 
     def append(self, fields: tuple[Any, ...], delivery_id: str | None) -> "asyncio.Future[tuple[int, bool]]":
         if self.closed.is_set():
@@ -102,19 +105,28 @@ class CoreLink:
         self.send((ipc.APPEND, request_id, fields, delivery_id))
         return future
 
+    def close(self) -> None:
+        """Flush what is queued (the last statistics) and close the channel."""
+        if self._channel is not None:
+            self._channel.close()
+
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        if message[0] == ipc.APPENDED:
+            _, request_id, seq, duplicate, error = message
+            future = self._pending.pop(request_id, None)
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result((seq, duplicate))
+                else:
+                    future.set_exception(RuntimeError(error))
+        elif message[0] == ipc.SETTINGS:
+            self.settings = message[1]
+            self.settings_changed.set()
+
     async def run(self) -> None:
-        while (message := await ipc.read_message(self._reader)) is not None:
-            if message[0] == ipc.APPENDED:
-                _, request_id, seq, duplicate, error = message
-                future = self._pending.pop(request_id, None)
-                if future is not None and not future.done():
-                    if error is None:
-                        future.set_result((seq, duplicate))
-                    else:
-                        future.set_exception(RuntimeError(error))
-            elif message[0] == ipc.SETTINGS:
-                self.settings = message[1]
-                self.settings_changed.set()
+        """Wait for the channel to close, then fail whatever is still waiting on the core."""
+        assert self._channel is not None
+        await self._channel.closed.wait()
         self.closed.set()
         for future in self._pending.values():
             if not future.done():
@@ -234,8 +246,8 @@ class _Refuse(asyncio.Protocol):
 
 async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
-    reader, writer = await ipc.open_channel(socket.socket(fileno=args.ipc_fd))
-    link = CoreLink(reader, writer)
+    link = CoreLink()
+    await link.connect(socket.socket(fileno=args.ipc_fd))
     link_task = asyncio.create_task(link.run())
     link.send((ipc.HELLO, args.index))
     await asyncio.wait(
@@ -277,6 +289,7 @@ async def serve(args: argparse.Namespace) -> int:
     for task in tasks:
         task.cancel()
     await worker.close()
+    link.close()
     return 0
 
 
