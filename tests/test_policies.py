@@ -125,9 +125,17 @@ async def run_scenario(directory: Path) -> tuple[list[dict[str, Any]], list[dict
     received: list[dict[str, Any]] = []
     headers: list[dict[str, str]] = []
 
+    seen: set[str] = set()
+
     async def hook(request: web.Request) -> web.Response:
-        received.append(json.loads(await request.read()))
-        headers.append(dict(request.headers))
+        # Delivery is at least once: a retry after a timeout repeats its X-Wforce-Delivery id,
+        # so the receiver keeps the first copy only, as a real receiver should.
+        body = await request.read()
+        delivery = request.headers.get("X-Wforce-Delivery", "")
+        if delivery not in seen:
+            seen.add(delivery)
+            received.append(json.loads(body))
+            headers.append(dict(request.headers))
         return web.Response(text="ok")
 
     app = web.Application()
@@ -156,6 +164,11 @@ async def run_scenario(directory: Path) -> tuple[list[dict[str, Any]], list[dict
             logged = daemon.output().count("Policy alert")
             assert await wait_for(lambda: len(received) >= logged, timeout=30), daemon.output()[-3000:]
             async with aiohttp.ClientSession() as session:
+                for _ in range(300):  # bounded: until the outbox has delivered everything
+                    async with session.get(daemon.url("/metrics"), headers=AUTH) as resp:
+                        if "\ntrackalert_webhook_outbox_depth 0.0" in await resp.text():
+                            break
+                    await asyncio.sleep(0.1)
                 async with session.post(daemon.url("/command/failures"), headers=AUTH,
                                         json={"attrs": {"net": "175.16.199.0/24"}}) as resp:
                     assert resp.status == 200, await resp.text()
