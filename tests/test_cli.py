@@ -115,8 +115,8 @@ def test_systemd_mode_stops_stdout_logging_after_config(tmp_path: Path) -> None:
     assert "Shutting down" not in output
 
 
-def test_daemon_mode_parent_waits_for_readiness(tmp_path: Path) -> None:
-    config = write_config(tmp_path, listener_config() + "setReport(function(lt) end)\n")
+def start_daemonized(tmp_path: Path, config: Path) -> str:
+    """Run `trackalert -d`; the parent must exit 0. Returns the child's systemd messages."""
     notify_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
@@ -127,7 +127,12 @@ def test_daemon_mode_parent_waits_for_readiness(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60,
         )
         assert parent.returncode == 0, parent.stderr + parent.stdout
-        messages = notify.recv(4096).decode() + "\n" + notify.recv(4096).decode()
+        return notify.recv(4096).decode() + "\n" + notify.recv(4096).decode()
+
+
+def test_daemon_mode_parent_waits_for_readiness(tmp_path: Path) -> None:
+    config = write_config(tmp_path, listener_config() + "setReport(function(lt) end)\n")
+    messages = start_daemonized(tmp_path, config)
     port = int(re.search(r"STATUS=Listening on 127\.0\.0\.1:(\d+)", messages).group(1))
     pid = int(re.search(r"MAINPID=(\d+)", messages).group(1))
     try:
@@ -155,17 +160,7 @@ def test_daemon_mode_background_functions_survive_the_fork(tmp_path: Path) -> No
         'end)\n'
         'intervalScheduleBackgroundFunc("00:00:01", "tick")\n'
     ))
-    notify_path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(notify_path))
-        notify.settimeout(10)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-        parent = subprocess.run(
-            [sys.executable, "-m", "trackalert", "-C", str(config), "-d"], env=env,
-            capture_output=True, text=True, timeout=60,
-        )
-        assert parent.returncode == 0, parent.stderr
-        messages = notify.recv(4096).decode() + "\n" + notify.recv(4096).decode()
+    messages = start_daemonized(tmp_path, config)
     pid = int(re.search(r"MAINPID=(\d+)", messages).group(1))
     ticks = tmp_path / "ticks.txt"
     try:
