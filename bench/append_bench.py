@@ -16,7 +16,6 @@ import asyncio
 import os
 import shutil
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from trackalert.devices import HTTP_KEYS, IMAP_KEYS, MOBILEAPI_KEYS, DeviceParser
@@ -98,17 +100,7 @@ def test_repeated_device_ids_are_parsed_once() -> None:
 
 
 def test_regexes_file_replaces_the_builtin_regexes(tmp_path) -> None:
-    regexes = tmp_path / "regexes.yaml"
-    regexes.write_text(
-        "user_agent_parsers:\n"
-        "  - regex: '(AcmeBrowser)/(\\d+)\\.(\\d+)'\n"
-        "os_parsers:\n"
-        "  - regex: '(AcmeOS) (\\d+)\\.(\\d+)'\n"
-        "device_parsers:\n"
-        "  - regex: '(AcmePhone)'\n"
-        "    brand_replacement: 'Acme'\n"
-        "    model_replacement: 'Phone X'\n"
-    )
+    regexes = Path(__file__).parent / "data" / "acme-regexes.yaml"
     parser = DeviceParser(str(regexes))
     assert parser.attributes("http", "AcmeBrowser/3.4 (AcmeOS 2.1; AcmePhone)") == {
         "device.family": "AcmePhone", "device.brand": "Acme", "device.model": "Phone X",

@@ -196,19 +196,11 @@ def test_set_enrichment_records_the_databases_and_refuses_unknown_roles() -> Non
         state.execute('setEnrichment({town="City"})')
 
 
-REGEXES = (
-    "user_agent_parsers:\n"
-    "  - regex: '(AcmeBrowser)/(\\d+)\\.(\\d+)'\n"
-    "os_parsers:\n"
-    "  - regex: '(AcmeOS) (\\d+)\\.(\\d+)'\n"
-    "device_parsers:\n"
-    "  - regex: '(AcmePhone)'\n"
-)
+REGEXES = Path(__file__).parent / "data" / "acme-regexes.yaml"
 
 
 async def test_daemon_uses_the_regexes_file_given_with_dash_r(tmp_path: Path) -> None:
-    regexes = tmp_path / "regexes.yaml"
-    regexes.write_text(REGEXES)
+    regexes = REGEXES
     config = listener_config() + "setReport(function(lt) end)\n"
     with DaemonProcess(tmp_path, config, args=("-D", "-R", str(regexes))) as daemon:
         body = json.dumps({"login": "x", "remote": "192.0.2.1", "protocol": "http",

@@ -33,6 +33,7 @@ from trackalert.lua.state import LuaError, LuaState, LuaSyntaxError, StateKind
 from trackalert.perfstats import log_every
 from trackalert.settings import Settings
 from trackalert.console.service import ConsoleService, bind_control_sockets  # the console
+from trackalert.ingest import Ingest
 from trackalert.frontend.supervisor import LogOptions, WebWorkers
 from trackalert.web import WebServer, bind_listeners, socket_addresses
 from trackalert.scheduler import Scheduler
@@ -68,7 +69,7 @@ class Daemon:
         self.config_state = LuaState(StateKind.CONFIG, self.host)
         self.workers: list[LuaState] = []
         self.sockets: list[socket.socket] = []
-        self.control_sockets: list[socket.socket] = []  # console
+        self.control_sockets: list[socket.socket] = []
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web: WebServer | None = None
@@ -111,7 +112,7 @@ class Daemon:
         if not self.host.settings.listeners:
             log.logger.warning("No listener configured (addListener): the REST API is not served")
         self.sockets = bind_listeners(self.host.settings.listeners)
-        self.control_sockets = bind_control_sockets(self.host.settings.control_sockets)  # console
+        self.control_sockets = bind_control_sockets(self.host.settings.control_sockets)
 
     # ---- the running server --------------------------------------------------------------
 
@@ -134,11 +135,12 @@ class Daemon:
         self.host.metrics.set_eventlog_source(lambda: eventlog.stats)
         await runner.start()
         await self._start_alerting(pool)
-        self.web = WebServer(self.host, eventlog, pool)
+        ingest = Ingest(self.host, eventlog)
+        self.web = WebServer(self.host, ingest, pool)
         for name in settings.custom_endpoints:
             self.web.add_custom_endpoint(name)
-        front = await self._start_web(eventlog)
-        # console: control sockets, and the local console of a foreground daemon on a terminal
+        front = await self._start_web(ingest)
+        # the local console only for a foreground daemon (it checks for a terminal itself)
         console = ConsoleService(
             self.host, self.config_state, pool, eventlog, lambda: (runner.lag_events(), runner.lag_seconds())
         )
@@ -168,7 +170,7 @@ class Daemon:
             await eventlog.close()
             pool.close()
 
-    async def _start_web(self, eventlog: EventLog) -> WebWorkers | None:
+    async def _start_web(self, ingest: Ingest) -> WebWorkers | None:
         """Serve HTTP here, or from web worker processes that hand reports to this one."""
         settings = self.host.settings
         assert self.web is not None
@@ -177,7 +179,7 @@ class Daemon:
             return None
         await self.web.start([], [])
         front = WebWorkers(
-            self.host, eventlog, self.web, settings.num_web_processes, settings.listeners,
+            self.host, ingest, self.web, settings.num_web_processes, settings.listeners,
             self.sockets, self._log_options(),
         )
         try:

@@ -114,9 +114,12 @@ class ComboAddress:
         return self
 
     def __str__(self) -> str:
-        if self.ip.version == 6:
-            return f"[{self.tostring()}]:{self.port}"
-        return f"{self.tostring()}:{self.port}"
+        return endpoint_text(self.tostring(), self.port)
+
+
+def endpoint_text(ip: str, port: int) -> str:
+    """`ip:port`, with IPv6 in brackets, for log lines about sockets and peers."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ from aiohttp.web_server import Server
 from trackalert import log
 from trackalert.lua.convert import protected_call, string_map
 from trackalert.metrics import CONTENT_TYPE as METRICS_TYPE
+from trackalert.netaddr import endpoint_text
 from trackalert.report import ReportError, parse_report
 from trackalert.settings import Listener
 
 if TYPE_CHECKING:
-    from trackalert.eventlog.base import EventLog
+    from trackalert.ingest import Ingest
     from trackalert.lua.host import Host
     from trackalert.lua.pool import LuaPool
     from trackalert.lua.state import LuaState
@@ -67,9 +68,9 @@ class Command:
 
 
 class WebServer:
-    def __init__(self, host: "Host", eventlog: "EventLog", pool: "LuaPool") -> None:
+    def __init__(self, host: "Host", ingest: "Ingest", pool: "LuaPool") -> None:
         self._host = host
-        self._log = eventlog
+        self._ingest = ingest
         self._pool = pool
         self._commands: dict[str, Command] = {}
         self._servers: list[asyncio.base_events.Server] = []
@@ -97,14 +98,16 @@ class WebServer:
         loop = asyncio.get_running_loop()
         self._http = Server(
             self._handle,
-            request_factory=self._make_request,
+            request_factory=sized_requests(self._body_limit),
             access_log=None,
             keepalive_timeout=60.0,
         )
         self._host.metrics.set_connection_source(lambda: len(self._http.connections) if self._http else 0)
         for listener, sock in zip(listeners, sockets):
             context = tls_context(listener) if listener.tls else None
-            server = await loop.create_server(self._protocol, sock=sock, ssl=context)
+            server = await loop.create_server(
+                limited(self._http, lambda: self._host.settings.max_conns), sock=sock, ssl=context
+            )
             self._servers.append(server)
         if listeners:
             log.logger.info("Starting webserver")
@@ -119,17 +122,9 @@ class WebServer:
             await server.wait_closed()
         self._servers.clear()
 
-    def _protocol(self) -> asyncio.Protocol:
-        assert self._http is not None
-        if len(self._http.connections) >= self._host.settings.max_conns:
-            return _Refuse()
-        return self._http()
 
-    def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:  # type: ignore[no-untyped-def]
-        return web.BaseRequest(
-            message, payload, protocol, writer, task, asyncio.get_running_loop(),
-            client_max_size=self._host.settings.body_limit,
-        )
+    def _body_limit(self) -> int:
+        return self._host.settings.body_limit
 
     # ---- dispatch ---------------------------------------------------------------------
 
@@ -141,7 +136,7 @@ class WebServer:
         """
         loop = asyncio.get_running_loop()
         self._internal = Server(
-            self._handle_internal, request_factory=self._make_request, access_log=None,
+            self._handle_internal, request_factory=sized_requests(self._body_limit), access_log=None,
         )
         server = await loop.create_unix_server(self._internal, path=path)
         os.chmod(path, 0o600)
@@ -235,19 +230,13 @@ class WebServer:
         except ReportError as exc:
             host.metrics.report_rejected(exc.reason)
             return failure(400, str(exc))
-        if host.enricher is not None:  # GeoIP and device attributes, frozen in the log
-            report = host.enricher.enrich(report)
         started = host.clock.monotonic()
         try:
-            appended = await self._log.append(report, request.headers.get("X-Wforce-Delivery"))
+            await self._ingest.submit(report, request.headers.get("X-Wforce-Delivery"))
         except Exception as exc:
             log.logger.error("Could not store report: %s", exc)
             return failure(500, f"could not store report: {exc}")
         host.metrics.append_duration(host.clock.monotonic() - started)
-        if not appended.duplicate:
-            host.count_report()
-            if log.verbose():
-                log.logger.info("%s", log.report_log_line(report))
         return web.Response(body=OK_BODY, content_type=JSON_TYPE, charset="utf-8")
 
     async def _stats(self, _request: web.BaseRequest) -> web.Response:
@@ -323,11 +312,7 @@ def bind_listeners(listeners: list[Listener]) -> list[socket.socket]:
 
 def socket_addresses(sockets: list[socket.socket]) -> list[str]:
     """`ip:port` of listening sockets, ephemeral ports resolved (for logs and systemd STATUS)."""
-    addresses = []
-    for sock in sockets:
-        ip, port = sock.getsockname()[:2]
-        addresses.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
-    return addresses
+    return [endpoint_text(*sock.getsockname()[:2]) for sock in sockets]
 
 
 class EndpointError(Exception):
@@ -341,10 +326,34 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+def sized_requests(limit: Callable[[], int]) -> Callable[..., web.BaseRequest]:
+    """An aiohttp request factory whose body limit is read per request (413 above it)."""
+
+    def factory(message, payload, protocol, writer, task) -> web.BaseRequest:  # type: ignore[no-untyped-def]
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, asyncio.get_running_loop(),
+            client_max_size=limit(),
+        )
+
+    return factory
+
+
+def limited(http: Server, limit: Callable[[], int]) -> Callable[[], asyncio.Protocol]:
+    """A protocol factory for `http` that refuses connections beyond `limit()` open ones
+    (read per connection, so a change of the limit applies at once)."""
+
+    def factory() -> asyncio.Protocol:
+        if len(http.connections) >= limit():
+            return _Refuse()
+        return http()
+
+    return factory
+
+
 def log_auth_failure(path: str, ip: str, port: int) -> None:
     log.logger.error(
         'WforceWebserver: HTTP(S) Request "%s" from %s: Web Authentication failed',
-        path, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
+        path, endpoint_text(ip, port),
     )
 
 

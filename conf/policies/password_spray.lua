@@ -20,27 +20,26 @@ local function crosses(scope, lt, threshold)
   return new_login, before
 end
 
+-- One check for either scope: an address, or its network. `top` names the evidence list
+-- (the logins tried from one address; the addresses used from one network).
+local function check(lt, label, scope, threshold, top)
+  local hit, before = crosses(scope, lt, threshold)
+  if not hit then return end
+  StarterAlert.send(policy.name, lt, nil, label,
+    string.format("%s failed on %d distinct logins in %s", label, before + 1, opts.window),
+    { scope = label, distinct_logins = before + 1, window = opts.window,
+      threshold = threshold, ["top_" .. top .. "s"] = topValues(top, scope, 5) })
+end
+
 function policy.report(lt)
   if lt.success then return end
   local remote = lt.remote:tostring()
-  local scope = { remote = remote, success = false, window = opts.window }
-  local hit, before = crosses(scope, lt, opts.max_logins)
-  if hit then
-    StarterAlert.send(policy.name, lt, nil, remote,
-      string.format("%s failed on %d distinct logins in %s", remote, before + 1, opts.window),
-      { scope = remote, distinct_logins = before + 1, window = opts.window,
-        threshold = opts.max_logins, top_logins = topValues("login", scope, 5) })
-  end
+  check(lt, remote, { remote = remote, success = false, window = opts.window },
+        opts.max_logins, "login")
   if opts.prefix > 0 then
     local network = newNetmaskFromCA(lt.remote, opts.prefix):toStringNetwork()
-    scope = { netmask = network, success = false, window = opts.window }
-    hit, before = crosses(scope, lt, opts.max_logins_network)
-    if hit then
-      StarterAlert.send(policy.name, lt, nil, network,
-        string.format("%s failed on %d distinct logins in %s", network, before + 1, opts.window),
-        { scope = network, distinct_logins = before + 1, window = opts.window,
-          threshold = opts.max_logins_network, top_remotes = topValues("remote", scope, 5) })
-    end
+    check(lt, network, { netmask = network, success = false, window = opts.window },
+          opts.max_logins_network, "remote")
   end
 end
 

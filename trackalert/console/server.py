@@ -17,6 +17,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from trackalert import log
+from trackalert.netaddr import endpoint_text
 from trackalert.console.protocol import (
     HELLO,
     HELLO_REPLY,
@@ -72,8 +73,7 @@ def bind_control_sockets(addresses: list[ComboAddress]) -> list[socket.socket]:
 
 
 def format_address(sockaddr: tuple) -> str:
-    ip, port = sockaddr[:2]
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return endpoint_text(*sockaddr[:2])
 
 
 class ControlServer:

@@ -27,7 +27,8 @@ from trackalert.frontend import ipc
 from trackalert.settings import Listener
 
 if TYPE_CHECKING:
-    from trackalert.eventlog.base import Appended, EventLog
+    from trackalert.eventlog.base import Appended
+    from trackalert.ingest import Ingest
     from trackalert.lua.host import Host
     from trackalert.web import WebServer
 
@@ -66,7 +67,7 @@ class WebWorkers:
     def __init__(
         self,
         host: "Host",
-        eventlog: "EventLog",
+        ingest: "Ingest",
         web: "WebServer",
         count: int,
         listeners: list[Listener],
@@ -74,7 +75,7 @@ class WebWorkers:
         log_options: LogOptions,
     ) -> None:
         self._host = host
-        self._log = eventlog
+        self._ingest = ingest
         self._web = web
         self._count = count
         self._listeners = listeners
@@ -169,27 +170,19 @@ class WebWorkers:
                 self._spawn(worker.index)
 
     def _append(self, channel: ipc.Channel, request_id: int, fields: tuple, delivery_id: str | None) -> None:
-        report = ipc.report_from_fields(fields)
-        enricher = self._host.enricher
         try:
-            if enricher is not None:  # enrichment happens here, where the GeoIP DBs are open
-                report = enricher.enrich(report)
-            future = self._log.submit(report, delivery_id)
+            future = self._ingest.submit(ipc.report_from_fields(fields), delivery_id)
         except Exception as exc:
             channel.send((ipc.APPENDED, request_id, 0, False, str(exc)))
             return
-        future.add_done_callback(functools.partial(self._appended, channel, request_id, report))
+        future.add_done_callback(functools.partial(self._appended, channel, request_id))
 
-    def _appended(self, channel: ipc.Channel, request_id: int, report: Any, future: "asyncio.Future[Appended]") -> None:
+    def _appended(self, channel: ipc.Channel, request_id: int, future: "asyncio.Future[Appended]") -> None:
         exc = future.exception()
         if exc is not None:
             channel.send((ipc.APPENDED, request_id, 0, False, str(exc)))
             return
         appended = future.result()
-        if not appended.duplicate:
-            self._host.count_report()
-            if log.verbose():
-                log.logger.info("%s", log.report_log_line(report))
         channel.send((ipc.APPENDED, request_id, appended.seq, appended.duplicate, None))
 
     def _merge(self, delta: dict[str, Any]) -> None:

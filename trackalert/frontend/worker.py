@@ -41,6 +41,8 @@ from trackalert.web import (
     failure,
     json_response,
     legacy_command,
+    limited,
+    sized_requests,
     log_auth_failure,
     split_target,
     tls_context,
@@ -155,6 +157,25 @@ class WorkerWeb:
     def _settings(self) -> dict[str, Any]:
         return self._link.settings
 
+    async def listen(self, fds: list[int]) -> list[asyncio.AbstractServer]:
+        """Serve on the listening sockets the core passed down, with the core's TLS settings."""
+        loop = asyncio.get_running_loop()
+        self.http = Server(
+            self.handle, access_log=None, keepalive_timeout=60.0,
+            request_factory=sized_requests(lambda: int(self._settings.get("body_limit", 1024 * 1024))),
+        )
+        servers = []
+        for fd, (tls, cert_file, key_file, options) in zip(fds, self._settings["listeners"]):
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            listener = Listener(parse_combo("0.0.0.0"), tls, cert_file, key_file, options)
+            context = tls_context(listener) if tls else None
+            servers.append(await loop.create_server(limited(self.http, self._max_conns), sock=sock, ssl=context))
+        return servers
+
+    def _max_conns(self) -> int:
+        return max(1, int(self._settings.get("max_conns", 10000)))
+
     def stats_delta(self) -> dict[str, Any]:
         return self._stats.drain(len(self.http.connections) if self.http else 0)
 
@@ -227,23 +248,6 @@ class WorkerWeb:
             return web.Response(status=response.status, body=payload, headers=relayed)
 
 
-def _protocol_factory(worker: WorkerWeb, link: CoreLink):  # type: ignore[no-untyped-def]
-    refuse = _Refuse
-
-    def factory() -> asyncio.Protocol:
-        assert worker.http is not None
-        if len(worker.http.connections) >= max(1, int(link.settings.get("max_conns", 10000))):
-            return refuse()
-        return worker.http()
-
-    return factory
-
-
-class _Refuse(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
-
-
 async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     link = CoreLink()
@@ -257,21 +261,7 @@ async def serve(args: argparse.Namespace) -> int:
     if not link.settings:
         return 1
     worker = WorkerWeb(link, link.settings["proxy_path"])
-    worker.http = Server(
-        worker.handle, access_log=None, keepalive_timeout=60.0,
-        request_factory=lambda message, payload, protocol, writer_, task: web.BaseRequest(
-            message, payload, protocol, writer_, task, loop,
-            client_max_size=int(link.settings.get("body_limit", 1024 * 1024)),
-        ),
-    )
-    servers = []
-    for fd, spec in zip(args.listen_fds, link.settings["listeners"]):
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        tls, cert_file, key_file, options = spec
-        listener = Listener(parse_combo("0.0.0.0"), tls, cert_file, key_file, options)
-        context = tls_context(listener) if tls else None
-        servers.append(await loop.create_server(_protocol_factory(worker, link), sock=sock, ssl=context))
+    servers = await worker.listen(args.listen_fds)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -128,7 +128,7 @@ def _test_crypto(state: "LuaState") -> Callable[..., None]:
 def _reload_geoip(state: "LuaState") -> Callable[[], None]:
     def reload() -> None:
         try:
-            state.host.reload_geoip()
+            state.host.geoip.reload()
         except Exception as exc:
             log.logger.error("reloadGeoIPDBs(): Error reloading GeoIP (%s)", exc)
             state.host.console_append(f"reloadGeoIPDBs(): Error reloading GeoIP ({exc})\n")

@@ -51,11 +51,9 @@ class Host:
     console_output: list[str] = field(default_factory=list)
     # Console hooks, set by trackalert.console while the daemon runs: bind a control socket
     # added from the console; summarise the event log for showEventLog() (callable from a Lua
-    # thread); reload the GeoIP databases for reloadGeoIPDBs() (raises on failure; the GeoIP
-    # support fills it in).
+    # thread).
     on_control_socket: "Callable[[ComboAddress], None]" = lambda address: None
     eventlog_summary: "Callable[[], dict[str, Any]] | None" = None
-    reload_geoip: Callable[[], None] = lambda: None
     #: GeoIP databases opened by newGeoIP2DB (one registry for every state) and the ingest
     #: enricher built from them (None: reports are stored as parsed).
     geoip: GeoIPRegistry = field(default_factory=GeoIPRegistry)
@@ -67,7 +65,6 @@ class Host:
         self.command_stats = NamedStats(self.clock, "command")
         self.custom_stats = NamedStats(self.clock, "custom")
         self.started = self.clock.monotonic()
-        self.reload_geoip = self.geoip.reload  # reloadGeoIPDBs() reopens this host's databases
 
     def console_replace(self, text: str) -> None:
         self.console_output[:] = [text]
