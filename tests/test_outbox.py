@@ -102,11 +102,31 @@ def test_due_orders_by_next_attempt_and_skips_in_flight(outbox: Outbox) -> None:
     assert outbox.next_due(exclude=set(rows)) is None
 
 
-def test_a_duplicate_delivery_id_is_refused(outbox: Outbox) -> None:
-    outbox.enqueue(delivery(1), capacity=10)
-    with pytest.raises(sqlite3.IntegrityError):
-        outbox.enqueue(delivery(1), capacity=10)
-    assert outbox.depth() == 1
+def test_a_delivery_id_already_waiting_is_stored_once_even_when_full(outbox: Outbox) -> None:
+    first = outbox.enqueue(delivery(1), capacity=1)
+    again = outbox.enqueue(delivery(1), capacity=1)  # the same alert: a re-run, not a new one
+    assert again.row == first.row
+    assert outbox.depth() == 1 and [d.delivery_id for d in outbox.pending()] == ["id-1"]
+    with pytest.raises(OutboxFull):
+        outbox.enqueue(delivery(2), capacity=1)
+
+
+def test_a_waiting_delivery_keeps_its_id_and_attempts_across_a_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "outbox.db")
+    box = Outbox(path)
+    box.open()
+    stored = box.enqueue(delivery(7), capacity=10)
+    box.reschedule(stored.row, attempts=3, next_attempt=120.0, error="503")
+    box.close()
+    reopened = Outbox(path)
+    reopened.open()
+    try:
+        assert reopened.enqueue(delivery(7), capacity=10).row == stored.row
+        [waiting] = reopened.pending()
+        assert (waiting.delivery_id, waiting.headers["X-Wforce-Delivery"]) == ("id-7", "id-7")
+        assert (waiting.attempts, waiting.next_attempt, reopened.depth()) == (3, 120.0, 1)
+    finally:
+        reopened.close()
 
 
 def test_concurrent_enqueues_from_many_threads_respect_the_bound(outbox: Outbox) -> None:

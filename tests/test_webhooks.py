@@ -4,6 +4,7 @@ restart test uses a real daemon that is killed with deliveries pending."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -50,6 +51,7 @@ class Received:
     body: bytes
     at: float | None
     signature_ok: bool
+    status: int = 200
 
 
 class Receiver:
@@ -64,6 +66,8 @@ class Receiver:
         self.requests: list[Received] = []
         #: Statuses (or (status, headers)) to answer with, in order; then 200.
         self.answers: list[Any] = []
+        #: Paths answered 503 for as long as they are listed here.
+        self.refused_paths: set[str] = set()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> "Receiver":
@@ -84,13 +88,16 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         expected = base64.b64encode(hmac.new(self.secret.encode(), body, hashlib.sha256).digest()).decode()
+        if request.path in self.refused_paths:
+            answer: Any = 503
+        else:
+            answer = self.answers.pop(0) if self.answers else 200
+        status, headers = answer if isinstance(answer, tuple) else (answer, {})
         self.requests.append(Received(
             path=request.path_qs, headers=dict(request.headers), body=body,
             at=self.clock.time() if self.clock else None,
-            signature_ok=request.headers.get("X-Wforce-Signature") == expected,
+            signature_ok=request.headers.get("X-Wforce-Signature") == expected, status=status,
         ))
-        answer = self.answers.pop(0) if self.answers else 200
-        status, headers = answer if isinstance(answer, tuple) else (answer, {})
         return web.Response(status=status, headers=headers, text="{}")
 
     def delivery_ids(self) -> list[str]:
@@ -473,7 +480,7 @@ def test_a_missing_ca_bundle_is_a_load_time_error(tmp_path: Path) -> None:
     assert context.verify_mode == ssl.CERT_NONE and not context.check_hostname
 
 
-def test_delivery_ids_are_unique_even_in_the_same_microsecond() -> None:
+def test_delivery_ids_without_a_cause_are_unique_even_in_the_same_microsecond() -> None:
     from trackalert.webhooks import CustomWebHook
 
     hook = CustomWebHook(1, "alert", "http://x/")
@@ -528,3 +535,150 @@ async def test_a_killed_daemon_sends_pending_deliveries_after_restart(tmp_path: 
     assert sorted(receiver.delivery_ids()) == pending_ids, "each pending delivery exactly once, same id"
     assert sorted(json.loads(r.body)["login"] for r in receiver.requests) == [f"user{n}" for n in range(10)]
     assert all(r.signature_ok for r in receiver.requests)
+
+
+# -- delivery ids derive from what caused the alert ---------------------------------------------------
+
+
+def rerun_config(port: int) -> str:
+    """Every report sends three different alerts (two hooks, two bodies) and one of them twice;
+    the first report also alerts a hook the receiver refuses for now, then holds its Lua state
+    (so the policy cursor cannot pass it) until the daemon is killed. After the restart it no
+    longer holds (the marker file exists)."""
+    hooks = "".join(
+        f'addCustomWebHook("{name}", {{url="http://127.0.0.1:{port}/{name}", secret="{SECRET}"}})\n'
+        for name in ("alert", "audit", "late")
+    )
+    return listener_config() + hooks + """
+setNumLuaStates(3)
+function report(lt)
+  local body = '{"login":"' .. lt.login .. '"}'
+  runCustomWebHook("alert", body)
+  runCustomWebHook("alert", body)
+  runCustomWebHook("alert", '{"again":"' .. lt.login .. '"}')
+  runCustomWebHook("audit", body)
+  if lt.login == "first" then
+    runCustomWebHook("late", body)
+    if not io.open("held") then
+      io.open("held", "w"):close()
+      local deadline = os.time() + 120
+      while os.time() < deadline do os.execute("sleep 0.05") end
+    end
+  end
+end
+setReport(report)
+"""
+
+
+def report_cursor(directory: Path) -> int:
+    with sqlite3.connect(directory / "trackalert-events.db") as db:
+        row = db.execute("SELECT seq FROM cursors WHERE name = 'report'").fetchone()
+    return row[0] if row else 0
+
+
+def accepted(receiver: Receiver) -> list[Received]:
+    return [r for r in receiver.requests if r.status == 200]
+
+
+async def post_reports(process: DaemonProcess, logins: list[str]) -> None:
+    async with aiohttp.ClientSession() as session:
+        async def post(login: str) -> None:
+            body = json.dumps({"login": login, "remote": "192.0.2.1", "success": True})
+            async with session.post(process.url("/command/report"), data=body, headers=basic_auth()) as resp:
+                assert resp.status == 200
+        await asyncio.gather(*(post(login) for login in logins))
+
+
+async def test_alerts_sent_again_after_a_kill_carry_the_same_delivery_ids(tmp_path: Path) -> None:
+    receiver = await Receiver().start()
+    receiver.refused_paths = {"/late"}
+    logins = ["first"] + [f"user{n}" for n in range(60)]
+    alerts = 3 * len(logins)  # alert (two bodies) and audit for each report; late comes on top
+    try:
+        process = DaemonProcess(tmp_path, rerun_config(receiver.port)).start()
+        try:
+            await post_reports(process, logins[:1])
+            assert await wait_for(lambda: (tmp_path / "held").exists(), timeout=30)
+            await post_reports(process, logins[1:])
+            assert await wait_for(lambda: len({(r.path, r.body) for r in accepted(receiver)}) == alerts, timeout=60)
+            assert report_cursor(tmp_path) == 0, "the held first event keeps the cursor before it"
+        finally:
+            process.kill()
+        refused_late = [r.headers["X-Wforce-Delivery"] for r in receiver.requests if r.path == "/late"]
+        assert refused_late and all(r.status == 503 for r in receiver.requests if r.path == "/late")
+        receiver.refused_paths = set()
+        first_run = len(accepted(receiver))
+        with DaemonProcess(tmp_path, rerun_config(receiver.port)) as process:
+            assert await wait_for(
+                lambda: len(accepted(receiver)) >= first_run + alerts and any(
+                    r.path == "/late" for r in accepted(receiver)) and not stored_deliveries(tmp_path),
+                timeout=90,
+            ), process.output()[-3000:]
+            assert "Policy runner resumes after event 0: 61 stored reports still to run" in process.output()
+    finally:
+        await receiver.stop()
+    ids_of: dict[tuple[str, bytes], set[str]] = {}
+    for r in accepted(receiver):
+        ids_of.setdefault((r.path, r.body), set()).add(r.headers["X-Wforce-Delivery"])
+    assert len(ids_of) == alerts + 1
+    twice = [key for key in ids_of if sum(1 for r in accepted(receiver) if (r.path, r.body) == key) >= 2]
+    assert len(twice) >= alerts, "every alert of the first run was sent again by the re-run"
+    assert all(len(ids) == 1 for ids in ids_of.values()), "an alert sent again has its first id"
+    by_id = {r.headers["X-Wforce-Delivery"]: (r.path, r.body) for r in accepted(receiver)}
+    assert sorted(by_id.values()) == sorted(ids_of), "deduplicated by id: each alert exactly once"
+    assert ids_of[("/late", b'{"login":"first"}')] == set(refused_late), "the outbox kept the id over the kill"
+    assert all(len(id_) == 44 and base64.b64decode(id_) for id_ in by_id)
+
+
+BACKGROUND_CONFIG = """
+addCustomWebHook("alert", {url="http://127.0.0.1:9/alert"})
+addCustomWebHook("audit", {url="http://127.0.0.1:9/audit"})
+cronScheduleBackgroundFunc("*/10 * * * *", "sweep")
+setBackground("sweep", function()
+  runCustomWebHook("alert", "sweep")
+  runCustomWebHook("audit", "sweep")
+end)
+"""
+
+
+async def background_delivery_ids(directory: Path, minutes: int) -> list[tuple[str, str]]:
+    """(hook, delivery id) of what a fresh scheduler's runs over `minutes` virtual minutes
+    from NEW_YEARS_EVE put in the outbox (the receiver at port 9 never answers)."""
+    from trackalert.lua.pool import LuaPool
+    from trackalert.scheduler import Scheduler
+
+    clock = VirtualClock(NEW_YEARS_EVE + 60)  # 00:00 on 1 January
+    host = Host(settings=Settings(config_dir=str(directory)), clock=clock)
+    host.scheduler = Scheduler(clock, host.metrics)
+    host.webhooks = WebHooks(host.settings, host.metrics, clock, rng=random.Random(1))
+    config = LuaState(StateKind.CONFIG, host)
+    config.execute(BACKGROUND_CONFIG, "trackalert.conf")
+    worker = LuaState(StateKind.WORKER, host)
+    worker.execute(BACKGROUND_CONFIG, "trackalert.conf")
+    pool = LuaPool([worker], clock)
+    await host.webhooks.start()
+    await host.scheduler.start(pool)
+    try:
+        await host.scheduler.run_until(clock.time() + minutes * 60)
+        return [(d.hook_name, d.delivery_id) for d in host.webhooks.outbox().pending()]
+    finally:
+        await host.scheduler.stop()
+        await host.webhooks.stop()
+        pool.close()
+
+
+async def test_background_alert_ids_derive_from_the_schedule_run(tmp_path: Path) -> None:
+    once = await background_delivery_ids(tmp_path / "once", 25)
+    again = await background_delivery_ids(tmp_path / "again", 25)
+    assert [hook for hook, _ in once] == ["alert", "audit"] * 2  # runs at 00:10 and 00:20
+    assert again == once, "the same runs at the same (virtual) times send the same ids"
+    assert len({id_ for _, id_ in once}) == 4, "another run time or another hook: another id"
+
+
+def test_ids_without_a_cause_differ_and_caused_ids_are_stable() -> None:
+    from trackalert.webhooks import CustomWebHook, caused_delivery_id
+
+    hook, other = CustomWebHook(1, "alert", "http://x/"), CustomWebHook(2, "alert", "http://x/")
+    assert caused_delivery_id("report 7", hook, b"a") == caused_delivery_id("report 7", hook, b"a")
+    ids = {caused_delivery_id(c, h, b) for c in ("report 7", "report 8") for h in (hook, other) for b in (b"a", b"b")}
+    assert len(ids) == 8

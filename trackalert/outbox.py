@@ -128,9 +128,17 @@ class Outbox:
     # -- writes ----------------------------------------------------------------------------------
 
     def enqueue(self, delivery: Delivery, capacity: int) -> Delivery:
-        """Store a delivery durably; raise `OutboxFull` rather than grow past `capacity`."""
+        """Store a delivery durably; raise `OutboxFull` rather than grow past `capacity`.
+
+        A delivery whose id is already waiting is the same alert again (a policy re-run after
+        a crash, or the same body twice from one cause): the stored one stands for both."""
         with self._lock:
             db = self._connection()
+            waiting = db.execute(
+                "SELECT row FROM deliveries WHERE delivery_id = ?", (delivery.delivery_id,)
+            ).fetchone()
+            if waiting is not None:
+                return replace(delivery, row=int(waiting[0]))
             if self._depth >= capacity:
                 raise OutboxFull(self._depth)
             cursor = db.execute(

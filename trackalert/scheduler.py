@@ -312,7 +312,7 @@ class Scheduler:
         self._running.add(job.name)
         assert self._idle is not None
         self._idle.clear()
-        task = asyncio.get_running_loop().create_task(self._run(job), name=f"run:{job.name}")
+        task = asyncio.get_running_loop().create_task(self._run(job, due), name=f"run:{job.name}")
         self._runs.add(task)
         task.add_done_callback(self._run_done)
         return task
@@ -322,13 +322,13 @@ class Scheduler:
         if not self._runs and self._idle is not None:
             self._idle.set()
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, due: float) -> None:
         try:
             await self._acquire_slot()
             try:
                 job.last_started = self._clock.time()
                 job.runs += 1
-                status = await self._call(job.name)
+                status = await self._call(job.name, due)
             finally:
                 job.last_finished = self._clock.time()
                 await self._release_slot()
@@ -337,11 +337,11 @@ class Scheduler:
         finally:
             self._running.discard(job.name)
 
-    async def _call(self, name: str) -> str:
+    async def _call(self, name: str, due: float) -> str:
         """Run the function in a worker state behind the crash boundary; its status."""
         assert self._pool is not None
         try:
-            status = await self._pool.run("background", lambda state: _call_in_state(state, name))
+            status = await self._pool.run("background", lambda state: _call_in_state(state, name, due))
         except _BackgroundError as exc:
             log.logger.error("Lua background function [%s] exception: %s", name, exc)
             self._metrics.lua_error(f"background:{name}")
@@ -395,12 +395,17 @@ class Scheduler:
         return datetime.datetime.fromtimestamp(timestamp, zone).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _call_in_state(state: "LuaState", name: str) -> str:
-    """Runs in a worker thread with the state locked."""
+def _call_in_state(state: "LuaState", name: str, due: float) -> str:
+    """Runs in a worker thread with the state locked. The run's name and due time are what
+    caused the alerts it sends (their delivery ids derive from them)."""
     fn = state.backgrounds.get(name)
     if fn is None:
         return "missing"
-    result = protected_call(state, fn)
+    state.background_run = (name, due)
+    try:
+        result = protected_call(state, fn)
+    finally:
+        state.background_run = None
     if not result[0]:
         raise _BackgroundError(str(result[1]))
     return "ok"

@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import hmac
 import itertools
+import json
 import os
 import random
 import sqlite3
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     from trackalert.settings import Settings
 
 __all__ = [
-    "CustomWebHook", "WebHooks", "build_delivery", "expand_url", "new_delivery_id", "sign",
+    "CustomWebHook", "WebHooks", "build_delivery", "caused_delivery_id", "expand_url",
+    "new_delivery_id", "sign",
 ]
 
 DEFAULT_CONTENT_TYPE = "application/json"
@@ -68,7 +70,8 @@ def sign(secret: str, body: bytes) -> str:
 
 
 def new_delivery_id(now: float, hook: CustomWebHook) -> str:
-    """`X-Wforce-Delivery`: 44 characters of Base64 SHA-256, as the original's.
+    """`X-Wforce-Delivery` of an alert with no cause that survives a restart (a custom endpoint,
+    a console command): 44 characters of Base64 SHA-256, as the original's.
 
     The original hashed the time, hook id and name only, so two deliveries of one hook in the
     same microsecond shared an id; 16 random bytes make each id unique. The id is stored with
@@ -76,12 +79,29 @@ def new_delivery_id(now: float, hook: CustomWebHook) -> str:
     """
     stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%b-%d %H:%M:%S.%f")
     material = f"{stamp}{hook.id}{hook.name}".encode("utf-8") + os.urandom(16)
+    return _base64_sha256(material)
+
+
+def caused_delivery_id(cause: str, hook: CustomWebHook, body: bytes) -> str:
+    """`X-Wforce-Delivery` of an alert with a replayable cause: a function of the cause, the
+    hook and the body only, in the original's 44-character form.
+
+    A report policy runs again over recent events after a kill -9 (at least once); a run with
+    the same cause sending the same body to the same hook is the same alert, so it must carry
+    the same id for a receiver to recognise it. The JSON prefix keeps the fields apart (no
+    cause, hook name or body can be mistaken for another split of the same bytes).
+    """
+    prefix = json.dumps(["trackalert-alert-1", cause, hook.id, hook.name], ensure_ascii=True)
+    return _base64_sha256(prefix.encode("ascii") + b"\n" + body)
+
+
+def _base64_sha256(material: bytes) -> str:
     return base64.b64encode(hashlib.sha256(material).digest()).decode("ascii")
 
 
-def build_delivery(hook: CustomWebHook, body: bytes, now: float) -> Delivery:
+def build_delivery(hook: CustomWebHook, body: bytes, now: float, cause: str | None = None) -> Delivery:
     """The complete request for one `runCustomWebHook` call, ready to be stored and sent."""
-    delivery_id = new_delivery_id(now, hook)
+    delivery_id = new_delivery_id(now, hook) if cause is None else caused_delivery_id(cause, hook, body)
     headers = {
         "Content-Type": hook.content_type or DEFAULT_CONTENT_TYPE,
         "X-Wforce-Event": hook.name,
@@ -170,15 +190,19 @@ class WebHooks:
 
     # -- runCustomWebHook (Lua worker threads) ---------------------------------------------------
 
-    def run(self, name: str, body: bytes) -> bool:
-        """Store one delivery durably; true once it is on disk, false (and logged) otherwise."""
+    def run(self, name: str, body: bytes, cause: str | None = None) -> bool:
+        """Store one delivery durably; true once it is on disk, false (and logged) otherwise.
+
+        `cause` (what made the policy send it, see `caused_delivery_id`) makes the delivery id
+        repeatable; the same alert again while the first still waits in the outbox is stored
+        once."""
         hook = self.find(name)
         if hook is None:
             log.logger.error(
                 "Attempting to run custom webhook with name %s but no such webhook exists!", name
             )
             return False
-        delivery = build_delivery(hook, body, self._clock.time())
+        delivery = build_delivery(hook, body, self._clock.time(), cause)
         try:
             self.outbox().enqueue(delivery, self._settings.webhooks.queue_size)
         except OutboxFull as full:

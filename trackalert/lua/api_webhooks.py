@@ -62,10 +62,14 @@ def _add_custom_webhook(state: "LuaState") -> Callable[[Any, Any], None]:
 @lua_global(
     "runCustomWebHook", Where.WORKER, "runCustomWebHook(name, data) -> boolean",
     """Send `data` (a string, sent verbatim) to the custom webhook `name`. The request,
-    with its `X-Wforce-Event`, `X-Wforce-HookID`, `X-Wforce-Delivery` (unique, the same on
-    every retry) and optional signature and credentials, is written to the persisted outbox
-    before this returns true; it survives a restart and is retried with backoff until the
-    receiver accepts it or it expires (`setWebHookExpiry`). Returns false, and logs why, when
+    with its `X-Wforce-Event`, `X-Wforce-HookID`, `X-Wforce-Delivery` and optional signature
+    and credentials, is written to the persisted outbox before this returns true; it survives
+    a restart and is retried with backoff until the receiver accepts it or it expires
+    (`setWebHookExpiry`). The delivery id is the same on every retry, and derives from what
+    caused the alert (in `report`: the event's seq; in a background function: its name and
+    scheduled time; plus the hook and the body), so the alerts of a policy that runs again
+    after a crash carry the same ids as the first time; in a custom endpoint it is unique
+    (random). Returns false, and logs why, when
     the name is unknown or the outbox is full (`setWebHookQueueSize`;
     `trackalert_webhook_outbox_full_total`); nothing is dropped silently.""",
     example='runCustomWebHook("alert", \'{"login":"\' .. lt.login .. \'"}\')', topic="webhooks",
@@ -81,9 +85,21 @@ def _run_custom_webhook(state: "LuaState") -> Callable[[Any, Any], bool]:
             body = number_text(data).encode("utf-8")
         else:
             raise TypeError(f"webhook data must be a string, got {describe(data)}")
-        return _webhooks(state).run(name, body)
+        return _webhooks(state).run(name, body, alert_cause(state))
 
     return run_custom_webhook
+
+
+def alert_cause(state: "LuaState") -> str | None:
+    """What made the policy send this alert, when it would make it again after a restart: the
+    event `report(lt)` runs for, or the background run (name and due time). None elsewhere
+    (custom endpoints, console commands): those alerts get a unique random id."""
+    if state.as_of_seq is not None:
+        return f"report {state.as_of_seq}"
+    if state.background_run is not None:
+        name, due = state.background_run
+        return f"background {name} {due:.6f}"  # the scheduled (virtual) time, not the start
+    return None
 
 
 @lua_global(

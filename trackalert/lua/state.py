@@ -75,6 +75,8 @@ class LuaState:
         self.backgrounds: dict[str, Any] = {}
         #: While report(lt) runs: the seq of lt, so long-term helpers see only earlier events.
         self.as_of_seq: int | None = None
+        #: While a background function runs: its schedule name and due time (alert delivery ids).
+        self.background_run: tuple[str, float] | None = None
         #: Lua helper functions compiled once per state (see lua.convert).
         self.cache: dict[str, Any] = {}
         self.lock = threading.Lock()
