@@ -47,6 +47,23 @@ class WebHookSettings:
 
 
 @dataclass
+class ConsoleSettings:
+    """Limits of the control socket (trackalert.console.server): the C++ daemon had none, and
+    idle connections that never authenticated exhausted its file descriptors. A timeout of 0
+    means no limit. Read for each new connection and each wait."""
+
+    max_conns: int = 64
+    #: The client's nonce must arrive this long after it connected.
+    handshake_timeout: float = 10.0
+    #: A frame that has begun to arrive must be complete within this.
+    frame_timeout: float = 10.0
+    #: The first command (the proof of the key) must arrive this long after the nonce exchange.
+    unauthenticated_timeout: float = 60.0
+    #: How long an authenticated session may wait between commands (an operator at the prompt).
+    idle_timeout: float = 86400.0
+
+
+@dataclass
 class Settings:
     config_file: str = ""
     config_dir: str = "."
@@ -78,6 +95,7 @@ class Settings:
     # (setKey; None until set).
     control_sockets: list[ComboAddress] = field(default_factory=list)
     console_key: bytes | None = None
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     def add_default_acl(self) -> None:
         """The private ranges the C++ daemon always allows, added after the config has run."""

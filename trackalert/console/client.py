@@ -160,7 +160,9 @@ class ConsoleConnection:
         why = f" ({exc.strerror or exc})" if exc is not None else ""
         return ConnectionClosed(
             f"The console at {self.address} closed the connection{why}: the console key (setKey) "
-            "is probably not the daemon's, or the daemon stopped; its log says which"
+            "is probably not the daemon's, the daemon stopped, all its console connections are in "
+            "use (setMaxConsoleConns) or the session waited too long (setConsoleTimeouts); its "
+            "log says which"
         )
 
 

@@ -17,7 +17,8 @@ from trackalert.console.protocol import (
     make_key_command,
     random_nonce,
 )
-from trackalert.lua.convert import scalar_text
+from trackalert.durations import parse_span
+from trackalert.lua.convert import scalar_text, table_items
 from trackalert.lua.registry import Where, lua_global
 from trackalert.netaddr import AddressError, parse_combo
 
@@ -196,3 +197,67 @@ def _show_event_log(state: "LuaState") -> Callable[[], None]:
         state.host.console_replace(format_eventlog_summary(summary()))
 
     return show_event_log
+
+
+# ---- limits of the control socket ---------------------------------------------------------
+
+#: `setConsoleTimeouts` keys and the `ConsoleSettings` attributes they set.
+_TIMEOUT_KEYS = {
+    "handshake": "handshake_timeout",
+    "frame": "frame_timeout",
+    "unauthenticated": "unauthenticated_timeout",
+    "idle": "idle_timeout",
+}
+
+
+@lua_global(
+    "setMaxConsoleConns", Where.CONFIG, "setMaxConsoleConns(n)",
+    """The most console connections open at once (default 64). When all are in use, a new
+    connection takes the place of the oldest one that has not yet sent a valid command (so a
+    flood of idle connections cannot lock operators out); when all are authenticated sessions,
+    it is closed at once. Either is logged (a few lines per 10 s however many). Applies to new
+    connections.""",
+    example="setMaxConsoleConns(16)", topic="console",
+)
+def _set_max_console_conns(state: "LuaState") -> Callable[[Any], None]:
+    def set_max(count: Any) -> None:
+        if isinstance(count, bool) or not isinstance(count, (int, float)) or count < 1 or count != int(count):
+            raise ValueError(f"the console connection limit must be a whole number above 0, got {count!r}")
+        state.host.settings.console.max_conns = int(count)
+
+    return set_max
+
+
+def _timeout_seconds(key: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        seconds = parse_span(scalar_text(value, f"timeout {key}"))
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"timeout {key} must be 0 (no limit) or a positive span, got {value!r}")
+    return seconds
+
+
+@lua_global(
+    "setConsoleTimeouts", Where.CONFIG, "setConsoleTimeouts({key=span, ...})",
+    """How long the control socket waits for a client: `handshake` (its nonce after it
+    connects, default `10s`), `frame` (the rest of a message once it has begun, `10s`),
+    `unauthenticated` (the first command after the nonce exchange, `1m`: the C++ interactive
+    client sends nothing until its first command, type it within this) and `idle` (between
+    the commands of a session that has proved the key, `1d`, so an operator can leave
+    `trackalert -c` at the prompt). Spans as `"30s"`, `"5m"`, `"1d"` or seconds; 0 is no
+    limit. A client that exceeds one is disconnected and logged. Keys left out keep their
+    value.""",
+    example='setConsoleTimeouts({unauthenticated="5m", idle="8h"})', topic="console",
+)
+def _set_console_timeouts(state: "LuaState") -> Callable[[Any], None]:
+    def set_timeouts(table: Any) -> None:
+        chosen = {}
+        for key, value in table_items(table, "console timeouts"):
+            if key not in _TIMEOUT_KEYS:
+                raise ValueError(f"unknown console timeout {key!r} (known: {', '.join(_TIMEOUT_KEYS)})")
+            chosen[_TIMEOUT_KEYS[key]] = _timeout_seconds(key, value)
+        for attribute, seconds in chosen.items():
+            setattr(state.host.settings.console, attribute, seconds)
+
+    return set_timeouts
