@@ -198,46 +198,35 @@ def short_timeouts(daemon):
     assert run(daemon, 'setConsoleTimeouts({handshake="2m", frame="10s", unauthenticated="2m", idle="1d"})') == ""
 
 
-def closes_within(sock: socket.socket, seconds: float) -> bool:
-    return bool(wait_closed([sock], 1, timeout=seconds))
+async def closed_for(daemon: DaemonProcess, sock: socket.socket, reason: str) -> bool:
+    """Whether the daemon closes `sock` (within 10 s) and logs `reason` for it; closes it."""
+    port = sock.getsockname()[1]
+    try:
+        closed = bool(await asyncio.to_thread(wait_closed, [sock], 1, 10.0))
+    finally:
+        sock.close()
+    line = f"Closing control connection from 127.0.0.1:{port}: {reason}"
+    return closed and await wait_for(lambda: line in daemon.output())
 
 
 async def test_a_stalled_nonce_exchange_times_out(daemon, short_timeouts) -> None:
     sock = raw_connection(daemon)
-    port = sock.getsockname()[1]
-    try:
-        sock.sendall(os.urandom(10))  # 10 of the 24 bytes of a nonce, then nothing
-        assert await asyncio.to_thread(closes_within, sock, 10)
-    finally:
-        sock.close()
-    assert await wait_for(lambda: f"Closing control connection from 127.0.0.1:{port}: no client nonce within 0.3 s"
-                          in daemon.output())
+    sock.sendall(os.urandom(10))  # 10 of the 24 bytes of a nonce, then nothing
+    assert await closed_for(daemon, sock, "no client nonce within 0.3 s")
 
 
 @pytest.mark.parametrize("sent", ["one byte of the length", "the length and half the frame"])
 async def test_a_half_received_frame_times_out_even_in_an_authenticated_session(daemon, short_timeouts, sent: str) -> None:
     client = CppClient(control_ports(daemon)[0], KEY)
-    port = client.sock.getsockname()[1]
-    try:
-        assert client.command("return 'proved'") == "proved"
-        frame = len(b"x" * 48).to_bytes(2, "big") + os.urandom(48 + 16)
-        client.sock.sendall(frame[:1] if sent.startswith("one") else frame[: 2 + 32])
-        assert await asyncio.to_thread(closes_within, client.sock, 10)
-    finally:
-        client.close()
-    assert await wait_for(lambda: f"Closing control connection from 127.0.0.1:{port}: no complete frame within 0.3 s"
-                          in daemon.output())
+    assert client.command("return 'proved'") == "proved"
+    frame = (48).to_bytes(2, "big") + os.urandom(48)
+    client.sock.sendall(frame[:1] if sent.startswith("one") else frame[: 2 + 24])
+    assert await closed_for(daemon, client.sock, "no complete frame within 0.3 s")
 
 
 async def test_no_command_after_the_nonce_exchange_times_out(daemon, short_timeouts) -> None:
     client = CppClient(control_ports(daemon)[0], KEY)  # the nonce exchange, then nothing
-    port = client.sock.getsockname()[1]
-    try:
-        assert await asyncio.to_thread(closes_within, client.sock, 10)
-    finally:
-        client.close()
-    assert await wait_for(lambda: f"Closing control connection from 127.0.0.1:{port}: no command within 0.6 s"
-                          in daemon.output())
+    assert await closed_for(daemon, client.sock, "no command within 0.6 s")
 
 
 async def test_an_authenticated_session_outlives_the_unauthenticated_timeout(daemon, short_timeouts) -> None:
