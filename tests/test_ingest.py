@@ -122,6 +122,27 @@ async def test_one_delivery_id_for_many_reports_and_genuine_retries(daemon: Daem
     assert new_collisions == len(shared) - 1
 
 
+async def test_stats_counts_exactly_the_acknowledged_reports(daemon: DaemonProcess) -> None:
+    """`reports` in stats (and trackalert_reports_total) is the number of 200s: retries get
+    their 200 too and are counted, refused bodies are not; read right after the last answer."""
+    sends: list[tuple[bytes, str | None]] = [(body_of(f"count{i}"), None) for i in range(400)]
+    sends += [(body_of(f"again{i}"), f"again-{i}") for i in range(100) for _ in range(3)]
+    sends += [(b'{"login": 5}', None)] * 50
+    random.Random(6).shuffle(sends)
+    async with aiohttp.ClientSession() as session:
+        before = await stats_reports(session, daemon)
+        total_before = await metric(session, daemon, "trackalert_reports_total")
+        jobs = [lambda body=body, delivery=delivery: post(session, daemon, body, delivery)
+                for body, delivery in sends]
+        results = await run_concurrently(jobs, concurrency=32)
+        counted = await stats_reports(session, daemon) - before
+        total = await metric(session, daemon, "trackalert_reports_total") - total_before
+    oks = sum(1 for status, _ in results if status == 200)
+    assert oks == 700
+    assert counted == oks
+    assert total == oks
+
+
 async def test_poisoned_reports_fail_alone(daemon: DaemonProcess) -> None:
     """A lone surrogate in a body, or a delivery header that is not UTF-8, among 1,000 valid
     reports sent at once: each bad one gets its own JSON 400, every valid one is stored."""

@@ -94,7 +94,7 @@ BAD_BODIES = {
     "1e309": b'{"login": "x", "score": 1e309}',
     "surrogate in a value": b'{"login": "\\udc00x"}',
     "surrogate in an extra": b'{"extra": ["ok", {"k": "\\ud800"}]}',
-    "surrogate in a field name": b'{"\\ud800": "x", "login": 5}',
+    "surrogate in a field name": b'{"\\ud800": "x"}',
     "surrogate in an attrs name": b'{"attrs": {"\\ud800": 1}}',
 }
 

@@ -59,7 +59,7 @@ MAX_BATCH = 8192
 LOOKUP_CHUNK = 500
 BUSY_TIMEOUT_MS = 5000
 #: How often a log whose appends fail tries a probe write to find out it works again.
-PROBE_EVERY = 5.0
+PROBE_EVERY = 1.0
 
 _DIALECT = sqlite_dialect.dialect()
 _INSERT_EVENT = str(events.insert().compile(dialect=_DIALECT))
