@@ -128,7 +128,7 @@ def _check_text(row: tuple) -> None:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise ReportError(
-                    f"report cannot be stored: {printable(text)[:200]!s} is not valid UTF-8 text "
+                    f"report cannot be stored: {printable(text)[:200]} is not valid UTF-8 text "
                     f"({exc.reason})"
                 ) from None
 
