@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trackalert.report import Report, ReportError, delivery_id, fingerprint, parse_report
+from trackalert.report import Report, ReportError, fingerprint, parse_delivery_id, parse_report
 
 CAPTURES = json.loads((Path(__file__).parent / "data" / "wforce-webhook-captures.json").read_text())
 NOW = 1_800_000_000.0
@@ -125,13 +125,13 @@ def test_nesting_up_to_the_limit_and_surrogate_pairs_are_fine() -> None:
     [(None, None), ("", None), ("  \t", None), ("abc", "abc"), (" a b ", " a b ")],
 )
 def test_delivery_id_of_a_header(header: str | None, expected: str | None) -> None:
-    assert delivery_id(header) == expected
+    assert parse_delivery_id(header) == expected
 
 
 def test_a_delivery_header_that_is_not_utf8_is_bad_input() -> None:
     raw = b"id-\xff\xfe".decode("utf-8", "surrogateescape")  # as HTTP servers hand it over
     with pytest.raises(ReportError, match="not valid UTF-8"):
-        delivery_id(raw)
+        parse_delivery_id(raw)
 
 
 def test_fingerprint_is_of_the_raw_bytes() -> None:

@@ -296,7 +296,7 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
-def delivery_id(header: str | None) -> str | None:
+def parse_delivery_id(header: str | None) -> str | None:
     """The `X-Wforce-Delivery` id of a request: None when absent or blank (no id at all).
 
     HTTP servers hand over bytes that are not UTF-8 as surrogate escapes; such an id could never

@@ -27,7 +27,7 @@ from trackalert import log
 from trackalert.lua.convert import protected_call, string_map
 from trackalert.metrics import CONTENT_TYPE as METRICS_TYPE
 from trackalert.netaddr import endpoint_text
-from trackalert.report import ReportError, delivery_id, fingerprint, parse_report
+from trackalert.report import ReportError, fingerprint, parse_delivery_id, parse_report
 from trackalert.settings import Listener
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def bad_report(exc: ReportError) -> web.Response:
 
 def delivery_of(request: web.BaseRequest, body: bytes) -> tuple[str | None, bytes | None]:
     """The delivery id and the body fingerprint that together tell a retry (DESIGN §3)."""
-    delivery = delivery_id(request.headers.get("X-Wforce-Delivery"))
+    delivery = parse_delivery_id(request.headers.get("X-Wforce-Delivery"))
     return delivery, fingerprint(body) if delivery is not None else None
 
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from trackalert.report import Report, fingerprint
+from trackalert.report import Report, fingerprint, parse_delivery_id
 
 if TYPE_CHECKING:
     from trackalert.eventlog.filters import AsOf, Field, Filter
@@ -99,11 +99,6 @@ DeliveryKey = tuple[str, bytes]
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
 
 
-def given_delivery_id(delivery_id: str | None) -> str | None:
-    """A blank delivery id (an empty `X-Wforce-Delivery:` header) is no id at all."""
-    return delivery_id if delivery_id is not None and delivery_id.strip() else None
-
-
 def delivery_key(
     report: Report, delivery_id: str | None, body_fingerprint: bytes | None
 ) -> DeliveryKey | None:
@@ -113,7 +108,7 @@ def delivery_key(
     had one (an import, a test) gets the fingerprint of the report itself, so that appending the
     same report twice under one id is still recognised as a retry.
     """
-    delivery_id = given_delivery_id(delivery_id)
+    delivery_id = parse_delivery_id(delivery_id)
     if delivery_id is None:
         return None
     if body_fingerprint is None:

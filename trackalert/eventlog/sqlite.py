@@ -44,12 +44,11 @@ from trackalert.eventlog.base import (
     EventLogError,
     Listener,
     delivery_key,
-    given_delivery_id,
 )
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.queries import SQLiteQueries
 from trackalert.eventlog.schema import cursors, deliveries, events
-from trackalert.report import Enrichment, Report, ReportError, printable
+from trackalert.report import Enrichment, Report, ReportError, parse_delivery_id, printable
 
 logger = logging.getLogger("trackalert")
 
@@ -735,7 +734,7 @@ class SQLiteEventLog(EventLog):
         self, report: Report, delivery_id: str | None = None, fingerprint: bytes | None = None
     ) -> "asyncio.Future[Appended]":
         self._check_open()
-        row = encode_row(report, given_delivery_id(delivery_id))
+        row = encode_row(report, parse_delivery_id(delivery_id))  # first: proves it storable
         key = delivery_key(report, delivery_id, fingerprint)
         assert self._loop is not None
         future: asyncio.Future[Appended] = self._loop.create_future()
