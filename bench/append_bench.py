@@ -6,7 +6,8 @@ For an empty log and (with --prefill N) a log already holding N events, runs 32 
 concurrent appenders, each appending in a loop (every append with its own delivery id, as wforce
 sends one per webhook delivery), and prints rows/s, p50/p99/max append latency and the group
 commit batch sizes. The prefill goes straight to SQLite with executemany in big transactions (it
-is set-up, not what is measured). Prints figures; asserts nothing.
+is set-up, not what is measured). For the prefilled log it also times the start-up integrity
+check (`PRAGMA quick_check`, run by every open) cold and warm. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trackalert.clock import RealClock  # noqa: E402
 from trackalert.eventlog.sqlite import SQLiteEventLog, encode_row  # noqa: E402
 from trackalert.eventlog.schema import EVENT_COLUMNS  # noqa: E402
-from trackalert.report import Report  # noqa: E402
+from trackalert.report import Report, fingerprint  # noqa: E402
 
 PREFILL_TRANSACTION = 200_000
 
@@ -70,7 +71,7 @@ def prefill(path: Path, events: int, deliveries: int) -> float:
     base = time.time() - 86_400.0
     step = 86_400.0 / max(events, 1)
     first_with_id = events - deliveries
-    ids: list[tuple[str, int, float]] = []
+    ids: list[tuple[str, bytes, int, float]] = []
     seq = 0
     while seq < events:
         rows = []
@@ -78,7 +79,7 @@ def prefill(path: Path, events: int, deliveries: int) -> float:
             received = base + seq * step
             delivery_id = uuid.uuid4().hex if seq > first_with_id else None
             if delivery_id:
-                ids.append((delivery_id, seq, received))
+                ids.append((delivery_id, fingerprint(delivery_id.encode()), seq, received))
             rows.append((seq, received) + encode_row(reports[seq % len(reports)], delivery_id))
         conn.execute("BEGIN")
         conn.executemany(insert_event, rows)
@@ -87,7 +88,7 @@ def prefill(path: Path, events: int, deliveries: int) -> float:
     for start in range(0, len(ids), PREFILL_TRANSACTION):
         conn.execute("BEGIN")
         chunk = ids[start:start + PREFILL_TRANSACTION]
-        conn.executemany("INSERT INTO deliveries VALUES (?,?,?)", chunk)
+        conn.executemany("INSERT INTO deliveries VALUES (?,?,?,?)", chunk)
         conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -111,7 +112,8 @@ async def run_appenders(path: Path, concurrency: int, duration: float, warmup: f
         now = loop.time()
         while now < stop_at:
             sent = time.perf_counter()
-            await log.append(reports[i % len(reports)], uuid.uuid4().hex)
+            delivery = uuid.uuid4().hex
+            await log.append(reports[i % len(reports)], delivery, fingerprint(delivery.encode()))
             elapsed = time.perf_counter() - sent
             now = loop.time()
             if now >= measure_from:
@@ -161,6 +163,22 @@ async def scenario(name: str, template: Path, workdir: Path, args: argparse.Name
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+async def time_open(path: Path) -> None:
+    """What the start-up integrity check costs: quick_check alone, then a whole open."""
+    for attempt in ("first", "second"):
+        started = time.perf_counter()
+        with sqlite3.connect(path) as conn:
+            result = conn.execute("PRAGMA quick_check(5)").fetchall()
+        check = time.perf_counter() - started
+        started = time.perf_counter()
+        log = SQLiteEventLog(path, RealClock())
+        await log.open()
+        opened = time.perf_counter() - started
+        await log.close()
+        print(f"quick_check ({attempt} run): {check:.2f} s -> {result[0][0]}; "
+              f"open() with the check: {opened:.2f} s", flush=True)
+
+
 async def main(args: argparse.Namespace) -> None:
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="append-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +198,7 @@ async def main(args: argparse.Namespace) -> None:
             took = prefill(full, args.prefill, deliveries)
             print(f"prefilled {args.prefill:,} events ({deliveries:,} delivery ids) in "
                   f"{took:.0f} s, {os.path.getsize(full) / 1e6:,.0f} MB", flush=True)
+            await time_open(full)
             await scenario(f"{args.prefill / 1e6:g}M events", full, workdir, args)
     finally:
         if not args.dir:

@@ -88,7 +88,7 @@ def prefill(db_path: Path, count: int) -> None:
     db.execute("INSERT INTO cursors (name, seq) VALUES ('report', ?)", (count,))
     day = range(max(1, count - 172_800 + 1), count + 1)
     db.executemany(
-        "INSERT INTO deliveries (delivery_id, seq, received) VALUES (?, ?, ?)",
+        "INSERT INTO deliveries (delivery_id, fingerprint, seq, received) VALUES (?, X'', ?, ?)",
         ((f"old-{seq}", seq, now - (count - seq) * 0.5) for seq in day),
     )
     db.commit()

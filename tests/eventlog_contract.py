@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -21,7 +22,7 @@ import pytest
 from trackalert.clock import VirtualClock
 from trackalert.eventlog import Appended, Event, EventLog, EventLogClosed
 from trackalert.eventlog.retention import run_retention
-from trackalert.report import Report
+from trackalert.report import Report, ReportError
 
 MakeLog = Callable[..., Awaitable[EventLog]]
 
@@ -193,13 +194,13 @@ class EventLogContract:
         assert log.stats.pending == 0
 
     # ----------------------------------------------------------------- idempotent delivery
+    # A retry is the same delivery id AND the same body (DESIGN §3): wforce's ids collide for
+    # different reports stamped in the same microsecond, so the id alone proves nothing.
 
-    async def test_sequential_duplicate_delivery_is_acknowledged_not_stored(
-        self, make_log: MakeLog
-    ) -> None:
+    async def test_retried_delivery_is_acknowledged_not_stored(self, make_log: MakeLog) -> None:
         log = await make_log()
         first = await log.append(report(1), delivery_id="d-1")
-        again = await log.append(report(99), delivery_id="d-1")
+        again = await log.append(report(1), delivery_id="d-1")
         other = await log.append(report(2), delivery_id="d-2")
         assert first == Appended(1, False)
         assert again == Appended(1, True)
@@ -207,25 +208,92 @@ class EventLogContract:
         assert [e.report.login for e in await log.read(0, 10)] == ["user1", "user2"]
         assert log.stats.duplicates_total == 1
         assert log.stats.appended_total == 2
+        assert log.stats.delivery_id_collisions_total == 0
 
-    async def test_concurrent_duplicates_in_one_batch_store_once(self, make_log: MakeLog) -> None:
+    async def test_same_id_with_another_body_is_another_report(
+        self, make_log: MakeLog, caplog: pytest.LogCaptureFixture
+    ) -> None:
         log = await make_log()
-        calls = [log.append(report(i), delivery_id=f"d-{i % 10}") for i in range(200)]
-        results = await asyncio.gather(*calls)
-        fresh = [a for a in results if not a.duplicate]
-        assert len(fresh) == 10
-        assert sorted(a.seq for a in fresh) == list(range(1, 11))
-        for i, a in enumerate(results):
-            assert a.seq == results[i % 10].seq  # every copy points at the first one
-        assert len(await log.read(0, 1000)) == 10
+        with caplog.at_level(logging.WARNING, logger="trackalert"):
+            first = await log.append(report(1), delivery_id="d-1")
+            second = await log.append(report(99), delivery_id="d-1")
+        assert (first, second) == (Appended(1, False), Appended(2, False))
+        stored = await log.read(0, 10)
+        assert [(e.report.login, e.delivery_id) for e in stored] == [("user1", "d-1"), ("user99", "d-1")]
+        assert log.stats.duplicates_total == 0
+        assert log.stats.delivery_id_collisions_total == 1
+        assert "'d-1'" in caplog.text and "another body" in caplog.text
+        assert await log.append(report(99), delivery_id="d-1") == Appended(2, True)
+
+    async def test_the_body_fingerprint_decides_what_is_a_retry(self, make_log: MakeLog) -> None:
+        """Callers with the raw body pass its fingerprint: two copies of one body are one
+        delivery even when parsing them gave different reports (a missing `t` is filled with
+        the time of arrival), and two bodies that parse alike are two."""
+        log = await make_log()
+        assert await log.append(report(1, t=1.0), "d", b"body-a") == Appended(1, False)
+        assert await log.append(report(1, t=2.0), "d", b"body-a") == Appended(1, True)
+        assert await log.append(report(1, t=1.0), "d", b"body-b") == Appended(2, False)
+        assert len(await log.read(0, 10)) == 2
+
+    async def test_concurrent_retries_and_collisions_in_one_batch(self, make_log: MakeLog) -> None:
+        """10 ids, each shared by 5 different reports, each report sent 4 times, all at once."""
+        log = await make_log()
+        sent = [(k, j) for _ in range(4) for k in range(10) for j in range(5)]
+        results = await asyncio.gather(
+            *(log.append(report(100 * k + j), delivery_id=f"d-{k}") for k, j in sent)
+        )
+        fresh = {pair: a.seq for pair, a in zip(sent, results) if not a.duplicate}
+        assert len(fresh) == 50 and sorted(fresh.values()) == list(range(1, 51))
+        for pair, a in zip(sent, results):
+            assert a.seq == fresh[pair]  # every copy points at the one that was stored
+        stored = await log.read(0, 1000)
+        assert sorted(e.report.login for e in stored) == sorted(
+            f"user{100 * k + j}" for k in range(10) for j in range(5)
+        )
+        assert log.stats.duplicates_total == 150
+        assert log.stats.delivery_id_collisions_total == 40
 
     async def test_duplicate_detected_after_reopen(self, make_log: MakeLog) -> None:
         log = await make_log()
         await log.append(report(1), delivery_id="keep-me")
         await log.close()
         log = await make_log()
-        assert await log.append(report(2), delivery_id="keep-me") == Appended(1, True)
-        assert await log.last_seq() == 1
+        assert await log.append(report(1), delivery_id="keep-me") == Appended(1, True)
+        assert await log.append(report(2), delivery_id="keep-me") == Appended(2, False)
+        assert await log.last_seq() == 2
+
+    @pytest.mark.parametrize("blank", ["", " ", "\t "])
+    async def test_a_blank_delivery_id_is_no_id(self, make_log: MakeLog, blank: str) -> None:
+        log = await make_log()
+        results = [await log.append(report(1), delivery_id=blank) for _ in range(3)]
+        assert [a.seq for a in results] == [1, 2, 3]
+        assert [e.delivery_id for e in await log.read(0, 10)] == [None, None, None]
+
+    # ----------------------------------------------------------------- unstorable reports
+
+    async def test_unstorable_reports_fail_alone(self, make_log: MakeLog) -> None:
+        """Reports that cannot be stored are refused before they join a batch (ReportError:
+        a 400 for the web layer) and the valid reports beside them are all stored."""
+        log = await make_log()
+        poisoned = [
+            (report(0, login="\ud800"), None),
+            (report(0, attrs={"k": "x\udfff"}), None),
+            (report(0, extra={"n": math.inf}), None),
+            (report(0, t=math.nan), None),
+            (report(0), "non-utf8-\udcff"),
+        ]
+        calls = []
+        for i in range(200):
+            calls.append(log.append(report(i), delivery_id=f"ok-{i}"))
+            if i % 40 == 0:
+                bad, delivery = poisoned[i // 40]
+                calls.append(log.append(bad, delivery_id=delivery))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 5 and all(isinstance(r, ReportError) for r in failed)
+        stored = await log.read(0, 1000)
+        assert sorted(e.report.login for e in stored) == sorted(f"user{i}" for i in range(200))
+        assert log.stats.pending == 0
 
     async def test_no_delivery_id_never_deduplicates(self, make_log: MakeLog) -> None:
         log = await make_log()
@@ -243,7 +311,7 @@ class EventLogContract:
         log.add_listener(lambda batch: seen_by_second.extend(e.seq for e in batch))
 
         async def one(i: int) -> Appended:
-            appended = await log.append(report(i), delivery_id=f"d-{i % 150}")
+            appended = await log.append(report(i % 150), delivery_id=f"d-{i % 150}")
             if not appended.duplicate:
                 assert any(e.seq == appended.seq for batch in calls for e in batch)
             return appended
@@ -353,7 +421,7 @@ class EventLogContract:
         await log.append(report(100), delivery_id="recent")
         removed = await log.prune_deliveries(clock.time() - 500, chunk=6)
         assert isinstance(removed, int) and removed >= 0
-        assert await log.append(report(101), delivery_id="recent") == Appended(21, True)
+        assert await log.append(report(100), delivery_id="recent") == Appended(21, True)
 
     async def test_retention_loop_driven_by_the_clock(
         self, make_log: MakeLog, caplog: pytest.LogCaptureFixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import resource
 import sqlite3
 from pathlib import Path
 
@@ -164,3 +166,81 @@ async def test_shutdown_from_lua_stops_gracefully(tmp_path: Path) -> None:
         assert "Shutting down" in process.output()
     finally:
         process.kill()
+
+
+def _corrupt(path: Path, first_page: int, pages: int) -> None:
+    """Overwrite whole pages in the middle of a stopped daemon's log with junk."""
+    size = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    junk = random.Random(5).randbytes(size * pages)
+    with open(path, "r+b") as f:
+        f.seek(size * first_page)
+        f.write(junk)
+
+
+async def test_a_corrupted_log_is_refused_at_start(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, RECORDING_POLICY) as process:
+        acked: list[str] = []
+        await hammer(process, "before", total=2_000, concurrency=16, acked=acked)
+        assert process.stop() == 0
+    path = tmp_path / "trackalert-events.db"
+    assert not Path(str(path) + "-wal").exists() or Path(str(path) + "-wal").stat().st_size == 0
+    _corrupt(path, first_page=10, pages=4)
+    process = DaemonProcess(tmp_path, RECORDING_POLICY)
+    with pytest.raises(RuntimeError, match="exited with 1 before it was ready"):
+        process.start()
+    output = process.output()
+    assert f"event log {path} is corrupt" in output
+    assert ".recover" in output and "backup" in output
+    assert "Traceback" not in output
+
+
+async def readyz(session: aiohttp.ClientSession, process: DaemonProcess) -> tuple[int, bytes]:
+    async with session.get(process.url("/command/readyz")) as resp:
+        return resp.status, await resp.read()
+
+
+@pytest.mark.parametrize("web_processes", [0, 2])
+async def test_readyz_follows_a_log_that_cannot_be_written(tmp_path: Path, web_processes: int) -> None:
+    """A real write failure: the core process may not grow its files past their current size
+    (RLIMIT_FSIZE, as on a full disk). Appends fail, readyz says 503 with the reason; once the
+    limit is lifted, the daemon's own probe makes it ready again without any report."""
+    config = listener_config() + f"setNumWebProcesses({web_processes})\n"
+    with DaemonProcess(tmp_path, config) as process:
+        pid = process.process.pid
+        async with aiohttp.ClientSession() as session:
+            assert (await readyz(session, process))[0] == 200
+            files = [tmp_path / "trackalert-events.db", tmp_path / "trackalert-events.db-wal"]
+            largest = max(f.stat().st_size for f in files if f.exists())
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (largest, resource.RLIM_INFINITY))
+            try:
+                statuses = []
+                for i in range(2_000):  # until the files must grow
+                    body = json.dumps({"login": f"full{i}", "attrs": {"pad": "p" * 2000}})
+                    async with session.post(process.url("/command/report"), data=body,
+                                            headers=AUTH) as resp:
+                        statuses.append(resp.status)
+                    if resp.status != 200:
+                        break
+                assert statuses[-1] == 500
+                status, body = await readyz(session, process)
+                assert status == 503
+                answer = json.loads(body)
+                assert answer["status"] == "failure"
+                assert answer["reason"].startswith("the event log cannot be written")
+                assert isinstance(answer["since"], float)
+                assert (await readyz(session, process))[0] == 503  # it stays not ready
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_FSIZE,
+                                 (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+            async def ready() -> bool:
+                return (await readyz(session, process))[0] == 200
+
+            for _ in range(200):  # the probe runs every second; bounded wait for it
+                if await ready():
+                    break
+                await asyncio.sleep(0.05)
+            assert await ready()
+            async with session.post(process.url("/command/report"), data='{"login": "after"}',
+                                    headers=AUTH) as resp:
+                assert resp.status == 200

@@ -126,7 +126,7 @@ def test_migration_scripts_are_found_from_the_package_not_the_cwd(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert migrations.SCRIPT_LOCATION == REPO / "trackalert" / "migrations"
-    assert migrations.head_revision() == "0004"
+    assert migrations.head_revision() == "0005"
 
 
 async def test_reopen_keeps_data_and_schema(tmp_path: Path) -> None:
@@ -171,13 +171,41 @@ async def test_old_file_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
         assert [e.seq for e in stored] == [1, 2, 3]
         assert stored[1].report == full_report()
         assert await log.load_cursor("policy") == 2
-        # 0002 back-fills the delivery index, so a retry of an old delivery is still recognised
-        assert await log.append(report(9), delivery_id="retry-me") == Appended(1, True)
         assert await log.append(report(4), delivery_id="new") == Appended(4, False)
+        assert await log.append(report(4), delivery_id="new") == Appended(4, True)
     finally:
         await log.close()
     with raw(path) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0004",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0005",)
+
+
+async def test_0005_keys_old_delivery_ids_with_an_unknown_body(tmp_path: Path) -> None:
+    """Before 0005 an id alone made a retry. The bodies of those deliveries are unknown, so a
+    report arriving under an old id is stored (a collision), never taken for a retry."""
+    path = tmp_path / "v4.db"
+    engine = create_engine(f"sqlite:///{path}", poolclass=NullPool)
+    with engine.begin() as connection:
+        migrations.upgrade(connection, "0004")
+    engine.dispose()
+    with raw(path) as conn:
+        conn.execute(
+            f"INSERT INTO events VALUES ({','.join('?' * 25)})",
+            (1, 1_700_000_000.0) + encode_row(report(1), "same-microsecond"),
+        )
+        conn.execute("INSERT INTO deliveries VALUES ('same-microsecond', 1, 1700000000.0)")
+    log = SQLiteEventLog(path, VirtualClock(start=1_700_000_010.0))
+    await log.open()
+    try:
+        assert await log.append(report(2), delivery_id="same-microsecond") == Appended(2, False)
+        assert await log.append(report(2), delivery_id="same-microsecond") == Appended(2, True)
+        assert log.stats.delivery_id_collisions_total == 1
+    finally:
+        await log.close()
+    with raw(path) as conn:
+        assert conn.execute(
+            "SELECT delivery_id, length(fingerprint), seq FROM deliveries ORDER BY seq"
+        ).fetchall() == [("same-microsecond", 0, 1), ("same-microsecond", 16, 2)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0005",)
 
 
 async def test_file_from_a_newer_trackalert_is_refused(tmp_path: Path) -> None:
@@ -246,29 +274,11 @@ async def test_cursor_is_flushed_by_the_clock_when_nothing_is_appended(tmp_path:
 # --------------------------------------------------------------------------- failures
 
 
-async def test_unstorable_report_fails_alone(tmp_path: Path) -> None:
-    log = SQLiteEventLog(tmp_path / "events.db", VirtualClock())
-    await log.open()
-    try:
-        results = await asyncio.gather(
-            log.append(report(1)),
-            log.append(report(2, t=float("nan"))),
-            log.append(report(3)),
-            return_exceptions=True,
-        )
-        assert isinstance(results[1], ValueError)
-        assert [r.seq for r in (results[0], results[2])] == [1, 2]
-    finally:
-        await log.close()
-
-
-async def test_failed_commit_fails_its_whole_batch_and_the_writer_recovers(
-    tmp_path: Path,
-) -> None:
+async def test_a_foreign_row_fails_a_commit_and_the_batch_is_retried(tmp_path: Path) -> None:
     """Another process writing seq 2 behind our back makes the next commit fail (PK conflict).
 
-    Nothing of the failed batch may be half-acknowledged; the writer re-reads the log's end and
-    carries on after the foreign row.
+    The writer re-reads the log's end and retries the batch in halves: nothing is lost, and the
+    new events continue after the foreign row.
     """
     path = tmp_path / "events.db"
     log = SQLiteEventLog(path, VirtualClock())
@@ -281,20 +291,106 @@ async def test_failed_commit_fails_its_whole_batch_and_the_writer_recovers(
                 (2, 1_700_000_000.0) + encode_row(report(2, login="intruder"), None),
             )
         results = await asyncio.gather(
-            *(log.append(report(i), delivery_id=f"d{i}") for i in range(10, 60)),
+            *(log.append(report(i), delivery_id=f"d{i}") for i in range(10, 60))
+        )
+        assert sorted(a.seq for a in results) == list(range(3, 53))
+        stored = await log.read(0, 1000)
+        assert [e.seq for e in stored] == list(range(1, 53))
+        assert log.stats.pending == 0 and log.failure is None
+    finally:
+        await log.close()
+
+
+POISON_TRIGGER = """
+CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.login LIKE 'poison%'
+BEGIN SELECT RAISE(ABORT, 'poisoned row'); END
+"""
+
+
+async def test_a_row_failing_at_insert_fails_alone(tmp_path: Path) -> None:
+    """Rows that pass encode_row but that SQLite refuses at INSERT time (here a trigger) fail
+    alone: the batch is bisected until only they are left, and every valid report is stored."""
+    path = tmp_path / "events.db"
+    log = SQLiteEventLog(path, VirtualClock())
+    await log.open()
+    try:
+        await log.append(report(0))
+        with raw(path) as conn:
+            conn.execute(POISON_TRIGGER)
+        calls = []
+        for i in range(1, 1001):
+            calls.append(log.append(report(i), delivery_id=f"ok-{i}"))
+            if i % 200 == 0:
+                calls.append(log.append(report(i, login=f"poison{i}"), delivery_id=f"bad-{i}"))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 5
+        assert all(isinstance(r, sqlite3.IntegrityError) and "poisoned" in str(r) for r in failed)
+        stored = await log.read(0, 5000)
+        assert sorted(e.report.login for e in stored) == sorted(f"user{i}" for i in range(1001))
+        assert [e.seq for e in stored] == list(range(1, 1002))  # no gap where a row failed
+        assert log.stats.pending == 0
+        assert log.failure is None  # a bad row is not a broken log
+        # a failed delivery was not remembered: its retry is tried again (and fails again)
+        with pytest.raises(sqlite3.IntegrityError):
+            await log.append(report(200, login="poison200"), delivery_id="bad-200")
+    finally:
+        await log.close()
+
+
+def _set_max_pages(log: SQLiteEventLog, pages: int) -> None:
+    """Emulate a full disk: SQLite refuses to grow the file past `pages` (SQLITE_FULL).
+
+    Run on the writer's own connection while the writer is idle (nothing queued)."""
+    assert log.stats.pending == 0
+    conn = log._writer.conn
+    assert conn is not None
+    conn.execute(f"PRAGMA max_page_count={pages}")
+
+
+async def test_a_full_disk_makes_the_log_failing_until_a_probe_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = VirtualClock(start=1_700_000_000.0)
+    log = SQLiteEventLog(tmp_path / "events.db", clock, probe_every=5.0)
+    await log.open()
+    try:
+        await log.append(report(0))
+        assert log.failure is None
+        _set_max_pages(log, 1)  # the file's current size: it may not grow any more
+        results = await asyncio.gather(
+            *(log.append(report(i, login=f"user{i}-" + "x" * 200)) for i in range(2000)),
             return_exceptions=True,
         )
         failed = [r for r in results if isinstance(r, BaseException)]
-        succeeded = [r for r in results if isinstance(r, Appended)]
-        assert failed and all(isinstance(r, sqlite3.IntegrityError) for r in failed)
-        assert len(failed) + len(succeeded) == 50
-        stored = await log.read(0, 1000)
-        assert [e.seq for e in stored] == [1, 2] + sorted(a.seq for a in succeeded)
-        assert min(a.seq for a in succeeded) == 3 if succeeded else True
-        assert log.stats.pending == 0
-        # a failed delivery id was not remembered: its retry is stored
-        retry = [i for i, r in zip(range(10, 60), results) if isinstance(r, BaseException)][0]
-        assert not (await log.append(report(retry), delivery_id=f"d{retry}")).duplicate
+        assert failed and all(isinstance(r, sqlite3.OperationalError) for r in failed)
+        assert "full" in str(failed[0])
+        assert log.failure is not None and "full" in log.failure.error
+        assert log.failure.since == 1_700_000_000.0
+        failures = caplog.text.count("commit failed")
+        await clock.advance(5.0)  # the probe runs, and fails: still failing
+        await eventually(lambda: caplog.text.count("commit failed") > failures, "the first probe")
+        assert log.failure is not None and log.failure.since == 1_700_000_000.0
+        _set_max_pages(log, 1_000_000)  # space again
+        await clock.advance(5.0)
+        await eventually(lambda: log.failure is None, "a successful probe")
+        assert (await log.append(report(1))).seq == (await log.last_seq())
+    finally:
+        await log.close()
+
+
+async def test_a_successful_append_clears_the_failure(tmp_path: Path) -> None:
+    log = SQLiteEventLog(tmp_path / "events.db", VirtualClock(), probe_every=3600.0)
+    await log.open()
+    try:
+        _set_max_pages(log, 1)
+        with pytest.raises(sqlite3.OperationalError):
+            await asyncio.gather(*(log.append(report(i, login="y" * 300)) for i in range(500)))
+        await eventually(lambda: log.stats.pending == 0, "the failed appends")
+        assert log.failure is not None
+        _set_max_pages(log, 1_000_000)
+        await log.append(report(1))
+        assert log.failure is None
     finally:
         await log.close()
 
@@ -316,7 +412,7 @@ async def test_pruned_delivery_ids_can_be_stored_again(tmp_path: Path) -> None:
         with raw(path) as conn:
             assert conn.execute("SELECT delivery_id FROM deliveries").fetchall() == [("recent",)]
         assert await log.append(report(0), delivery_id="old-00") == Appended(22, False)
-        assert await log.append(report(0), delivery_id="recent") == Appended(21, True)
+        assert await log.append(report(100), delivery_id="recent") == Appended(21, True)
     finally:
         await log.close()
 

@@ -33,6 +33,7 @@ OWN_FAMILIES = [
     ("trackalert_eventlog_append_duration_seconds", "histogram"),
     ("trackalert_eventlog_appends", "counter"),
     ("trackalert_eventlog_duplicates", "counter"),
+    ("trackalert_eventlog_delivery_id_collisions", "counter"),
     ("trackalert_eventlog_commits", "counter"),
     ("trackalert_eventlog_commit_batch_size", "gauge"),
     ("trackalert_eventlog_pending_appends", "gauge"),

@@ -24,22 +24,40 @@ class Ingest:
         self._host = host
         self._log = eventlog
 
-    def submit(self, report: "Report", delivery_id: str | None) -> "asyncio.Future[Appended]":
-        """Enrich and append; the future resolves once the report is durable.
+    def submit(
+        self, report: "Report", delivery_id: str | None, fingerprint: bytes | None = None
+    ) -> "asyncio.Future[Appended]":
+        """Enrich and append; the future resolves once the report is durable (or failed).
 
-        The report is counted (and logged with -v) from a done-callback registered before the
-        caller can await, so the count is up to date when the caller answers its 200.
+        Its result decides the caller's 200, so the report is counted (`stats` reports, what
+        was acknowledged: retried deliveries too, they get their 200 as well) *before* the
+        future resolves: a `stats` request never sees a 200 that is not counted yet. A caller
+        that gave up (cancelled) answers nothing, and is not counted. Raises ReportError at
+        once for a report the log cannot store.
         """
         enricher = self._host.enricher
         if enricher is not None:  # GeoIP and device attributes, frozen in the log
             report = enricher.enrich(report)
-        future = self._log.submit(report, delivery_id)
-        future.add_done_callback(functools.partial(self._stored, report))
-        return future
+        stored = self._log.submit(report, delivery_id, fingerprint)
+        acknowledged: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        stored.add_done_callback(functools.partial(self._settle, report, acknowledged))
+        return acknowledged
 
-    def _stored(self, report: "Report", future: "asyncio.Future[Appended]") -> None:
-        if future.cancelled() or future.exception() is not None or future.result().duplicate:
+    def _settle(
+        self, report: "Report", acknowledged: "asyncio.Future[Appended]",
+        stored: "asyncio.Future[Appended]",
+    ) -> None:
+        if acknowledged.cancelled():
             return
+        if stored.cancelled():
+            acknowledged.cancel()
+            return
+        exc = stored.exception()
+        if exc is not None:
+            acknowledged.set_exception(exc)
+            return
+        appended = stored.result()
         self._host.count_report()
-        if log.verbose():
+        if log.verbose() and not appended.duplicate:
             log.logger.info("%s", log.report_log_line(report))
+        acknowledged.set_result(appended)

@@ -44,6 +44,7 @@ class EventLogStats(Protocol):
 
     appended_total: int
     duplicates_total: int
+    delivery_id_collisions_total: int
     commits_total: int
     last_batch_size: int
     pending: int
@@ -81,6 +82,9 @@ class _EventLogCollector:
             ("trackalert_eventlog_duplicates",
              "Appends acknowledged without writing because their delivery id was already "
              "stored (a retried wforce webhook).", "duplicates_total"),
+            ("trackalert_eventlog_delivery_id_collisions",
+             "Appends stored as new reports although their delivery id was stored before, "
+             "with another body (wforce's ids are not unique).", "delivery_id_collisions_total"),
             ("trackalert_eventlog_commits",
              "Event-log commits; appends_total / commits_total is the mean group-commit "
              "batch size over any range.", "commits_total"),
@@ -187,8 +191,8 @@ class Metrics:
         r = self.registry
         self._reports = Counter(
             "trackalert_reports_total",
-            "Reports accepted into the event log through the report endpoint "
-            "(retried deliveries not counted twice).", registry=r)
+            "Reports acknowledged (200) by the report endpoint, retried deliveries included "
+            "(the `reports` of stats).", registry=r)
         self._rejected = Counter(
             "trackalert_reports_rejected_total",
             "Reports refused before reaching the event log, by reason (json: body not a JSON "
@@ -264,7 +268,7 @@ class Metrics:
             child.inc(count)
 
     def report_accepted(self) -> None:
-        """A report was stored (the C++ `reports` count, as a counter)."""
+        """A report was acknowledged (the C++ `reports` count, as a counter)."""
         self._reports.inc()
 
     def report_rejected(self, reason: str) -> None:

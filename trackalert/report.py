@@ -9,6 +9,7 @@ type: a report that cannot be trusted must not enter a log that policies will re
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,8 +30,15 @@ class ReportError(ValueError):
     """
 
     def __init__(self, message: str, reason: str = "field") -> None:
-        super().__init__(message)
+        # The message goes into a JSON body and a log line: it may quote what the client sent,
+        # so anything unprintable (lone surrogates, newlines) is spelled as an escape instead.
+        super().__init__(message if message.isprintable() else printable(message))
         self.reason = reason
+
+
+def printable(text: str) -> str:
+    """`text` with every unprintable character (control, lone surrogate) as a `\\uXXXX` escape."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +116,17 @@ class Report:
         return body
 
 
+#: Deepest nesting a report may have (the C++ daemon's json11 allows 200 as well). Deeper bodies
+#: are refused up front: stored, they would only fail later, when decoded again or handed to Lua.
+MAX_DEPTH = 200
+
+
 def parse_report(body: bytes | str, received: float) -> Report:
-    """Validate a report body; `received` stands in for a missing ``t`` (the C++ daemon used 0)."""
+    """Validate a report body; `received` stands in for a missing ``t`` (the C++ daemon used 0).
+
+    Every failure of a body is a ReportError (a 400), whatever in the decoder gave up on it:
+    a body cannot be a reason for a 500.
+    """
     try:
         # Decode ourselves: json.loads would guess UTF-16/32 from a BOM; RFC 8259 says UTF-8.
         text = body.decode("utf-8") if isinstance(body, bytes) else body
@@ -118,9 +135,44 @@ def parse_report(body: bytes | str, received: float) -> Report:
         raise ReportError(f"body is not valid UTF-8: {exc.reason}", "json") from None
     except json.JSONDecodeError as exc:
         raise ReportError(f"body is not valid JSON: {exc}", "json") from None
+    except RecursionError:
+        raise ReportError(f"body is nested more than {MAX_DEPTH} levels deep", "json") from None
+    except ValueError as exc:  # e.g. an integer over the int-conversion digit limit
+        raise ReportError(f"body is not acceptable JSON: {exc}", "json") from None
     if not isinstance(doc, dict):
         raise ReportError(f"body must be a JSON object, got {_json_type(doc)}", "json")
+    _check_depth(text, doc)
+    if "\\u" in text:  # only an escape can smuggle a lone surrogate past strict UTF-8
+        _check_surrogates(doc)
     return report_from_dict(doc, received)
+
+
+def _check_depth(text: str, doc: Any) -> None:
+    """Refuse bodies nested deeper than MAX_DEPTH (counting brackets first: almost always enough)."""
+    if text.count("{") + text.count("[") <= MAX_DEPTH:
+        return
+    level = [(doc, 1)]
+    while level:
+        value, depth = level.pop()
+        if depth > MAX_DEPTH:
+            raise ReportError(f"body is nested more than {MAX_DEPTH} levels deep", "json")
+        children = value.values() if type(value) is dict else value if type(value) is list else ()
+        level.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+
+
+def _check_surrogates(doc: Mapping[str, Any]) -> None:
+    """Refuse text that is not Unicode (a lone surrogate): it cannot be stored as UTF-8."""
+    for key, value in doc.items():
+        try:
+            _dumps_unescaped([key, value]).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = printable(exc.object[exc.start:exc.end])
+            raise ReportError(
+                f"field '{key}' contains {bad}, a lone surrogate that is not Unicode text"
+            ) from None
+
+
+_dumps_unescaped = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def report_from_dict(doc: Mapping[str, Any], received: float) -> Report:
@@ -207,9 +259,13 @@ def _parse_device_attrs(attrs: Mapping[str, Any]) -> dict[str, str]:
 def _parse_time(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ReportError(f"field 't' must be a number, got {_json_type(value)}")
-    if not math.isfinite(value):
+    try:
+        t = float(value)  # an int too big for a float raises OverflowError
+    except OverflowError:
+        t = math.inf
+    if not math.isfinite(t):
         raise ReportError("field 't' must be a finite number")
-    return float(value)
+    return t
 
 
 @functools.lru_cache(maxsize=65536)
@@ -228,8 +284,42 @@ def _reject_constant(name: str) -> Any:
     raise json.JSONDecodeError(f"invalid constant {name}", name, 0)
 
 
+def _finite_float(text: str) -> float:
+    # 1e309 is valid JSON but becomes inf, which no JSON column can hold: refuse it here.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 # Built once: json.loads(..., parse_constant=...) would build a new decoder for every report.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def parse_delivery_id(header: str | None) -> str | None:
+    """The `X-Wforce-Delivery` id of a request: None when absent or blank (no id at all).
+
+    HTTP servers hand over bytes that are not UTF-8 as surrogate escapes; such an id could never
+    be stored, so it is refused as bad input rather than failing later in the log.
+    """
+    if header is None or not header.strip():
+        return None
+    try:
+        header.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReportError(
+            f"header X-Wforce-Delivery is not valid UTF-8: {printable(header)[:200]}"
+        ) from None
+    return header
+
+
+def fingerprint(body: bytes) -> bytes:
+    """What tells a retried delivery (same id, same bytes) from another report under the same id.
+
+    The raw body, not the parsed report: a report without `t` gets the time it was received, so
+    two copies of one body would parse into different reports.
+    """
+    return hashlib.blake2b(body, digest_size=16).digest()
 
 
 def _expect(name: str, value: Any, kind: type, described: str) -> Any:

@@ -27,7 +27,7 @@ from trackalert import log
 from trackalert.lua.convert import protected_call, string_map
 from trackalert.metrics import CONTENT_TYPE as METRICS_TYPE
 from trackalert.netaddr import endpoint_text
-from trackalert.report import ReportError, parse_report
+from trackalert.report import ReportError, fingerprint, parse_delivery_id, parse_report
 from trackalert.settings import Listener
 
 if TYPE_CHECKING:
@@ -56,6 +56,18 @@ def json_response(status: int, value: Any, headers: dict[str, str] | None = None
 
 def failure(status: int, reason: str, **extra: Any) -> web.Response:
     return json_response(status, {"status": "failure", "reason": reason, **extra})
+
+
+def bad_report(exc: ReportError) -> web.Response:
+    """A refused report: one log line (no traceback: bad input is not a fault), a JSON 400."""
+    log.logger.warning("Refused a report: %s", exc)
+    return failure(400, str(exc))
+
+
+def delivery_of(request: web.BaseRequest, body: bytes) -> tuple[str | None, bytes | None]:
+    """The delivery id and the body fingerprint that together tell a retry (DESIGN §3)."""
+    delivery = parse_delivery_id(request.headers.get("X-Wforce-Delivery"))
+    return delivery, fingerprint(body) if delivery is not None else None
 
 
 @dataclass(frozen=True)
@@ -227,12 +239,13 @@ class WebServer:
         host = self._host
         try:
             report = parse_report(body, host.clock.time())
+            started = host.clock.monotonic()
+            stored = self._ingest.submit(report, *delivery_of(request, body))
         except ReportError as exc:
             host.metrics.report_rejected(exc.reason)
-            return failure(400, str(exc))
-        started = host.clock.monotonic()
+            return bad_report(exc)
         try:
-            await self._ingest.submit(report, request.headers.get("X-Wforce-Delivery"))
+            await stored
         except Exception as exc:
             log.logger.error("Could not store report: %s", exc)
             return failure(500, f"could not store report: {exc}")
@@ -250,6 +263,10 @@ class WebServer:
         })
 
     async def _readyz(self, _request: web.BaseRequest) -> web.Response:
+        failing = self._host.eventlog.failure if self._host.eventlog is not None else None
+        if failing is not None:  # e.g. a full disk: every report would get a 500
+            return failure(503, f"the event log cannot be written: {failing.error}",
+                           since=failing.since)
         return web.Response(status=200, content_type=JSON_TYPE, charset="utf-8")
 
     async def _custom(self, request: web.BaseRequest, name: str) -> web.Response:

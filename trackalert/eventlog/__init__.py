@@ -12,22 +12,26 @@ from typing import Callable
 
 from trackalert.clock import Clock
 from trackalert.eventlog.base import (
+    AppendFailure,
     Appended,
     AppendStats,
     Event,
     EventLog,
     EventLogClosed,
+    EventLogCorrupt,
     EventLogError,
     Listener,
     SchemaVersionError,
 )
 
 __all__ = [
+    "AppendFailure",
     "Appended",
     "AppendStats",
     "Event",
     "EventLog",
     "EventLogClosed",
+    "EventLogCorrupt",
     "EventLogError",
     "Listener",
     "SchemaVersionError",

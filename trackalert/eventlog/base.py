@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from trackalert.report import Report
+from trackalert.report import Report, fingerprint, parse_delivery_id
 
 if TYPE_CHECKING:
     from trackalert.eventlog.filters import AsOf, Field, Filter
@@ -25,6 +26,18 @@ class EventLogError(Exception):
 
 class EventLogClosed(EventLogError):
     """The log is not open: it was never opened, or it has been closed."""
+
+
+class EventLogCorrupt(EventLogError):
+    """The stored log is damaged; the message names the file and the ways out."""
+
+    def __init__(self, location: str, detail: str) -> None:
+        super().__init__(
+            f"event log {location} is corrupt ({detail}); trackalert will not use it. Restore "
+            f"it from a backup, or salvage what is readable into a new file with "
+            f"`sqlite3 {location} .recover | sqlite3 {location}.recovered` and move that "
+            f"file into place (keep the damaged one)."
+        )
 
 
 class SchemaVersionError(EventLogError):
@@ -49,8 +62,18 @@ class Appended:
     """What `EventLog.append` tells the caller."""
 
     seq: int
-    #: True: this delivery id was stored before, nothing new was stored and `seq` is the original's.
+    #: True: this delivery (same id, same body) was stored before, nothing new was stored and
+    #: `seq` is the original's.
     duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AppendFailure:
+    """Why the log is not taking appends right now (e.g. a full disk); readiness reports it."""
+
+    #: Server time (``clock.time()``) of the first failure since the last successful commit.
+    since: float
+    error: str
 
 
 @dataclass(slots=True)
@@ -59,6 +82,8 @@ class AppendStats:
 
     appended_total: int = 0
     duplicates_total: int = 0
+    #: Appends whose delivery id was stored before with another body, hence stored as new reports.
+    delivery_id_collisions_total: int = 0
     commits_total: int = 0
     last_batch_size: int = 0
     max_batch_size: int = 0
@@ -67,6 +92,28 @@ class AppendStats:
 
 
 Listener = Callable[[list[Event]], None]
+
+#: A delivery as the log keys it: (delivery id, fingerprint of the body it came with).
+DeliveryKey = tuple[str, bytes]
+
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+
+
+def delivery_key(
+    report: Report, delivery_id: str | None, body_fingerprint: bytes | None
+) -> DeliveryKey | None:
+    """How every backend keys an append for idempotence (DESIGN §3).
+
+    A blank id is no id. A caller that had the raw body passes its `fingerprint`; one that never
+    had one (an import, a test) gets the fingerprint of the report itself, so that appending the
+    same report twice under one id is still recognised as a retry.
+    """
+    delivery_id = parse_delivery_id(delivery_id)
+    if delivery_id is None:
+        return None
+    if body_fingerprint is None:
+        body_fingerprint = fingerprint(_canonical(report.to_json_dict()).encode("utf-8"))
+    return delivery_id, body_fingerprint
 
 
 class EventQueries(abc.ABC):
@@ -125,21 +172,31 @@ class EventLog(abc.ABC):
     async def close(self) -> None:
         """Commit everything pending (appends and cursors), stop the writer. Safe to call twice."""
 
+    #: Set while appends fail (the last commit failed), None once a commit succeeds again.
+    failure: AppendFailure | None = None
+
     @abc.abstractmethod
-    async def append(self, report: Report, delivery_id: str | None = None) -> Appended:
+    async def append(
+        self, report: Report, delivery_id: str | None = None, fingerprint: bytes | None = None
+    ) -> Appended:
         """Store `report`; returns only once it is durable.
 
-        With a `delivery_id` the append is idempotent: a delivery id seen before (within the
-        delivery window) stores nothing and returns the original seq with ``duplicate=True``.
+        With a `delivery_id` the append is idempotent: the same delivery id *with the same body*
+        (`fingerprint`, see `delivery_key`) seen before (within the delivery window) stores
+        nothing and returns the original seq with ``duplicate=True``. The same id with another
+        body is another report: it is stored, and counted as a collision. A blank id is no id.
+        A report that cannot be stored raises ReportError, and fails alone.
         """
 
-    def submit(self, report: Report, delivery_id: str | None = None) -> "asyncio.Future[Appended]":
+    def submit(
+        self, report: Report, delivery_id: str | None = None, fingerprint: bytes | None = None
+    ) -> "asyncio.Future[Appended]":
         """Like `append`, but returns the future at once (no task per report).
 
         For callers that forward many appends and answer each from a done-callback, such as the
         core process serving its web workers. Backends may override it with a cheaper path.
         """
-        return asyncio.ensure_future(self.append(report, delivery_id))
+        return asyncio.ensure_future(self.append(report, delivery_id, fingerprint))
 
     @abc.abstractmethod
     def add_listener(self, fn: Listener) -> None:

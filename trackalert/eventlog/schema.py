@@ -14,9 +14,9 @@ Why the shape is what it is:
   the table.
 * Report fields are real columns so that later tools can filter with plain SQL; the open-ended maps
   are compact JSON text (NULL when empty, which is both smaller and lossless).
-* ``deliveries`` is a separate, small, ``WITHOUT ROWID`` table keyed by delivery id: it is the
-  idempotency index, pruned to the retry window so that it stays small and in cache, instead of a
-  second random-key index on the ever-growing ``events`` table.
+* ``deliveries`` is a separate, small, ``WITHOUT ROWID`` table keyed by (delivery id, body
+  fingerprint): it is the idempotency index, pruned to the retry window so that it stays small
+  and in cache, instead of a second random-key index on the ever-growing ``events`` table.
 * Enrichment columns (country, city, latitude, longitude, asn, isp) are real columns too, so
   that the long-term helpers can filter on them without json_extract.
 """
@@ -79,6 +79,9 @@ deliveries = Table(
     "deliveries",
     metadata,
     Column("delivery_id", Text, primary_key=True),
+    # A digest of the body the id came with (migration 0005): wforce's ids are not unique, so
+    # only the same id with the same body is a retry.
+    Column("fingerprint", LargeBinary, primary_key=True),
     Column("seq", Integer, nullable=False),
     Column("received", Float, nullable=False),
     sqlite_with_rowid=False,

@@ -33,18 +33,22 @@ from sqlalchemy.pool import NullPool
 
 from trackalert.clock import Clock
 from trackalert.eventlog.base import (
+    AppendFailure,
     Appended,
     AppendStats,
+    DeliveryKey,
     Event,
     EventLog,
     EventLogClosed,
+    EventLogCorrupt,
     EventLogError,
     Listener,
+    delivery_key,
 )
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.queries import SQLiteQueries
 from trackalert.eventlog.schema import cursors, deliveries, events
-from trackalert.report import Enrichment, Report
+from trackalert.report import Enrichment, Report, ReportError, parse_delivery_id, printable
 
 logger = logging.getLogger("trackalert")
 
@@ -53,6 +57,8 @@ MAX_BATCH = 8192
 #: SQLite's default limit on host parameters is higher, but small IN lists plan and cache well.
 LOOKUP_CHUNK = 500
 BUSY_TIMEOUT_MS = 5000
+#: How often a log whose appends fail tries a probe write to find out it works again.
+PROBE_EVERY = 1.0
 
 _DIALECT = sqlite_dialect.dialect()
 _INSERT_EVENT = str(events.insert().compile(dialect=_DIALECT))
@@ -82,21 +88,48 @@ def encode_row(report: Report, delivery_id: str | None) -> tuple:
     """The `events` columns after (seq, received), in table order.
 
     Done on the caller's side, not in the writer, so that a report that cannot be stored fails
-    its own append instead of the whole batch it would have been committed with.
+    its own append (a ReportError) instead of the whole batch it would have been committed
+    with: every text column is encoded as UTF-8 here, strictly, as SQLite will need it.
     """
     r = report
     t = float(r.t)
     if t != t:
-        raise ValueError("report time 't' is NaN")
+        raise ReportError("report time 't' is NaN")
+    try:
+        maps = (_json_or_null(r.attrs), _json_or_null(r.attrs_mv), _json_or_null(r.device_attrs),
+                _json_or_null(r.extra))
+    except (TypeError, ValueError) as exc:  # not JSON, or inf/NaN inside
+        raise ReportError(f"report cannot be stored as JSON: {exc}") from None
     row = (
         t, r.login, r.remote, r.pwhash, r.success, r.policy_reject, r.protocol, r.tls,
         r.device_id, r.session_id, r.fail_type,
-        _json_or_null(r.attrs), _json_or_null(r.attrs_mv), _json_or_null(r.device_attrs),
-        _json_or_null(r.extra), delivery_id,
-    ) + _geo_columns(r.geo) + (ip_key(r.remote),)
+    ) + maps + (delivery_id,) + _geo_columns(r.geo) + (ip_key(r.remote),)
     if None in row[:11]:
-        raise ValueError("report has a missing (None) field")
+        raise ReportError("report has a missing (None) field")
+    _check_text(row)
     return row
+
+
+#: Positions of the text columns in an encoded row (the JSON maps and the delivery id included).
+_TEXT_COLUMNS = (1, 2, 3, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 21)
+
+
+def _check_text(row: tuple) -> None:
+    """Prove every text column encodes as UTF-8 (one encode of them all; a lone surrogate fails)."""
+    texts = [row[i] for i in _TEXT_COLUMNS if row[i] is not None]
+    try:
+        "".join(texts).encode("utf-8")
+    except TypeError:
+        raise ReportError("report has a text field that is not a string") from None
+    except UnicodeEncodeError:
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ReportError(
+                    f"report cannot be stored: {printable(text)[:200]} is not valid UTF-8 text "
+                    f"({exc.reason})"
+                ) from None
 
 
 _NO_GEO = (None,) * 6
@@ -161,6 +194,30 @@ class _Stop(_Op):
     __slots__ = ()
 
 
+class _Probe(_Op):
+    """While appends fail: do what an append does, undo it, and commit (can the log be written?).
+
+    The insert goes through the same page allocations as a real append (a full database fails
+    it); the commit of the savepoint's surroundings writes to the WAL (a full disk fails that).
+    """
+
+    __slots__ = ()
+
+    #: About what a batch of a few hundred reports needs: free space inside existing pages is
+    #: not enough for it, as it would not be for the appends that failed.
+    _ROW = encode_row(Report(extra={"probe": "x" * 65536}), None)
+
+    def run(self, conn: sqlite3.Connection) -> None:
+        last = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+        conn.execute("SAVEPOINT probe")
+        try:
+            conn.execute(_INSERT_EVENT, (last + 1, 0.0) + self._ROW)
+        finally:
+            conn.execute("ROLLBACK TO probe")
+            conn.execute("RELEASE probe")
+        conn.execute(_UPSERT_CURSOR, ("trackalert.probe", last))
+
+
 class _PruneEvents(_Op):
     __slots__ = ("upto",)
 
@@ -207,22 +264,32 @@ class _PruneDeliveries(_Op):
         return deleted, end[0]
 
 
-#: An append as queued: (row without seq/received, report, delivery id, future).
+#: An append as queued: (row without seq/received, report, delivery key or None, future).
 _Append = tuple
 
 #: Called on the loop after a commit with: new events, (future, result) pairs, op outcomes,
-#: number of appends, number of duplicates.
-_Committed = Callable[[list[Event], list[tuple], list[tuple], int, int], None]
+#: number of appends, number of duplicates, the events stored under an id already used by
+#: another body (delivery-id collisions).
+_Committed = Callable[[list[Event], list[tuple], list[tuple], int, int, list[Event]], None]
 _Failed = Callable[[list[asyncio.Future], BaseException, int], None]
 
 
 @functools.lru_cache(maxsize=8)
 def _lookup_sql(n: int) -> str:
     return (
-        "SELECT delivery_id, seq FROM deliveries WHERE delivery_id IN ("
+        "SELECT delivery_id, fingerprint, seq FROM deliveries WHERE delivery_id IN ("
         + ",".join("?" * n)
         + ")"
     )
+
+
+def _log_level(exc: BaseException) -> bool:
+    """An error of the log itself (full disk, I/O, corruption, lock), not of one row.
+
+    Retrying a batch piecemeal cannot help with those, and they make the log not ready; a row's
+    own errors (a constraint, a value SQLite cannot bind) are isolated by splitting the batch.
+    """
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
 
 
 class _Writer:
@@ -246,12 +313,13 @@ class _Writer:
     # -- set-up (runs in a worker thread, before the writer thread starts)
 
     def connect(self) -> None:
-        """Open the write connection in WAL/synchronous=FULL and learn where the log ends."""
+        """Open the write connection in WAL/synchronous=FULL, after checking the file is sound."""
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False,
             timeout=BUSY_TIMEOUT_MS / 1000,
         )
         try:
+            self._check_integrity(conn)
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise EventLogError(f"cannot put {self.path} in WAL mode (got {mode!r})")
@@ -263,6 +331,22 @@ class _Writer:
             conn.close()
             raise
         self.conn = conn
+
+    def _check_integrity(self, conn: sqlite3.Connection) -> None:
+        """Refuse a damaged file at start, before anything is appended to it.
+
+        `quick_check` reads every page once (structure, not index contents): a page overwritten
+        while the daemon was stopped would otherwise surface as failed appends or wrong answers
+        months later. Only at start: while running, only this process writes the file.
+        """
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+            problems = [str(exc)]
+        if problems != ["ok"]:
+            raise EventLogCorrupt(self.path, "; ".join(problems))
 
     def load_position(self) -> None:
         """Read the newest seq/received: the writer is the only writer, so it counts from here.
@@ -347,7 +431,17 @@ class _Writer:
                 self.conn = None
 
     def _process(self, batch: list[Any]) -> bool:
-        """Commit one batch in one transaction; report the outcome back. True when told to stop."""
+        """Commit one batch; report the outcomes back. True when told to stop."""
+        self._commit(batch)
+        return any(type(item) is _Stop for item in batch)
+
+    def _commit(self, batch: list[Any]) -> None:
+        """One transaction for the batch; if it fails because of a row, halve and retry.
+
+        Bisecting isolates a guilty row in ~2·log2(n) transactions, so one bad report fails
+        alone instead of taking its whole group commit with it. Errors of the log itself (a full
+        disk) fail the batch at once: every half would fail the same way.
+        """
         appends: list[_Append] = []
         ops: list[_Op] = []
         for item in batch:
@@ -358,7 +452,7 @@ class _Writer:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                new_events, results, duplicates, last_received = self._store(conn, appends)
+                stored = self._store(conn, appends)
                 if taken:
                     conn.executemany(_UPSERT_CURSOR, taken.items())
                 outcomes = [self._run_op(conn, op) for op in ops]
@@ -370,21 +464,28 @@ class _Writer:
         except Exception as exc:
             self._restore_cursors(taken)
             self._resync()
-            self._fail(batch, exc)
-            return any(type(op) is _Stop for op in ops)
+            if len(appends) > 1 and not _log_level(exc):
+                middle = len(batch) // 2
+                self._commit(batch[:middle])
+                self._commit(batch[middle:])
+            else:
+                self._fail(batch, exc)
+            return
+        new_events, results, duplicates, collisions, last_received = stored
         if new_events:
             self.last_seq = new_events[-1].seq
             self.last_received = last_received
-        self._call_loop(self._committed, new_events, results, outcomes, len(appends), duplicates)
-        return any(type(op) is _Stop for op in ops)
+        self._call_loop(
+            self._committed, new_events, results, outcomes, len(appends), duplicates, collisions
+        )
 
     def _store(
         self, conn: sqlite3.Connection, appends: list[_Append]
-    ) -> tuple[list[Event], list[tuple], int, float]:
-        """Insert the batch's new events (skipping known delivery ids) with seq and received."""
+    ) -> tuple[list[Event], list[tuple], int, list[Event], float]:
+        """Insert the batch's new events (skipping retried deliveries) with seq and received."""
         if not appends:
-            return [], [], 0, self.last_received
-        known = self._known_deliveries(conn, appends)
+            return [], [], 0, [], self.last_received
+        known, used_ids = self._known_deliveries(conn, appends)
         received = self.clock.time()
         if received < self.last_received:  # keep `received` searchable: never step back
             received = self.last_received
@@ -392,38 +493,46 @@ class _Writer:
         rows: list[tuple] = []
         new_deliveries: list[tuple] = []
         new_events: list[Event] = []
+        collisions: list[Event] = []
         results: list[tuple] = []
         duplicates = 0
-        for row, report, delivery_id, future in appends:
-            if delivery_id is not None:
-                original = known.get(delivery_id)
+        for row, report, key, future in appends:
+            if key is not None:
+                original = known.get(key)
                 if original is not None:
                     results.append((future, Appended(original, True)))
                     duplicates += 1
                     continue
-                seq += 1
-                known[delivery_id] = seq  # later copies in this batch are duplicates of this one
-                new_deliveries.append((delivery_id, seq, received))
-            else:
-                seq += 1
+            seq += 1
+            event = Event(seq, received, report, row[15])
+            if key is not None:
+                known[key] = seq  # later copies in this batch are retries of this one
+                new_deliveries.append(key + (seq, received))
+                if key[0] in used_ids:
+                    collisions.append(event)
+                used_ids.add(key[0])
             rows.append((seq, received) + row)
-            new_events.append(Event(seq, received, report, delivery_id))
+            new_events.append(event)
             results.append((future, Appended(seq, False)))
         if rows:
             conn.executemany(_INSERT_EVENT, rows)
         if new_deliveries:
             conn.executemany(_INSERT_DELIVERY, new_deliveries)
-        return new_events, results, duplicates, received
+        return new_events, results, duplicates, collisions, received
 
     @staticmethod
-    def _known_deliveries(conn: sqlite3.Connection, appends: list[_Append]) -> dict[str, int]:
-        """Stored seq of every batch delivery id already in `deliveries`: one query per 500 ids."""
-        ids = list(dict.fromkeys(a[2] for a in appends if a[2] is not None))
-        known: dict[str, int] = {}
+    def _known_deliveries(
+        conn: sqlite3.Connection, appends: list[_Append]
+    ) -> tuple[dict[DeliveryKey, int], set[str]]:
+        """The stored seq of every (id, fingerprint) of the batch's ids, and the ids stored
+        before at all (to tell a collision from a first delivery): one query per 500 ids."""
+        ids = list(dict.fromkeys(a[2][0] for a in appends if a[2] is not None))
+        known: dict[DeliveryKey, int] = {}
         for start in range(0, len(ids), LOOKUP_CHUNK):
             chunk = ids[start:start + LOOKUP_CHUNK]
-            known.update(conn.execute(_lookup_sql(len(chunk)), chunk).fetchall())
-        return known
+            for delivery_id, print_, seq in conn.execute(_lookup_sql(len(chunk)), chunk):
+                known[(delivery_id, print_)] = seq
+        return known, {key[0] for key in known}
 
     @staticmethod
     def _run_op(conn: sqlite3.Connection, op: _Op) -> tuple:
@@ -477,12 +586,16 @@ class SQLiteEventLog(EventLog):
         *,
         cursor_flush_delay: float = 1.0,
         cache_mb: int = 64,
+        probe_every: float = PROBE_EVERY,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.location = self.path
         self.stats = AppendStats()
         self._clock = clock
         self._cursor_flush_delay = cursor_flush_delay
+        self._probe_every = probe_every
+        self._probe_task: asyncio.Task[None] | None = None
+        self.failure: AppendFailure | None = None
         self._writer = _Writer(self.path, clock, cache_mb)
         self._listeners: list[Listener] = []
         self._state = _NEW
@@ -576,9 +689,10 @@ class SQLiteEventLog(EventLog):
             self._state = _CLOSED
             return
         self._state = _CLOSING
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        for task in (self._flush_timer, self._probe_task):
+            if task is not None:
+                task.cancel()
+        self._flush_timer = self._probe_task = None
         try:
             await self._submit(_Stop())
         finally:
@@ -611,15 +725,20 @@ class SQLiteEventLog(EventLog):
 
     # -- writing
 
-    async def append(self, report: Report, delivery_id: str | None = None) -> Appended:
-        return await self.submit(report, delivery_id)
+    async def append(
+        self, report: Report, delivery_id: str | None = None, fingerprint: bytes | None = None
+    ) -> Appended:
+        return await self.submit(report, delivery_id, fingerprint)
 
-    def submit(self, report: Report, delivery_id: str | None = None) -> "asyncio.Future[Appended]":
+    def submit(
+        self, report: Report, delivery_id: str | None = None, fingerprint: bytes | None = None
+    ) -> "asyncio.Future[Appended]":
         self._check_open()
-        row = encode_row(report, delivery_id)
+        row = encode_row(report, parse_delivery_id(delivery_id))  # first: proves it storable
+        key = delivery_key(report, delivery_id, fingerprint)
         assert self._loop is not None
         future: asyncio.Future[Appended] = self._loop.create_future()
-        self._writer.queue.put((row, report, delivery_id, future))
+        self._writer.queue.put((row, report, key, future))
         self.stats.pending += 1
         return future
 
@@ -730,6 +849,7 @@ class SQLiteEventLog(EventLog):
         outcomes: list[tuple],
         appends: int,
         duplicates: int,
+        collisions: list[Event],
     ) -> None:
         stats = self.stats
         stats.commits_total += 1
@@ -738,7 +858,14 @@ class SQLiteEventLog(EventLog):
             stats.last_batch_size = appends
             if appends > stats.max_batch_size:
                 stats.max_batch_size = appends
+            self._recovered()
         stats.duplicates_total += duplicates
+        stats.delivery_id_collisions_total += len(collisions)
+        for event in collisions:
+            logger.warning(
+                "event log: delivery id %r came again with another body: stored as a new "
+                "report (seq %d), not as a retry", event.delivery_id, event.seq,
+            )
         if new_events:
             stats.appended_total += len(new_events)
             self._committed_seq = new_events[-1].seq
@@ -761,9 +888,44 @@ class SQLiteEventLog(EventLog):
     def _on_failed(self, futures: list[asyncio.Future], exc: BaseException, appends: int) -> None:
         self.stats.pending -= appends
         logger.error("event log %s: commit failed: %s", self.path, exc)
+        if _log_level(exc):
+            self._failing(exc)
         for future in futures:
             if future is not None and not future.done():
                 future.set_exception(exc)
+
+    # -- health (readiness)
+
+    def _failing(self, exc: BaseException) -> None:
+        """Remember that appends fail, and probe until a write works again.
+
+        Without the probe a daemon taken out of rotation for being not ready would never see the
+        append that proves it recovered.
+        """
+        if self.failure is None:
+            self.failure = AppendFailure(self._clock.time(), str(exc))
+        if self._probe_task is None and self._state == _OPEN:
+            assert self._loop is not None
+            self._probe_task = self._loop.create_task(self._probe())
+
+    def _recovered(self) -> None:
+        if self.failure is not None:
+            logger.warning("event log %s: appends work again", self.path)
+            self.failure = None
+
+    async def _probe(self) -> None:
+        try:
+            while self.failure is not None and self._state == _OPEN:
+                await self._clock.sleep(self._probe_every)
+                try:
+                    await self._submit(_Probe())
+                except Exception as exc:  # still failing (the op's own error, or the commit's)
+                    if self.failure is not None:
+                        self.failure = AppendFailure(self.failure.since, str(exc))
+                else:
+                    self._recovered()
+        finally:
+            self._probe_task = None
 
     # -- reading
 

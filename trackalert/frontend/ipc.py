@@ -23,7 +23,7 @@ MAX_FRAME = 64 * 1024 * 1024
 
 # worker -> core
 HELLO = 1  # (HELLO, pid)
-APPEND = 2  # (APPEND, request id, report fields, delivery id)
+APPEND = 2  # (APPEND, request id, report fields, delivery id, body fingerprint)
 STATS = 3  # (STATS, {...}) see frontend.worker.StatsBuffer
 # core -> worker
 SETTINGS = 10  # (SETTINGS, {...}) see frontend.supervisor.settings_snapshot

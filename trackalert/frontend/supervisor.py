@@ -149,7 +149,7 @@ class WebWorkers:
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == ipc.APPEND:
-            self._append(worker.channel, message[1], message[2], message[3])
+            self._append(worker.channel, *message[1:])
         elif kind == ipc.STATS:
             worker.connections = message[1]["connections"]
             self._merge(message[1])
@@ -169,9 +169,12 @@ class WebWorkers:
             if self._running:
                 self._spawn(worker.index)
 
-    def _append(self, channel: ipc.Channel, request_id: int, fields: tuple, delivery_id: str | None) -> None:
+    def _append(
+        self, channel: ipc.Channel, request_id: int, fields: tuple, delivery_id: str | None,
+        fingerprint: bytes | None,
+    ) -> None:
         try:
-            future = self._ingest.submit(ipc.report_from_fields(fields), delivery_id)
+            future = self._ingest.submit(ipc.report_from_fields(fields), delivery_id, fingerprint)
         except Exception as exc:
             channel.send((ipc.APPENDED, request_id, 0, False, str(exc)))
             return

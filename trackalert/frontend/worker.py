@@ -37,7 +37,9 @@ from trackalert.web import (
     JSON_TYPE,
     OK_BODY,
     PEER_HEADER,
+    bad_report,
     check_basic_auth,
+    delivery_of,
     failure,
     json_response,
     legacy_command,
@@ -98,13 +100,15 @@ class CoreLink:
         if self._channel is not None:
             self._channel.send(message)
 
-    def append(self, fields: tuple[Any, ...], delivery_id: str | None) -> "asyncio.Future[tuple[int, bool]]":
+    def append(
+        self, fields: tuple[Any, ...], delivery_id: str | None, fingerprint: bytes | None
+    ) -> "asyncio.Future[tuple[int, bool]]":
         if self.closed.is_set():
             raise ConnectionError("the trackalert core process is gone")
         request_id = next(self._ids)
         future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        self.send((ipc.APPEND, request_id, fields, delivery_id))
+        self.send((ipc.APPEND, request_id, fields, delivery_id, fingerprint))
         return future
 
     def close(self) -> None:
@@ -220,12 +224,13 @@ class WorkerWeb:
             body = await request.read()
             try:
                 report = parse_report(body, clock.time())
+                delivery = delivery_of(request, body)
             except ReportError as exc:
                 stats.reject(exc.reason)
-                return failure(400, str(exc))
+                return bad_report(exc)
             append_started = clock.monotonic()
             try:
-                await self._link.append(report.fields(), request.headers.get("X-Wforce-Delivery"))
+                await self._link.append(report.fields(), *delivery)
             except Exception as exc:
                 log.logger.error("Could not store report: %s", exc)
                 return failure(500, f"could not store report: {exc}")
