@@ -103,7 +103,9 @@ def _stats(state: "LuaState") -> Callable[[], None]:
     "newCA", ALL, "newCA(address) -> ComboAddress",
     """Parse `ip`, `ip:port`, `ipv6` or `[ipv6]:port` into a ComboAddress with the methods
     `:tostring()`, `:isIPv4()`, `:isIPv6()` and `:isMappedIPv4()`. An invalid address is logged
-    and gives `0.0.0.0`.""",
+    and gives `0.0.0.0`. Addresses (like `lt.remote`), netmasks, netmask groups and GeoIP
+    databases and records are Lua values whose methods are called with `:`; an unknown member is
+    an error naming the class.""",
     example='newCA("192.0.2.1"):isIPv4() -- true', topic="addresses",
 )
 def _new_ca(state: "LuaState") -> Callable[[Any], ComboAddress]:
