@@ -86,7 +86,7 @@ end
 local current
 local function handler(e)
   local message = type(e) == "string" and e or tostring(e)
-  if current ~= nil and not find(message, "^[^\n:]-:%d+: ") then
+  if type(current) == "function" and not find(message, "^[^\n:]-:%d+: ") then
     local info = getinfo(current, "S")
     if info.linedefined > 0 then
       message = "in function <" .. info.short_src .. ":" .. info.linedefined .. ">: " .. message
@@ -162,6 +162,14 @@ function CA.__tostring(self)
   return self._ip .. ":" .. self._port
 end
 
+-- The hex digits and family of a ComboAddress argument of `method`.
+local function address_digits(method, ca)
+  if getmetatable(ca) ~= CA then
+    fail(method .. " expects a ComboAddress, got " .. describe(ca))
+  end
+  return ca._hex, ca._v
+end
+
 -- The address text of a ComboAddress, nil for anything else (used from Python).
 function V.ca_text(value)
   if getmetatable(value) == CA then return value._ip, value._port end
@@ -179,10 +187,7 @@ function NM_M.toStringNetwork(self) need(NM, self, "toStringNetwork"); return se
 -- An IPv4 netmask also matches the IPv4-mapped form of its addresses (as trackalert.netaddr).
 function NM_M.match(self, ca)
   need(NM, self, "match")
-  if getmetatable(ca) ~= CA then
-    fail("Netmask:match expects a ComboAddress, got " .. describe(ca))
-  end
-  local hex, version = ca._hex, ca._v
+  local hex, version = address_digits("Netmask:match", ca)
   if version == 6 and self._v == 4 and ca._mapped then hex, version = sub(hex, 25), 4 end
   return version == self._v and prefix(hex, self._bits) == self._key
 end
@@ -242,10 +247,7 @@ end
 -- Longest prefix wins; an IPv4-mapped address is matched against the IPv4 entries first.
 function NG_M.match(self, ca)
   need(NG, self, "match")
-  if getmetatable(ca) ~= CA then
-    fail("NetmaskGroup:match expects a ComboAddress, got " .. describe(ca))
-  end
-  local hex, version = ca._hex, ca._v
+  local hex, version = address_digits("NetmaskGroup:match", ca)
   if version == 6 and ca._mapped then
     local allow = lookup(self, 4, sub(hex, 25))
     if allow ~= nil then return allow end
