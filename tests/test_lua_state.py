@@ -152,3 +152,108 @@ def test_set_report_needs_a_function(worker: LuaState) -> None:
         worker.execute("setReport(5)")
     worker.execute("setReport(function(lt) end)")
     assert worker.report_fn is not None
+
+
+# ---------------------------------------------------------------------------- the sandbox
+
+# Everything reachable from the globals and the registry: tables (keys, values, metatables),
+# functions (upvalues, environments) and userdata (metatables, environments). Counts the tables
+# that look like lupa's `python` module.
+FIND_PYTHON_MODULE = """
+local seen, queue, found = {}, {debug.getregistry(), _G}, 0
+local function visit(value)
+  local kind = type(value)
+  if (kind == "table" or kind == "function" or kind == "userdata" or kind == "thread")
+      and not seen[value] then
+    seen[value] = true
+    queue[#queue + 1] = value
+  end
+end
+while #queue > 0 do
+  local value = table.remove(queue)
+  local kind = type(value)
+  if kind == "table" then
+    if rawget(value, "as_attrgetter") ~= nil or rawget(value, "as_itemgetter") ~= nil then
+      found = found + 1
+    end
+    for k, v in next, value do visit(k); visit(v) end
+    visit(debug.getmetatable(value))
+  elseif kind == "function" then
+    visit(getfenv(value))
+    for i = 1, 255 do
+      local name, up = debug.getupvalue(value, i)
+      if name == nil then break end
+      visit(up)
+    end
+  elseif kind == "userdata" then
+    visit(debug.getmetatable(value))
+    visit(debug.getfenv(value))
+  end
+end
+return found
+"""
+
+
+def test_lua_has_no_way_to_lupa_s_python_module(config: LuaState, worker: LuaState) -> None:
+    for state in (config, worker):
+        assert state.execute("return python, package.loaded.python, package.preload.python") == ()
+        with pytest.raises(LuaError, match="module 'python' not found"):
+            state.execute('return require("python")')
+        assert state.execute(FIND_PYTHON_MODULE) == (0,)
+
+
+def test_ffi_stays_for_the_trusted_config(config: LuaState) -> None:
+    """README (Sandbox): config and console are trusted, ffi and debug included."""
+    assert config.execute('return type(require("ffi").cdef), type(debug.getregistry)') == (
+        "function", "function",
+    )
+
+
+PAYLOADS = [
+    '"); pwned = true; --', "]] pwned = true [[", 'require("python").eval("1")',
+    'require("ffi").C.abort()', "os.exit(3)", "\\0\n\t'\"", "${pwned} %s %d", "\u00e9\u2603",
+]
+
+DATA_POLICY = """
+dofile("{alert}")
+SEEN = {{}}
+function report(lt)
+  local parts = {{lt.login, lt.pwhash, lt.session_id, lt.device_id, lt.attrs.payload,
+                 lt.device_attrs.payload, lt.attrs_mv.payload[1], lt.attrs_mv.payload[2]}}
+  SEEN[#SEEN + 1] = StarterAlert.encode(parts)
+  SEEN[#SEEN + 1] = string.format("%s|%s", lt.login, lt.attrs.payload)
+  infoLog("payload", {{login = lt.login, attr = lt.attrs.payload}})
+end
+setCustomEndpoint("echo", function(args)
+  return true, {{payload = args.attrs.payload .. "|" .. args.attrs_mv.payload[1]}}
+end)
+"""
+
+
+def test_report_data_is_only_ever_data(worker: LuaState, tmp_path: Path) -> None:
+    """Fields full of Lua code, ffi calls and require strings reach the policy as strings."""
+    import json
+
+    from trackalert.eventlog.base import Event
+    from trackalert.lua.convert import call_with_tuple, protected_call, tuple_runner
+    from trackalert.report import Report
+
+    alert = Path(__file__).resolve().parent.parent / "conf" / "policies" / "alert.lua"
+    worker.execute(DATA_POLICY.format(alert=alert))
+    runner = tuple_runner(worker)
+    (fn,) = worker.execute("return report")
+    for i, payload in enumerate(PAYLOADS):
+        report = Report(
+            t=1.0, remote="192.0.2.1", login=payload, pwhash=payload, success=False,
+            session_id=payload, device_id=payload, attrs={"payload": payload},
+            attrs_mv={"payload": (payload, payload + "2")}, device_attrs={"payload": payload},
+        )
+        assert call_with_tuple(worker, runner, fn, Event(i + 1, 1.0, report)) == (True, None)
+        args = worker.table({"attrs": {"payload": payload}, "attrs_mv": {"payload": [payload]}})
+        ok, _, answer = protected_call(worker, worker.endpoints["echo"], args)
+        assert ok and answer["payload"] == payload + "|" + payload
+    (seen,) = worker.execute("return SEEN")
+    for i, payload in enumerate(PAYLOADS):
+        assert json.loads(seen[2 * i + 1]) == [payload] * 7 + [payload + "2"]
+        assert seen[2 * i + 2] == f"{payload}|{payload}"
+    assert worker.execute("return pwned") == ()

@@ -93,8 +93,10 @@ class GeoIPRegistry:
 
 @dataclass(frozen=True, slots=True)
 class GeoIPRecord:
-    """What `lookupCity` returns; Lua reads its members (`rec.city`, `rec.latitude`, ...)."""
+    """What `lookupCity` returns; Lua reads its members (`rec.city`, `rec.latitude`, ...) from a
+    Lua table built from it."""
 
+    #: What the Lua object of this class offers (trackalert.lua.values builds it; a test checks).
     LUA_METHODS: ClassVar[frozenset[str]] = frozenset({
         "country_code", "country_name", "region", "city", "postal_code", "continent_code",
         "latitude", "longitude",
@@ -177,6 +179,7 @@ class GeoIPDB:
     original does.
     """
 
+    #: What the Lua object of this class offers (trackalert.lua.values builds it; a test checks).
     LUA_METHODS: ClassVar[frozenset[str]] = frozenset({
         "lookupCountry", "lookupISP", "lookupCity", "lookupStringValue", "lookupUIntValue",
         "lookupBoolValue", "lookupDoubleValue",

@@ -74,6 +74,7 @@ class ComboAddress:
     `tostring()` is address only, exactly like the original.
     """
 
+    #: What the Lua object of this class offers (trackalert.lua.values builds it; a test checks).
     LUA_METHODS: ClassVar[frozenset[str]] = frozenset(
         {"tostring", "isIPv4", "isIPv6", "isMappedIPv4"}
     )
@@ -237,6 +238,7 @@ class Netmask:
     """A network as the operator wrote it: the address is kept unmasked because `showACL()` prints
     it as given, while matching and equality use the masked network."""
 
+    #: What the Lua object of this class offers (trackalert.lua.values builds it; a test checks).
     LUA_METHODS: ClassVar[frozenset[str]] = frozenset({"toStringNetwork", "match"})
 
     address: ComboAddress | None = field(compare=False)
@@ -377,6 +379,7 @@ class NetmaskGroup:
     writers replace whole, so a reader sees the old or the new entry, never a half-updated table.
     """
 
+    #: What the Lua object of this class offers (trackalert.lua.values builds it; a test checks).
     LUA_METHODS: ClassVar[frozenset[str]] = frozenset({"addMask", "match", "size", "clear"})
 
     def __init__(self, masks: Iterable[str] = ()) -> None:

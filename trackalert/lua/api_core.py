@@ -8,7 +8,7 @@ from trackalert import __version__, log
 from trackalert.durations import DurationError, parse_hms
 from trackalert.lua.convert import kv_pairs, scalar_text
 from trackalert.lua.registry import Where, lua_global
-from trackalert.netaddr import AddressError, ComboAddress, Netmask, NetmaskGroup, parse_combo
+from trackalert.netaddr import AddressError, ComboAddress, Netmask, parse_combo
 
 if TYPE_CHECKING:
     from trackalert.lua.state import LuaState
@@ -103,7 +103,9 @@ def _stats(state: "LuaState") -> Callable[[], None]:
     "newCA", ALL, "newCA(address) -> ComboAddress",
     """Parse `ip`, `ip:port`, `ipv6` or `[ipv6]:port` into a ComboAddress with the methods
     `:tostring()`, `:isIPv4()`, `:isIPv6()` and `:isMappedIPv4()`. An invalid address is logged
-    and gives `0.0.0.0`.""",
+    and gives `0.0.0.0`. Addresses (like `lt.remote`), netmasks, netmask groups and GeoIP
+    databases and records are Lua values whose methods are called with `:`; an unknown member is
+    an error naming the class.""",
     example='newCA("192.0.2.1"):isIPv4() -- true', topic="addresses",
 )
 def _new_ca(state: "LuaState") -> Callable[[Any], ComboAddress]:
@@ -156,11 +158,12 @@ def _new_netmask(state: "LuaState") -> Callable[[Any], Netmask | None]:
     example='newNetmaskFromCA(lt.remote, 24):toStringNetwork() -- "192.0.2.0/24"',
     topic="addresses",
 )
-def _new_netmask_from_ca(_state: "LuaState") -> Callable[[Any, Any], Netmask]:
+def _new_netmask_from_ca(state: "LuaState") -> Callable[[Any, Any], Netmask]:
     def new_netmask_from_ca(ca: Any, bits: Any) -> Netmask:
-        if not isinstance(ca, ComboAddress):
+        address = state.values.address(ca)
+        if address is None:
             raise TypeError("first argument must be a ComboAddress")
-        return Netmask.from_address(ca, int(bits))
+        return Netmask.from_address(address, int(bits))
 
     return new_netmask_from_ca
 
@@ -173,5 +176,5 @@ def _new_netmask_from_ca(_state: "LuaState") -> Callable[[Any, Any], Netmask]:
     example='local g = newNetmaskGroup(); g:addMask("10.0.0.0/8"); if g:match(lt.remote) then ... end',
     topic="addresses",
 )
-def _new_netmask_group(_state: "LuaState") -> Callable[[], NetmaskGroup]:
-    return NetmaskGroup
+def _new_netmask_group(state: "LuaState") -> Callable[[], Any]:
+    return lambda: state.values.lib.group()

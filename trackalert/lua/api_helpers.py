@@ -42,12 +42,13 @@ def _as_of(state: "LuaState") -> AsOf:
     return AsOf(now=state.host.clock.time())
 
 
-def _filter(value: Any) -> Filter:
+def _filter(state: "LuaState", value: Any) -> Filter:
     if value is None:
         return Filter()
     if not is_table(value):
         raise FilterError(f"filter must be a table, got {describe(value)}")
-    return parse_filter(value.items())
+    # `remote=lt.remote`, `netmask=newNetmask(...)`: Lua objects, which the filter takes as text
+    return parse_filter((key, state.values.plain(item)) for key, item in value.items())
 
 
 def _count(value: Any, what: str) -> int:
@@ -81,7 +82,7 @@ def event_dict(event: "Event") -> dict[str, Any]:
 )
 def _count_reports(state: "LuaState") -> Callable[[Any], int]:
     def count_reports(flt: Any = None) -> int:
-        return _queries(state).count_reports(_filter(flt), _as_of(state))
+        return _queries(state).count_reports(_filter(state, flt), _as_of(state))
 
     return count_reports
 
@@ -97,7 +98,7 @@ def _count_reports(state: "LuaState") -> Callable[[Any], int]:
 )
 def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
     def count_distinct(field: Any, flt: Any = None) -> int:
-        return _queries(state).count_distinct(parse_field(field), _filter(flt), _as_of(state))
+        return _queries(state).count_distinct(parse_field(field), _filter(state, flt), _as_of(state))
 
     return count_distinct
 
@@ -113,7 +114,7 @@ def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
 )
 def _top_values(state: "LuaState") -> Callable[[Any, Any, Any], Any]:
     def top_values(field: Any, flt: Any = None, n: Any = 10) -> Any:
-        rows = _queries(state).top_values(parse_field(field), _filter(flt), _count(n, "n"), _as_of(state))
+        rows = _queries(state).top_values(parse_field(field), _filter(state, flt), _count(n, "n"), _as_of(state))
         return state.table([{"value": value, "count": count} for value, count in rows])
 
     return top_values
@@ -129,7 +130,7 @@ def _top_values(state: "LuaState") -> Callable[[Any, Any, Any], Any]:
 )
 def _first_seen(state: "LuaState") -> Callable[[Any], float | None]:
     def first_seen(flt: Any = None) -> float | None:
-        return _queries(state).first_seen(_filter(flt), _as_of(state))
+        return _queries(state).first_seen(_filter(state, flt), _as_of(state))
 
     return first_seen
 
@@ -142,7 +143,7 @@ def _first_seen(state: "LuaState") -> Callable[[Any], float | None]:
 )
 def _last_seen(state: "LuaState") -> Callable[[Any], float | None]:
     def last_seen(flt: Any = None) -> float | None:
-        return _queries(state).last_seen(_filter(flt), _as_of(state))
+        return _queries(state).last_seen(_filter(state, flt), _as_of(state))
 
     return last_seen
 
@@ -158,7 +159,7 @@ def _last_seen(state: "LuaState") -> Callable[[Any], float | None]:
 )
 def _recent_reports(state: "LuaState") -> Callable[[Any, Any], Any]:
     def recent_reports(flt: Any = None, n: Any = 10) -> Any:
-        events = _queries(state).recent_reports(_filter(flt), _count(n, "n"), _as_of(state))
+        events = _queries(state).recent_reports(_filter(state, flt), _count(n, "n"), _as_of(state))
         return state.table([event_dict(event) for event in events])
 
     return recent_reports

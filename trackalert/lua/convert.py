@@ -1,18 +1,18 @@
 """Values crossing between Python and Lua.
 
-Data only ever crosses as values (tables, numbers, strings, whitelisted userdata), never as code:
-a login name full of Lua syntax is just a string to the policy.
+Data only ever crosses as values (strings, numbers, booleans, Lua tables), never as code and never
+as Python objects (trackalert.lua.values says why): a login name full of Lua syntax is just a
+string to the policy.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import TYPE_CHECKING, Any, Iterable
 
 import lupa.luajit21 as luajit
 
-from trackalert.netaddr import ComboAddress, parse_combo
+from trackalert.lua.values import CHUNK_NAME, address_fields
 
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event
@@ -20,37 +20,29 @@ if TYPE_CHECKING:
 
 lua_type = luajit.lua_type
 
-# Builds the LoginTuple table in Lua (one crossing instead of one per field) and runs the
-# policy under xpcall so an error comes back with its Lua traceback instead of unwinding Python.
+# Builds the LoginTuple table in Lua (one crossing instead of one per field; lt.remote is a Lua
+# ComboAddress built from plain values) and runs the policy protected (values: V.call) so an error
+# comes back as text with its Lua traceback instead of unwinding Python.
 _RUN_WITH_TUPLE = """
-return function(fn, t, remote, login, pwhash, success, policy_reject, protocol, tls,
-                device_id, session_id, fail_type, attrs, attrs_mv, device_attrs,
+local V = ...
+local new_ca, call = V.ca, V.call
+return function(fn, t, ip, port, hex, version, mapped, login, pwhash, success, policy_reject,
+                protocol, tls, device_id, session_id, fail_type, attrs, attrs_mv, device_attrs,
                 country, city, latitude, longitude, asn, isp)
-  local lt = {t=t, remote=remote, login=login, pwhash=pwhash, success=success,
-              policy_reject=policy_reject, protocol=protocol, tls=tls, device_id=device_id,
-              session_id=session_id, fail_type=fail_type, attrs=attrs or {},
+  local lt = {t=t, remote=new_ca(ip, port, hex, version, mapped), login=login, pwhash=pwhash,
+              success=success, policy_reject=policy_reject, protocol=protocol, tls=tls,
+              device_id=device_id, session_id=session_id, fail_type=fail_type, attrs=attrs or {},
               attrs_mv=attrs_mv or {}, device_attrs=device_attrs or {},
               country=country, city=city, latitude=latitude, longitude=longitude, asn=asn,
               isp=isp}
-  return xpcall(function() return fn(lt) end, debug.traceback)
-end
-"""
-
-
-_PROTECTED_CALL = """
-return function(fn, ...)
-  local args, n = {...}, select('#', ...)
-  return xpcall(function() return fn(unpack(args, 1, n)) end, debug.traceback)
+  return call(fn, lt)
 end
 """
 
 
 def protected_call(state: "LuaState", fn: Any, *args: Any) -> tuple[Any, ...]:
     """Call a Lua function under xpcall: (True, results...) or (False, message with traceback)."""
-    caller = state.cache.get("protected_call")
-    if caller is None:
-        caller = state.cache["protected_call"] = state.lua.execute(_PROTECTED_CALL)
-    result = caller(fn, *args)
+    result = state.values.call(fn, *args)
     return result if isinstance(result, tuple) else (result,)
 
 
@@ -58,7 +50,9 @@ def tuple_runner(state: "LuaState") -> Any:
     """The Lua function that runs ``fn(lt)`` for one event; compiled once per state."""
     runner = state.cache.get("tuple_runner")
     if runner is None:
-        runner = state.cache["tuple_runner"] = state.lua.execute(_RUN_WITH_TUPLE)
+        runner = state.cache["tuple_runner"] = state.lua.execute(
+            _RUN_WITH_TUPLE, state.values.lib, name=CHUNK_NAME
+        )
     return runner
 
 
@@ -69,7 +63,7 @@ def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> 
     result = runner(
         fn,
         r.t,
-        _combo(r.remote),
+        *address_fields(r.remote),
         r.login,
         r.pwhash,
         r.success,
@@ -99,12 +93,6 @@ def _geo_values(geo: Any) -> tuple:
     if geo is None:
         return _NO_GEO
     return (geo.country, geo.city, geo.latitude, geo.longitude, geo.asn, geo.isp)
-
-
-@functools.lru_cache(maxsize=65536)
-def _combo(remote: str) -> ComboAddress:
-    # ComboAddress is immutable, so one object per client address can serve every report.
-    return parse_combo(remote)
 
 
 def is_table(value: Any) -> bool:

@@ -1,10 +1,12 @@
-"""One sandboxed Lua interpreter (LuaJIT, Lua 5.1 semantics, as the C++ packages use).
+"""One Lua interpreter (LuaJIT, Lua 5.1 semantics, as the C++ packages use).
 
-The operator's config is trusted and keeps Lua's standard libraries (existing configs write files
-with `io.open`). What must never happen is report data becoming code or Lua reaching the daemon's
-Python internals: the runtime is built without `python.eval`/builtins, the `python` module table is
-removed, and Python objects handed to Lua expose only the attributes their class lists in
-`LUA_METHODS`.
+The operator's config and the console are trusted: they keep Lua's standard libraries (existing
+configs write files with `io.open`), `ffi` and `debug` included, so they can do anything the daemon's
+user can. What must never happen is report data becoming code, or Lua reaching the daemon's Python
+internals by the front door: the runtime is built without `python.eval`/builtins, lupa's `python`
+module is removed from the globals and from `package.loaded` (so `require("python")` finds
+nothing), and no Python object crosses into Lua per call (trackalert.lua.values explains why):
+the only Python objects a state holds are the global functions, installed once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import lupa.luajit21 as luajit
 
 from trackalert.lua.registry import Where, load_all
+from trackalert.lua.values import LuaValues, guarded
 
 if TYPE_CHECKING:
     from trackalert.lua.host import Host
@@ -36,20 +39,11 @@ def _attribute_filter(obj: Any, name: str, is_setting: bool) -> str:
     return name
 
 
-def _noop(*_args: Any) -> None:
-    return None
-
-
-# Python exceptions raised by a global become Lua errors raised at the caller's line, so the
-# operator sees `trackalert.conf:12: addACL(): ...` instead of a Python traceback.
-_WRAP_GLOBAL = """
-return function(impl, name)
-  return function(...)
-    local r = {pcall(impl, ...)}
-    if r[1] then return unpack(r, 2, table.maxn(r)) end
-    error(name .. "(): " .. tostring(r[2]), 2)
-  end
-end
+# lupa registers its `python` module as a global and in package.loaded; neither may stay.
+_REMOVE_PYTHON = """
+python = nil
+package.loaded.python = nil
+package.preload.python = nil
 """
 
 
@@ -80,17 +74,19 @@ class LuaState:
         #: Lua helper functions compiled once per state (see lua.convert).
         self.cache: dict[str, Any] = {}
         self.lock = threading.Lock()
+        self.lua.execute(_REMOVE_PYTHON)
+        self.values = LuaValues(self)
         self._install_globals()
 
     def _install_globals(self) -> None:
         g = self.lua.globals()
-        wrap = self.lua.execute(_WRAP_GLOBAL)
+        # A Lua function around each Python one, raising its errors at the caller's line.
+        wrap = self.values.lib.wrap
         for spec in load_all().values():
             if self.kind.value in spec.where:
-                g[spec.name] = wrap(spec.factory(self), spec.name)
+                g[spec.name] = wrap(guarded(spec.factory(self), self), spec.name)
             else:
-                g[spec.name] = _noop
-        g.python = None
+                g[spec.name] = wrap(None, spec.name)  # a silent no-op here, as in the C++ daemon
 
     @property
     def is_config(self) -> bool:
