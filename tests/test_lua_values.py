@@ -95,15 +95,19 @@ def python_references(state: LuaState) -> int:
 
 
 def test_lupa_itself_mixes_up_the_python_objects_it_pushes() -> None:
-    """scoder/lupa#293/#294 on the installed lupa: Python objects pushed per call come back as
-    other objects. When this fails, a fixed lupa has landed: the reason for
-    trackalert.lua.values is gone (keep the design, drop this test)."""
+    """scoder/lupa#293/#294: Python objects pushed per call come back as other objects.
+
+    The releases known to carry the bug (up to 2.8) must show it, which proves this check can see
+    it; a later release is only reported on, so a fixed lupa does not turn CI red (the design of
+    trackalert.lua.values stays either way)."""
     runtime = luajit.LuaRuntime()
     identity = runtime.eval("function(e, t) return e end")
     objects = [object(), object(), object()]
     wrong = sum(identity(objects[i % 3], runtime.table()) is not objects[i % 3] for i in range(200_000))
     print(f"lupa {lupa.__version__}: {wrong} of 200000 calls returned another object")
-    assert wrong > 0
+    release = tuple(int(part) for part in lupa.__version__.split(".")[:2] if part.isdigit())
+    if release <= (2, 8):
+        assert wrong > 0
 
 
 def test_lua_addresses_are_never_mixed_up() -> None:
