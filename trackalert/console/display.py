@@ -10,7 +10,8 @@ object we can't print`. An operator asking the log a question gets tables back (
 * any other array one element a line, any other table one `key  value` line per key (sorted);
 * a table inside a row inline (`{a, b}`, `{k=v}`), at most `DEPTH` levels deep (`_G` contains
   itself);
-* `true`/`false`, `nil`, and `<function>`/`<userdata>` for what has no text of its own.
+* `true`/`false`, `nil`, an address or netmask as its text, and `<function>` (or the type's
+  name) for what has no text of its own.
 
 Pure: it walks the Lua table it is given and calls nothing in Lua, so rendering cannot run
 operator code nor fail halfway.
@@ -53,8 +54,10 @@ def _scalar(value: Any) -> str:
         return number_text(value)
     if isinstance(value, str):
         return value
+    if "tostring" in getattr(type(value), "LUA_METHODS", ()):
+        return str(value.tostring())  # a ComboAddress as Lua prints it
     if lua_type(value) is None and type(value).__str__ is not object.__str__:
-        return str(value)  # ComboAddress, Netmask...: their own text
+        return str(value)  # a Netmask, a NetmaskGroup: their own text
     return f"<{describe(value)}>"
 
 
@@ -73,9 +76,11 @@ def _is_record(value: Any) -> bool:
     return is_table(value) and any(isinstance(k, str) for k, _ in _items(value))
 
 
-def _sort_key(key: Any) -> tuple[int, str]:
-    # numbers before names, each in their natural text order
-    return (0 if isinstance(key, (int, float)) else 1, _scalar(key) if not is_table(key) else "")
+def _sort_key(key: Any) -> tuple[int, float, str]:
+    # numbers first, by value; then everything else by its text
+    if _is_number(key):
+        return (0, key, "")
+    return (1, 0, _scalar(key) if not is_table(key) else "")
 
 
 def _sorted(items: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
