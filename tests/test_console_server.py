@@ -441,6 +441,36 @@ async def test_helpers_see_reports_stored_after_the_previous_command(daemon) -> 
     assert (before, after) == ("1", "3")
 
 
+async def test_helpers_on_concurrent_consoles_follow_ingestion(daemon) -> None:
+    """Three consoles ask while reports arrive, 10 rounds of 20: an answer counts every report
+    acknowledged before the question and none that was not yet sent, and never goes back."""
+    login, rounds, batch = "helper-flood", 10, 20
+    question = f'countReports{{login="{login}"}}'
+    connections = [await asyncio.to_thread(connect, daemon) for _ in range(3)]
+    answers: list[list[int]] = [[] for _ in connections]
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def post(i: int) -> int:
+                body = json.dumps({"login": login, "remote": f"192.0.2.{i % 250}", "success": False})
+                async with session.post(daemon.url("/command/report"), data=body, headers=AUTH) as r:
+                    return r.status
+
+            for n in range(rounds):
+                posts = [post(n * batch + i) for i in range(batch)]
+                asks = [asyncio.to_thread(c.command, question) for c in connections]
+                results = await asyncio.gather(*posts, *asks)
+                assert results[:batch] == [200] * batch
+                for mine, reply in zip(answers, results[batch:]):
+                    assert n * batch <= int(reply) <= (n + 1) * batch, reply
+                    mine.append(int(reply))
+        final = [await asyncio.to_thread(c.command, question) for c in connections]
+    finally:
+        for connection in connections:
+            connection.close()
+    assert final == [str(rounds * batch)] * 3
+    assert all(mine == sorted(mine) for mine in answers), answers
+
+
 def test_a_helper_error_on_the_console_is_an_error_with_its_place(daemon) -> None:
     reply = run(daemon, 'countReports{bogus=1}')
     assert reply.startswith("Error: console:1: countReports(): unknown filter key 'bogus'"), reply
