@@ -13,8 +13,8 @@ object we can't print`. An operator asking the log a question gets tables back (
 * `true`/`false`, `nil`, an address or netmask as its text, and `<function>` (or the type's
   name) for what has no text of its own.
 
-Pure: it walks the Lua table it is given and calls nothing in Lua, so rendering cannot run
-operator code nor fail halfway.
+It walks the tables it is given without calling Lua (no metamethods, no `tostring`), so showing a
+value cannot run operator code.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ time each report was received). Fast paths: anything with `login`; `remote`, `ne
 with `success=false` (attacks); otherwise a scan of the window, so give a short `window`.
 Inside `report(lt)` only events logged before `lt` are seen
 (windows end when `lt` was received); elsewhere (background and custom functions, the console)
-events received up to now. An unknown key or a
-value of the wrong type raises a Lua error naming it."""
+events received up to now. An unknown key or a value of the wrong type raises a Lua error naming
+it."""
 
 
 def _queries(state: "LuaState") -> "EventQueries":
