@@ -79,6 +79,14 @@ def test_execute_prints_the_reply_and_a_newline(daemon, port, tmp_path: Path) ->
     assert (result.returncode, result.stdout) == (0, "only this\n")
 
 
+def test_execute_shows_the_value_of_an_expression(daemon, port, tmp_path: Path) -> None:
+    config = client_config(tmp_path, port)
+    result = trackalert("-C", str(config), "-e", "string.rep('ab', 2)", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "abab\n")
+    result = trackalert("-C", str(config), "-e", "{10, 20}", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "10\n20\n")
+
+
 def test_execute_a_long_reply(daemon, port, tmp_path: Path) -> None:
     result = trackalert("-C", str(client_config(tmp_path, port)), "-e", "return string.rep('0123456789', 30000)", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout == "0123456789" * 30000 + "\n"
@@ -272,6 +280,8 @@ def test_local_console_runs_commands_and_quit_stops_the_daemon(tmp_path: Path) -
         child.expect("Error: console:1: local failure")
         child.send("return 6 * 7\r")
         child.expect("42")
+        child.send("'n=' .. countReports{login='nobody'}\r")  # an expression shows its value
+        child.expect("n=0")
         child.send("stats()\r")
         child.expect("0 reports")
         child.send("quit\r")

@@ -70,6 +70,19 @@ def run(daemon: DaemonProcess, command: str) -> str:
         return connection.command(command)
 
 
+def cpp_run(daemon: DaemonProcess, command: str) -> str:
+    client = CppClient(control_ports(daemon)[0], KEY)
+    try:
+        return client.command(command)
+    finally:
+        client.close()
+
+
+def both(daemon: DaemonProcess, command: str) -> tuple[str, str]:
+    """The replies to the C++ client and to ours."""
+    return cpp_run(daemon, command), run(daemon, command)
+
+
 def _plus_one(nonce: bytes) -> bytes:
     return ((int.from_bytes(nonce[:4], "big") + 1) % 2**32).to_bytes(4, "big") + nonce[4:]
 
@@ -237,21 +250,28 @@ def test_a_daemon_without_a_key_refuses_console_connections(tmp_path: Path) -> N
 
 # ---- command outputs (reference §9.6) -----------------------------------------------------
 
+EXACT_OUTPUTS = [
+    ("showVersion()", f"trackalert {__version__}\n"),
+    ("testCrypto('hello')", "Everything is ok!\n"),
+    ("reloadGeoIPDBs()", "reloadGeoIPDBs() successful\n"),
+    ("showCustomEndpoints()", f"{'Custom Endpoint':<30} \n{'another':<30} \n{'custom':<30} \n"),
+    ("addACL('198.51.100.0/24')", ""),
+]
+#: setKey returns a boolean, which the C++ console discards and ours shows after the output.
+SET_KEY_OUTPUTS = [
+    ('setKey("!!!")', "Unable to decode !!! as Base64", "Unable to decode !!! as Base64\nfalse"),
+    (f'setKey("{encode_key(KEY)}")', "", "true"),
+]
 
-@pytest.mark.parametrize(
-    "command, expected",
-    [
-        ("showVersion()", f"trackalert {__version__}\n"),
-        ("testCrypto('hello')", "Everything is ok!\n"),
-        ("reloadGeoIPDBs()", "reloadGeoIPDBs() successful\n"),
-        ('setKey("!!!")', "Unable to decode !!! as Base64"),
-        (f'setKey("{encode_key(KEY)}")', ""),
-        ("showCustomEndpoints()", f"{'Custom Endpoint':<30} \n{'another':<30} \n{'custom':<30} \n"),
-        ("addACL('198.51.100.0/24')", ""),
-    ],
-)
+
+@pytest.mark.parametrize("command, expected", EXACT_OUTPUTS)
 def test_exact_outputs(daemon, command: str, expected: str) -> None:
-    assert run(daemon, command) == expected
+    assert both(daemon, command) == (expected, expected)
+
+
+@pytest.mark.parametrize("command, cpp_expected, ours_expected", SET_KEY_OUTPUTS)
+def test_set_key_outputs(daemon, command: str, cpp_expected: str, ours_expected: str) -> None:
+    assert both(daemon, command) == (cpp_expected, ours_expected)
 
 
 def test_make_key_outputs_a_fresh_set_key_line(daemon) -> None:
@@ -317,12 +337,27 @@ def test_commands_of_other_modules_run_through_the_console(daemon) -> None:
         ("return 1.5", "1.5"),
         ("return nil", ""),
         ("showVersion() return 'returned wins'", "returned wins"),
-        ("return true", "Command returned an object we can't print: boolean\n"),
-        ("return {}", "Command returned an object we can't print: table\n"),
     ],
 )
 def test_reply_rules(daemon, command: str, expected: str) -> None:
-    assert run(daemon, command) == expected
+    assert both(daemon, command) == (expected, expected)
+
+
+@pytest.mark.parametrize(
+    "command, cpp_expected, ours_expected",
+    [
+        ("return true", "Command returned an object we can't print: boolean\n", "true"),
+        ("return {}", "Command returned an object we can't print: table\n", "{}"),
+        ("showVersion() return {1, 2}", "Command returned an object we can't print: table\n",
+         f"trackalert {__version__}\n1\n2"),
+        ('return topValues("remote", {login="helper-nobody"}, 5)',
+         "Command returned an object we can't print: table\n", "{}"),
+    ],
+)
+def test_values_the_cpp_console_cannot_print_are_shown_to_our_client(
+    daemon, command: str, cpp_expected: str, ours_expected: str
+) -> None:
+    assert both(daemon, command) == (cpp_expected, ours_expected)
 
 
 def test_errors(daemon) -> None:
@@ -366,6 +401,144 @@ def test_concurrent_consoles_do_not_mix_their_output(daemon) -> None:
     for thread in threads:
         thread.join(120)
     assert not failures
+
+
+# ---- a console that answers: helpers, expression values, tables ---------------------------
+
+
+async def post_body(daemon: DaemonProcess, body: dict) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(daemon.url("/command/report"), data=json.dumps(body), headers=AUTH) as r:
+            return r.status
+
+
+async def store(daemon: DaemonProcess, login: str, remotes_and_outcomes: list[tuple[str, bool]]) -> None:
+    """Reports in this order; each 200 means it is in the log, so the console sees it at once."""
+    for remote, success in remotes_and_outcomes:
+        body = {"login": login, "remote": remote, "success": success, "protocol": "imap"}
+        assert await post_body(daemon, body) == 200
+
+
+async def test_long_term_helpers_answer_from_the_log_on_the_console(daemon) -> None:
+    await store(daemon, "helper-alice", [("192.0.2.10", False)] * 3 + [("192.0.2.11", True)])
+    await store(daemon, "helper-bob", [("192.0.2.10", False)])
+
+    def ask(command: str) -> str:
+        return run(daemon, command)
+
+    assert await asyncio.to_thread(ask, 'countReports{login="helper-alice", success=false, window="7d"}') == "3"
+    assert await asyncio.to_thread(ask, 'return countReports({login="helper-alice"})') == "4"
+    assert await asyncio.to_thread(ask, 'return tostring(countReports({login="helper-bob"}))') == "1"
+    assert await asyncio.to_thread(ask, 'countDistinct("login", {remote="192.0.2.10", success=false})') == "2"
+    assert await asyncio.to_thread(ask, 'lastSeen{login="helper-bob"} >= firstSeen{login="helper-alice"}') == "true"
+    assert await asyncio.to_thread(ask, 'firstSeen{login="helper-nobody"}') == ""
+    # the C++ client gets the number the C++ way: returned
+    assert await asyncio.to_thread(cpp_run, daemon, 'return countReports({login="helper-alice"})') == "4"
+
+
+async def test_helpers_see_reports_stored_after_the_previous_command(daemon) -> None:
+    await store(daemon, "helper-carol", [("192.0.2.30", False)])
+    before = await asyncio.to_thread(run, daemon, 'countReports{login="helper-carol"}')
+    await store(daemon, "helper-carol", [("192.0.2.30", False)] * 2)
+    after = await asyncio.to_thread(run, daemon, 'countReports{login="helper-carol"}')
+    assert (before, after) == ("1", "3")
+
+
+async def test_helpers_on_concurrent_consoles_follow_ingestion(daemon) -> None:
+    """Three consoles ask while reports arrive, 10 rounds of 20: an answer counts every report
+    acknowledged before the question and none that was not yet sent, and never goes back."""
+    login, rounds, batch = "helper-flood", 10, 20
+    question = f'countReports{{login="{login}"}}'
+    connections = [await asyncio.to_thread(connect, daemon) for _ in range(3)]
+    answers: list[list[int]] = [[] for _ in connections]
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def post(i: int) -> int:
+                body = json.dumps({"login": login, "remote": f"192.0.2.{i % 250}", "success": False})
+                async with session.post(daemon.url("/command/report"), data=body, headers=AUTH) as r:
+                    return r.status
+
+            for n in range(rounds):
+                posts = [post(n * batch + i) for i in range(batch)]
+                asks = [asyncio.to_thread(c.command, question) for c in connections]
+                results = await asyncio.gather(*posts, *asks)
+                assert results[:batch] == [200] * batch
+                for mine, reply in zip(answers, results[batch:]):
+                    assert n * batch <= int(reply) <= (n + 1) * batch, reply
+                    mine.append(int(reply))
+        final = [await asyncio.to_thread(c.command, question) for c in connections]
+    finally:
+        for connection in connections:
+            connection.close()
+    assert final == [str(rounds * batch)] * 3
+    assert all(mine == sorted(mine) for mine in answers), answers
+
+
+def test_a_helper_error_on_the_console_is_an_error_with_its_place(daemon) -> None:
+    reply = run(daemon, 'countReports{bogus=1}')
+    assert reply.startswith("Error: console:1: countReports(): unknown filter key 'bogus'"), reply
+
+
+async def test_table_results_are_shown_readably(daemon) -> None:
+    await store(daemon, "table-dave", [("192.0.2.20", False), ("192.0.2.20", False), ("192.0.2.21", False)])
+    top = await asyncio.to_thread(run, daemon, 'topValues("remote", {login="table-dave"}, 5)')
+    assert top == "count  value\n    2  192.0.2.20\n    1  192.0.2.21"
+    recent = await asyncio.to_thread(run, daemon, 'recentReports({login="table-dave"}, 2)')
+    assert "table: 0x" not in recent and "<table>" not in recent
+    newest, older = recent.splitlines()[-2:]  # after the header when shown as columns
+    assert "table-dave" in newest and "192.0.2.21" in newest
+    assert "table-dave" in older and "192.0.2.20" in older
+    assert await asyncio.to_thread(run, daemon, 'topValues("remote", {login="table-nobody"}, 5)') == "{}"
+
+
+def _unexpected(symbol: str) -> str:
+    return f"Error: console:1: unexpected symbol near '{symbol}': "
+
+
+@pytest.mark.parametrize(
+    "command, cpp_expected, ours_expected",
+    [
+        ("1 + 1", _unexpected("1"), "2"),
+        ("'con' .. 'cat' -- with a comment", _unexpected("'con'"), "concat"),
+        ("{a = 1, b = {true, 'x'}}", _unexpected("{"), "a  1\nb  {true, x}"),
+        ("nil", _unexpected("nil"), ""),
+        # calls: statements to the C++ console, whose value it drops
+        ('countReports{login="helper-nobody"}', "", "0"),
+        ("tostring(1)", "", "1"),
+        ("newCA('192.0.2.1')", "", "192.0.2.1"),
+        ("newNetmask('192.0.2.0/24')", "", "192.0.2.0/24"),
+    ],
+)
+def test_an_expression_typed_without_return_shows_its_value_to_our_client(
+    daemon, command: str, cpp_expected: str, ours_expected: str
+) -> None:
+    assert both(daemon, command) == (cpp_expected, ours_expected)
+
+
+def test_an_expression_runs_once_in_each_state(daemon) -> None:
+    define = 'function mark(tag) local f = io.open("marks.txt", "a") f:write(tag, "\\n") f:close() return tag end'
+    assert run(daemon, define) == ""
+    assert run(daemon, 'mark("ours")') == "ours"
+    assert cpp_run(daemon, 'mark("cpp")') == ""  # a statement for the C++ console, as before
+    marks = (daemon.directory / "marks.txt").read_text().splitlines()
+    assert marks == ["ours"] * 3 + ["cpp"] * 3  # 2 worker states, then the config state
+
+
+#: Replies as the daemon gave them before expressions showed values (81ccacd), for statements.
+STATEMENT_REPLIES = [
+    ("statement_global = 1", ""),
+    ("if true then showVersion() end", f"trackalert {__version__}\n"),
+    ("for i = 1, 3 do local x = i end", ""),
+    ("", ""),
+    ("-- only a comment", ""),
+    ('countReports{login="helper-nobody"};', ""),  # a trailing ; keeps a call a statement
+    ("local t = {} return #t", "0"),
+]
+
+
+@pytest.mark.parametrize("command, expected", STATEMENT_REPLIES)
+def test_statements_reply_as_before_to_both_clients(daemon, command: str, expected: str) -> None:
+    assert both(daemon, command) == (expected, expected)
 
 
 # ---- runtime configuration ----------------------------------------------------------------

@@ -12,6 +12,13 @@ own. Commands are serialised — two consoles never interleave in the states or 
 buffer — and a command is refused, rather than left hanging, while a worker state is stuck in a
 call running longer than `setSlowLuaCallSeconds` (LuaJIT cannot interrupt it). A command that
 was already waiting for a state when the state got stuck keeps waiting for it.
+
+Our clients (those that announced themselves, and the local console) get a prompt that shows
+values, as Python's does: a command that is one expression (`countReports{login="alice"}`) runs
+as `return (<expression>)`, and a value the C++ console could not print (a table, a boolean) is
+shown readably (`display`) after the console output. Whether a command is an expression is
+decided by compiling it, never by running it, so it runs exactly once per state either way. The
+C++ client keeps the C++ replies, byte for byte.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import lupa.luajit21 as luajit
+
+from trackalert.console.display import show
 from trackalert.lua.convert import describe, number_text, protected_call
 from trackalert.lua.state import LuaError, LuaState, LuaSyntaxError
 
@@ -66,28 +76,54 @@ def _run_in_locked_state(state: LuaState, code: str) -> None:
         raise LuaError(str(result[1]))
 
 
-def run_in_config_state(host: "Host", state: LuaState, code: str) -> Reply:
+def expression_chunk(compiler: "luajit.LuaRuntime", code: str) -> str | None:
+    """`code` as a chunk that returns its value, when `code` is one expression; else None.
+
+    Only compiled here. The parentheses keep one value and, unlike a bare `return f()`, are no
+    tail call, so an error inside `f` still points at `console:1`; the newline ends a trailing
+    `--` comment. A trailing `;` makes it a statement, which hides the value (as in IPython).
+    """
+    chunk = f"return ({code}\n)"
+    try:
+        compiler.compile(chunk)
+    except LuaSyntaxError:
+        return None
+    return chunk
+
+
+def run_in_config_state(host: "Host", state: LuaState, code: str, show_values: bool = False) -> Reply:
     """Run `code` in the config state and build the reply (synchronous: call it in a thread)."""
     host.take_console_output()  # start from an empty buffer
     try:
         values = state.execute(code, CHUNK_NAME)
+        output = host.take_console_output()
+        if not values or values[0] is None:
+            return Reply(output, ReplyKind.OUTPUT)
+        return _shown_reply(values[0], output) if show_values else _value_reply(values[0])
     except (LuaError, LuaSyntaxError) as exc:
         return error_reply(exc)
     except UnicodeDecodeError:
         host.take_console_output()
         return Reply("Command returned an object we can't print: a string that is not UTF-8\n", ReplyKind.ERROR)
-    output = host.take_console_output()
-    if values and values[0] is not None:
-        return _value_reply(values[0])
-    return Reply(output, ReplyKind.OUTPUT)
 
 
 def _value_reply(value: Any) -> Reply:
+    """The C++ console's reply to a returned value: strings and numbers only."""
     if isinstance(value, str):
         return Reply(value, ReplyKind.VALUE)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return Reply(number_text(value), ReplyKind.VALUE)
     return Reply(f"Command returned an object we can't print: {describe(value)}\n", ReplyKind.ERROR)
+
+
+def _shown_reply(value: Any, output: str) -> Reply:
+    """Our console's: a string or a number as the C++ one, anything else shown after the output."""
+    reply = _value_reply(value)
+    if reply.kind is ReplyKind.VALUE:
+        return reply
+    if output and not output.endswith("\n"):
+        output += "\n"
+    return Reply(output + show(value), ReplyKind.VALUE)
 
 
 class CommandExecutor:
@@ -97,8 +133,12 @@ class CommandExecutor:
         self._pool = pool
         self._lock = asyncio.Lock()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="console")
+        #: Compiles commands to tell expressions from statements; used only in `_thread`, and
+        #: a runtime of its own, so nothing a command does to its states can change the answer.
+        self._compiler = luajit.LuaRuntime(register_eval=False, register_builtins=False)
 
-    async def execute(self, code: str) -> Reply:
+    async def execute(self, code: str, show_values: bool = False) -> Reply:
+        """Run a command everywhere and answer it; `show_values` for our clients (see above)."""
         # Wait for the previous command in short steps: if it waits behind a stuck state, this
         # one is refused instead of queueing forever.
         while True:
@@ -114,16 +154,18 @@ class CommandExecutor:
             stuck = self._stuck_state()
             if stuck:
                 return Reply(stuck, ReplyKind.ERROR)
+            loop = asyncio.get_running_loop()
+            if show_values:
+                code = await loop.run_in_executor(self._thread, expression_chunk, self._compiler, code) or code
             try:
                 await self._pool.run_everywhere(lambda state: _run_in_locked_state(state, code))
             except (LuaError, LuaSyntaxError) as exc:
                 return error_reply(exc)
             except Exception as exc:  # a Python error in a global: answer it, keep the console
                 return error_reply(f"{type(exc).__name__}: {exc}")
-            loop = asyncio.get_running_loop()
             try:
                 return await loop.run_in_executor(
-                    self._thread, run_in_config_state, self._host, self._config_state, code
+                    self._thread, run_in_config_state, self._host, self._config_state, code, show_values
                 )
             except Exception as exc:
                 return error_reply(f"{type(exc).__name__}: {exc}")

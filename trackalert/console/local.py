@@ -52,6 +52,6 @@ async def run_local_console(executor: "CommandExecutor", host: "Host") -> None:
                 break
             if text.strip() == QUIT:
                 break
-            print_reply(await executor.execute(text))
+            print_reply(await executor.execute(text, show_values=True))
     log.notice("Console closed: stopping trackalert")
     host.shutdown()

@@ -6,8 +6,9 @@ not a console client): it is logged and the connection closed before anything is
 is no ACL on the control socket, as in the original: the key is the access control.
 
 Our own client opens with `protocol.HELLO`; on such connections long messages are chunked (see
-`protocol`). A reply too long for one frame on any other connection (the C++ client) is replaced
-by a clear error instead of the C++ daemon's corrupted length.
+`protocol`) and expression values are shown (see `executor`). A reply too long for one frame on
+any other connection (the C++ client) is replaced by a clear error instead of the C++ daemon's
+corrupted length.
 
 Unlike the C++ daemon, the socket has limits (`Settings.console`, see `limits`): a bounded number
 of connections, and timeouts on the nonce exchange, on a frame that has begun, on the wait for
@@ -265,7 +266,8 @@ class ControlServer:
         self._busy += 1
         self._idle.clear()
         try:
-            reply = (await self._executor.execute(text)).wire_text
+            # an announced client is ours: it shows values (see executor)
+            reply = (await self._executor.execute(text, show_values=channel.chunked)).wire_text
             if not channel.chunked and len(reply) > MAX_TEXT:
                 log.logger.warning(
                     "A console reply of %d bytes does not fit in one message for %s (a client "

@@ -1,8 +1,12 @@
 """Lua globals: the long-term helpers over the event log (DESIGN §5 "Long-term helpers").
 
 As-of rule: inside `report(lt)` a helper sees only events logged before `lt` (windows end when lt
-was received); in background and custom functions it sees events received up to the clock's now
-(virtual in replays and tests). That one rule makes live runs and replays agree.
+was received); in background and custom functions, and on the console, it sees events received up
+to the clock's now (virtual in replays and tests). That one rule makes live runs and replays agree.
+
+The helpers also work in the config state: a console command runs in every worker state and then
+in the config state, whose result is the reply, so a helper that did nothing there (as the C++
+convention for worker-only functions would have it) answered every console question with nil.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
 from trackalert.lua.convert import describe, is_table
 from trackalert.lua.registry import Where, lua_global
+
+#: Worker states, and the config state that answers console commands.
+HELPERS = Where.WORKER | Where.CONFIG
 
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event, EventQueries
@@ -24,15 +31,16 @@ ComboAddress), `netmask` (`"192.0.2.0/24"`), `success` (boolean), `protocol`, `p
 time each report was received). Fast paths: anything with `login`; `remote`, `netmask` or `pwhash`
 with `success=false` (attacks); otherwise a scan of the window, so give a short `window`.
 Inside `report(lt)` only events logged before `lt` are seen
-(windows end when `lt` was received); elsewhere events received up to now. An unknown key or a
-value of the wrong type raises a Lua error naming it."""
+(windows end when `lt` was received); elsewhere (background and custom functions, the console)
+events received up to now. An unknown key or a value of the wrong type raises a Lua error naming
+it."""
 
 
 def _queries(state: "LuaState") -> "EventQueries":
     log = state.host.eventlog
     if log is None:
-        raise RuntimeError("the event log is not open (helpers work in report, background and "
-                           "custom functions of a running daemon)")
+        raise RuntimeError("the event log is not open yet (helpers answer in the report, background "
+                           "and custom functions and on the console of a running daemon)")
     return log.queries()
 
 
@@ -75,7 +83,7 @@ def event_dict(event: "Event") -> dict[str, Any]:
 
 
 @lua_global(
-    "countReports", Where.WORKER, "countReports(filter) -> number",
+    "countReports", HELPERS, "countReports(filter) -> number",
     "How many logged reports match `filter`. " + _FILTER_DOC,
     example='local fails = countReports({login=lt.login, success=false, window="1h"})',
     topic="helpers",
@@ -88,7 +96,7 @@ def _count_reports(state: "LuaState") -> Callable[[Any], int]:
 
 
 @lua_global(
-    "countDistinct", Where.WORKER, "countDistinct(field, filter) -> number",
+    "countDistinct", HELPERS, "countDistinct(field, filter) -> number",
     """How many distinct values `field` takes over the reports matching `filter`. Fields:
     `login`, `remote`, `pwhash`, `protocol`, `country`, `city`, `asn`, `isp`, `device_id`,
     `fail_type`, `session_id`, `"device_attrs.<key>"`, `"attrs.<key>"`, and `"remote/<bits>"`
@@ -104,7 +112,7 @@ def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
 
 
 @lua_global(
-    "topValues", Where.WORKER, "topValues(field, filter, n) -> {{value=, count=}, ...}",
+    "topValues", HELPERS, "topValues(field, filter, n) -> {{value=, count=}, ...}",
     """The `n` most frequent values of `field` (as for `countDistinct`) over the reports matching
     `filter`, most frequent first (ties in value order), as an array of `{value=, count=}`.
     """ + _FILTER_DOC,
@@ -121,7 +129,7 @@ def _top_values(state: "LuaState") -> Callable[[Any, Any, Any], Any]:
 
 
 @lua_global(
-    "firstSeen", Where.WORKER, "firstSeen(filter) -> time or nil",
+    "firstSeen", HELPERS, "firstSeen(filter) -> time or nil",
     """When the first report matching `filter` was received (epoch seconds), or nil when there is
     none. """ + _FILTER_DOC,
     example='if firstSeen({login=lt.login, country=lt.country, success=true}) == nil then\n'
@@ -136,7 +144,7 @@ def _first_seen(state: "LuaState") -> Callable[[Any], float | None]:
 
 
 @lua_global(
-    "lastSeen", Where.WORKER, "lastSeen(filter) -> time or nil",
+    "lastSeen", HELPERS, "lastSeen(filter) -> time or nil",
     """When the last report matching `filter` was received (epoch seconds), or nil. """ + _FILTER_DOC,
     example='local last = lastSeen({login=lt.login, success=true})',
     topic="helpers",
@@ -149,7 +157,7 @@ def _last_seen(state: "LuaState") -> Callable[[Any], float | None]:
 
 
 @lua_global(
-    "recentReports", Where.WORKER, "recentReports(filter, n) -> {report, ...}",
+    "recentReports", HELPERS, "recentReports(filter, n) -> {report, ...}",
     """Up to `n` reports matching `filter`, newest first. Each is a table with the LoginTuple
     fields (`remote` as a string), `seq`, `received`, and the enrichment `country`, `city`,
     `latitude`, `longitude`, `asn`, `isp` (nil/"" when unknown). """ + _FILTER_DOC,
