@@ -75,4 +75,14 @@ def test_a_table_that_contains_itself_is_shown_to_a_bounded_depth(lua: LuaState)
     ],
 )
 def test_single_values(lua: LuaState, expression: str, expected: str) -> None:
-    assert show(value(lua, expression)) == expected
+    assert show(value(lua, expression), lua.values.text_of) == expected
+
+
+def test_addresses_inside_records_show_as_their_text(lua: LuaState) -> None:
+    rows = value(lua, '{{login="alice", remote=newCA("192.0.2.1")}, {login="bob", remote=newCA("::1")}}')
+    assert show(rows, lua.values.text_of) == "login  remote\nalice  192.0.2.1\nbob    ::1"
+
+
+def test_an_operator_table_with_its_own_tostring_is_not_run(lua: LuaState) -> None:
+    disguised = value(lua, 'setmetatable({a=1}, {__tostring=function() error("ran") end})')
+    assert show(disguised, lua.values.text_of) == "a  1"

@@ -13,13 +13,15 @@ object we can't print`. An operator asking the log a question gets tables back (
 * `true`/`false`, `nil`, an address or netmask as its text, and `<function>` (or the type's
   name) for what has no text of its own.
 
-It walks the tables it is given without calling Lua (no metamethods, no `tostring`), so showing a
-value cannot run operator code.
+It walks the tables it is given without running operator code (no metamethods, no `tostring`).
+The one call into Lua is `text_of`, the library's own text of its address, netmask and GeoIP
+objects (`LuaValues.text_of`): they are Lua tables now that no Python object crosses into Lua.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextvars
+from typing import Any, Callable, Sequence
 
 from trackalert.lua.convert import describe, is_table, lua_type, number_text
 
@@ -30,9 +32,38 @@ DEPTH = 3
 _GAP = "  "
 
 
-def show(value: Any) -> str:
-    """The text of a returned value, possibly several lines (no trailing newline)."""
-    if not is_table(value):
+TextOf = Callable[[Any], "str | None"]
+#: The `text_of` of the value being shown; a context variable, so consoles in several threads
+#: each see their own.
+_text_of: contextvars.ContextVar[TextOf] = contextvars.ContextVar("text_of")
+
+
+def show(value: Any, text_of: TextOf | None = None) -> str:
+    """The text of a returned value, possibly several lines (no trailing newline).
+
+    `text_of` gives the text of the library's own objects (addresses, netmasks...), else None.
+    """
+    token = _text_of.set(text_of or _no_text)
+    try:
+        return _show(value)
+    finally:
+        _text_of.reset(token)
+
+
+def _no_text(_value: Any) -> None:
+    return None
+
+
+def _object_text(value: Any) -> str | None:
+    return _text_of.get(_no_text)(value) if is_table(value) else None
+
+
+def _plain_table(value: Any) -> bool:
+    return is_table(value) and _object_text(value) is None
+
+
+def _show(value: Any) -> str:
+    if not _plain_table(value):
         return _scalar(value)
     items = _items(value)
     if not items:
@@ -54,6 +85,9 @@ def _scalar(value: Any) -> str:
         return number_text(value)
     if isinstance(value, str):
         return value
+    text = _object_text(value)
+    if text is not None:
+        return text
     if "tostring" in getattr(type(value), "LUA_METHODS", ()):
         return str(value.tostring())  # a ComboAddress as Lua prints it
     if lua_type(value) is None and type(value).__str__ is not object.__str__:
@@ -73,7 +107,7 @@ def _is_array(items: list[tuple[Any, Any]]) -> bool:
 
 
 def _is_record(value: Any) -> bool:
-    return is_table(value) and any(isinstance(k, str) for k, _ in _items(value))
+    return _plain_table(value) and any(isinstance(k, str) for k, _ in _items(value))
 
 
 def _sort_key(key: Any) -> tuple[int, float, str]:
@@ -89,7 +123,7 @@ def _sorted(items: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
 
 def _inline(value: Any, depth: int) -> str:
     """One line: a nested table as `{a, b}` or `{k=v, ...}`."""
-    if not is_table(value):
+    if not _plain_table(value):
         return _scalar(value)
     if depth > DEPTH:
         return "{...}"
@@ -102,7 +136,7 @@ def _inline(value: Any, depth: int) -> str:
 
 
 def _empty(value: Any) -> bool:
-    if is_table(value):
+    if _plain_table(value):
         return not _items(value)
     return value is None or (isinstance(value, str) and not value)
 

@@ -27,7 +27,7 @@ import asyncio
 import enum
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import lupa.luajit21 as luajit
 
@@ -99,7 +99,9 @@ def run_in_config_state(host: "Host", state: LuaState, code: str, show_values: b
         output = host.take_console_output()
         if not values or values[0] is None:
             return Reply(output, ReplyKind.OUTPUT)
-        return _shown_reply(values[0], output) if show_values else _value_reply(values[0])
+        if show_values:
+            return _shown_reply(values[0], output, state.values.text_of)
+        return _value_reply(values[0])
     except (LuaError, LuaSyntaxError) as exc:
         return error_reply(exc)
     except UnicodeDecodeError:
@@ -116,14 +118,14 @@ def _value_reply(value: Any) -> Reply:
     return Reply(f"Command returned an object we can't print: {describe(value)}\n", ReplyKind.ERROR)
 
 
-def _shown_reply(value: Any, output: str) -> Reply:
+def _shown_reply(value: Any, output: str, text_of: Callable[[Any], str | None]) -> Reply:
     """Our console's: a string or a number as the C++ one, anything else shown after the output."""
     reply = _value_reply(value)
     if reply.kind is ReplyKind.VALUE:
         return reply
     if output and not output.endswith("\n"):
         output += "\n"
-    return Reply(output + show(value), ReplyKind.VALUE)
+    return Reply(output + show(value, text_of), ReplyKind.VALUE)
 
 
 class CommandExecutor:

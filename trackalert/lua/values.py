@@ -123,6 +123,16 @@ local function describe(value)
 end
 V.describe = describe
 
+-- The text of one of the classes below (its tostring method, else its __tostring), nil for any other value: lets
+-- the console show an address inside a table without running an operator's metamethods.
+function V.text(value)
+  local mt = getmetatable(value)
+  if type(mt) ~= "table" or V.classes[mt.name] ~= mt then return nil end
+  local plain = rawget(mt.__index, "tostring")  -- an address without its port
+  if plain then return plain(value) end
+  if mt.__tostring then return mt.__tostring(value) end
+end
+
 -- A method called with `.` instead of `:` gets no object; say so instead of failing inside.
 local function need(mt, self, method)
   if getmetatable(self) ~= mt then
@@ -374,6 +384,7 @@ class LuaValues:
         self._ca_text = self.lib.ca_text
         self._netmask_text = self.lib.netmask_text
         self.describe = self.lib.describe
+        self.text_of: Callable[[Any], str | None] = self.lib.text
         self._converters: dict[type, Callable[[Any], Any]] = {
             ComboAddress: self.combo,
             Netmask: self.netmask,
