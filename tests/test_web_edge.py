@@ -135,6 +135,7 @@ async def test_malformed_requests_get_a_json_error(edge: DaemonProcess, case: st
     else:
         assert status == expected, (status, body)
         assert_json_failure(status, headers, body)
+        assert status != 405 or headers["allow"] == "GET, HEAD, POST, PUT, DELETE"
     assert stored(edge, "malformed") == 0
 
 
@@ -267,7 +268,7 @@ async def answer_of(reader: asyncio.StreamReader, bound: float) -> bytes:
 
 @pytest.mark.parametrize("web_processes", [0, 2])
 async def test_slow_clients_are_cut_off_and_free_their_slots(tmp_path: Path, web_processes: int) -> None:
-    limit, timeout = 20, 0.5
+    limit, timeout = 20, 1.0
     config = listener_config(PASSWORD) + (
         f"setNumWebProcesses({web_processes})\nsetMaxWebserverConns({limit})\n"
         f"setWebserverReadTimeout({timeout})\n"
@@ -289,7 +290,7 @@ async def test_slow_clients_are_cut_off_and_free_their_slots(tmp_path: Path, web
             results = await asyncio.gather(*(exchange(process.port, r) for r in reports))
             assert [status for status, _, _ in results] == [200] * len(reports)
         assert stored(process, "slow") == 0
-        assert "no whole request within 0.5 s" in process.output()
+        assert "no whole request within 1 s" in process.output()
 
 
 def report(login: str) -> bytes:

@@ -47,6 +47,8 @@ SIGNATURE_HEADER = "X-Wforce-Signature"
 #: Where a request keeps its client's `ip:port` text (for log lines of the handlers).
 PEER_KEY = "trackalert.peer"
 OK_BODY = b'{"status":"ok"}'
+#: The methods some route takes (a 405 must say so).
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE"
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
 
 
@@ -417,6 +419,8 @@ class JsonRequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent; no room for the error")
         response = failure(status, reason)
+        if status == 405:
+            response.headers["Allow"] = ALLOWED_METHODS
         response.force_close()
         return response
 
