@@ -295,3 +295,13 @@ async def test_slow_clients_are_cut_off_and_free_their_slots(tmp_path: Path, web
 
 def report(login: str) -> bytes:
     return report_request("/command/report", json.dumps({"login": login}).encode(), "Connection: close")
+
+
+async def test_a_client_leaving_mid_body_is_not_an_internal_error(edge: DaemonProcess) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    writer.write((POST + "Content-Length: 100\r\n\r\n").encode() + b'{"login": "left"')
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    assert not await wait_for(lambda: "Internal error" in edge.output() or "Traceback" in edge.output(), timeout=1.5)
+    assert stored(edge, "left") == 0

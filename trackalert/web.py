@@ -477,6 +477,8 @@ def unreadable(exc: Exception, body_limit: int) -> web.Response | None:
         return failure(413, f"Request body larger than {body_limit} bytes")
     if isinstance(exc, ReadTimeout):
         response = failure(408, f"Request timeout: {exc}")
+    elif isinstance(exc, ConnectionResetError):  # the client left mid-body: no one to answer
+        response = failure(400, "Bad request: the connection was lost")
     elif isinstance(exc, (HttpProcessingError, RequestPayloadError)):
         response = failure(400, "Bad request: " + error_text(exc))
     else:
