@@ -157,7 +157,7 @@ def test_the_shares_of_the_connection_limit_add_up_to_it(limit: int, workers: in
 
 
 async def held_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-    """A keep-alive connection that got an answer (None: the daemon closed it unanswered)."""
+    """A connection that got an answer and is busy (None: the daemon closed it unanswered)."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /command/livez HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -165,6 +165,7 @@ async def held_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.Stre
     except ConnectionError:
         return None
     if line.startswith(b"HTTP/1.1 200"):
+        writer.write(b"GET /command/livez HTTP/1.1\r\n")  # busy: no later connection may evict it
         return reader, writer
     writer.close()
     return None

@@ -276,6 +276,7 @@ async def test_max_connections_closes_the_extra_ones(tmp_path: Path) -> None:
         for reader, writer in held:  # make sure the server has accepted both
             writer.write(b"GET /command/readyz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            writer.write(b"GET /command/readyz HTTP/1.1\r\n")  # and keep them busy (idle ones make room)
         reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
         writer.write(b"GET /command/readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         try:  # closed without an answer: EOF, or a reset because our request was unread

@@ -305,3 +305,36 @@ async def test_a_client_leaving_mid_body_is_not_an_internal_error(edge: DaemonPr
     await writer.wait_closed()
     assert not await wait_for(lambda: "Internal error" in edge.output() or "Traceback" in edge.output(), timeout=1.5)
     assert stored(edge, "left") == 0
+
+
+async def served_and_busy(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A connection that got its answer and then started a next request (None: refused)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /command/readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+        return None
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"GET /command/readyz HTTP/1.1\r\n")
+    return reader, writer
+
+
+@pytest.mark.parametrize("web_processes", [0, 2])
+async def test_at_the_limit_an_idle_keepalive_connection_makes_room(tmp_path: Path, web_processes: int) -> None:
+    """Idle keep-alive connections (60 s by default) must not hold every slot: at the limit, a
+    new connection closes the oldest idle one; a busy one is never closed for it."""
+    limit = 3
+    config = listener_config(PASSWORD) + f"setNumWebProcesses({web_processes})\nsetMaxWebserverConns({limit})\n"
+    with DaemonProcess(tmp_path, config) as process:
+        idle = [await asyncio.open_connection("127.0.0.1", process.port) for _ in range(limit)]
+        for reader, writer in idle:
+            writer.write(b"GET /command/readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+        busy = [await served_and_busy(process.port) for _ in range(limit)]
+        assert all(busy), "each new connection is served, closing an idle one"
+        assert [await answer_of(reader, 10) for reader, _ in idle] == [b""] * limit
+        assert await served_and_busy(process.port) is None, "busy connections are not closed for a new one"
+        for _, writer in idle + busy:  # type: ignore[operator]
+            writer.close()

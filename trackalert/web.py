@@ -390,6 +390,11 @@ class JsonRequestHandler(RequestHandler):
             self._read_timer.cancel()
             self._read_timer = None
 
+    def idle(self) -> bool:
+        """Kept alive between requests, with no byte of the next one yet."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and self._read_timer is None and not self._messages
+
     def _arm_read_timer(self) -> None:
         if self._read_timer is None and self._read_timeout > 0:
             self._read_timer = self._loop.call_later(self._read_timeout, self._read_timed_out)
@@ -445,6 +450,24 @@ class JsonServer(Server):
             self, read_timeout, loop=self._loop, keepalive_timeout=idle_timeout, **self._kwargs
         )
 
+    def evict_idle(self) -> bool:
+        """Close the oldest idle keep-alive connection, if there is one, to make room for a new
+        one at the connection limit (as nginx reuses idle connections): idle connections must
+        not hold every slot for the idle timeout."""
+        handler = self._oldest_idle()
+        if handler is not None:
+            handler.force_close()
+        return handler is not None
+
+    def has_idle(self) -> bool:
+        return self._oldest_idle() is not None
+
+    def _oldest_idle(self) -> JsonRequestHandler | None:
+        for handler in self._connections:
+            if isinstance(handler, JsonRequestHandler) and handler.idle():
+                return handler
+        return None
+
     def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:  # type: ignore[no-untyped-def]
         if isinstance(protocol, JsonRequestHandler):
             protocol.track_body(payload)
@@ -487,12 +510,12 @@ def unreadable(exc: Exception, body_limit: int) -> web.Response | None:
     return response
 
 
-def limited(http: Server, limit: Callable[[], int]) -> Callable[[], asyncio.Protocol]:
-    """A protocol factory for `http` that refuses connections beyond `limit()` open ones
-    (read per connection, so a change of the limit applies at once)."""
+def limited(http: JsonServer, limit: Callable[[], int]) -> Callable[[], asyncio.Protocol]:
+    """A protocol factory for `http` that refuses connections beyond `limit()` open ones, unless
+    an idle one can make room (the limit is read per connection, so a change applies at once)."""
 
     def factory() -> asyncio.Protocol:
-        if len(http.connections) >= limit():
+        if len(http.connections) >= limit() and not http.evict_idle():
             return _Refuse()
         return http()
 

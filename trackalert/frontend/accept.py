@@ -5,8 +5,8 @@ limit/N, so a burst that landed on one worker was refused while another had free
 limit 100 and 2 workers, 2-10 of 99 connections were refused; the issue measured 38). Here a
 worker accepts only up to its share (the shares add up to the limit) and, at its share, leaves new
 connections in the kernel's queue for a worker with room. Only when every worker is full, as the
-counts they publish in a small shared file say, is a connection refused at once, as one process
-refuses past the limit.
+counts they publish in a small shared file say, does it do what one process does past the limit:
+close an idle keep-alive connection to make room, or else refuse the new one at once.
 """
 
 from __future__ import annotations
@@ -68,11 +68,16 @@ class SharedAccept:
         counts: ConnectionCounts,
         limit: Callable[[], int],
         protocol_factory: Callable[[], asyncio.Protocol],
+        has_idle: Callable[[], bool],
+        evict_idle: Callable[[], bool],
     ) -> None:
         self._index = index
         self._counts = counts
         self._limit = limit
         self._factory = protocol_factory
+        self._has_idle = has_idle
+        self._evict_idle = evict_idle
+        self._deferred_since: float | None = None
         self._open = 0
         self._listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._closed = False
@@ -106,11 +111,13 @@ class SharedAccept:
         share = share_of(limit, len(self._counts), self._index)
         while True:
             full = self._open >= share
-            if full and self._counts.total() < limit:  # another worker has room: leave it the queue
+            if full and self._leave_to_others(limit):
                 loop = asyncio.get_running_loop()
                 loop.remove_reader(sock.fileno())
                 loop.call_later(PAUSE, self._watch, sock, context)
                 return
+            if not full:
+                self._deferred_since = None
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -120,11 +127,24 @@ class SharedAccept:
                 asyncio.get_running_loop().remove_reader(sock.fileno())
                 asyncio.get_running_loop().call_later(PAUSE * 10, self._watch, sock, context)
                 return
-            if full:  # every worker is full: refuse at once, as one process does
+            if full and not self._evict_idle():  # every worker is full: refuse, as one process does
                 conn.close()
                 continue
             self.opened()
             asyncio.ensure_future(self._serve(conn, context))
+
+    def _leave_to_others(self, limit: int) -> bool:
+        """At its share, should this worker leave the queued connections to the others? Yes if
+        one has room; and, when all are full but this one has no idle connection to close for
+        a new one, for a moment, so that a worker with an idle one takes it; then it refuses."""
+        if self._counts.total() < limit:
+            return True
+        if self._has_idle():
+            return False
+        now = asyncio.get_running_loop().time()
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since < PAUSE
 
     async def _serve(self, conn: socket.socket, context: ssl.SSLContext | None) -> None:
         """Hand an accepted socket to aiohttp; the slot is released once, when it ends."""

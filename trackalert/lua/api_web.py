@@ -228,8 +228,10 @@ lua_global(
 
 lua_global(
     "setMaxWebserverConns", CONFIG, "setMaxWebserverConns(n)",
-    """The most REST connections open at once (default 10000); connections beyond it are closed
-    at once. Effective, unlike in the C++ daemon.""",
+    """The most REST connections open at once (default 10000). At the limit a new connection
+    closes the oldest idle keep-alive one, or, if none is idle, is itself closed at once. With
+    web processes each takes its share and leaves the rest to the others. Effective, unlike in
+    the C++ daemon.""",
     example="setMaxWebserverConns(2000)", topic="web",
 )(_setter("max_conns", _count("setMaxWebserverConns")))
 
