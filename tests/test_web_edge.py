@@ -116,6 +116,10 @@ MALFORMED = {
     "bad-content-length": ((POST + "Content-Length: 2x\r\n\r\n").encode() + BODY, 400),
     "two-content-lengths": ((POST + "Content-Length: 22\r\nContent-Length: 23\r\n\r\n").encode() + BODY, 400),
     "tls-on-the-plain-port": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
+    "body-over-the-limit": ((POST + "Content-Length: 1048600\r\n\r\n").encode() + b" " * 1048600, 413),
+    "chunked-body-over-the-limit": (
+        (POST + "Transfer-Encoding: chunked\r\n\r\n100000\r\n").encode() + b" " * 0x100000
+        + b"\r\n10\r\n" + b" " * 16 + b"\r\n0\r\n\r\n", 413),
     "undecodable-gzip-body": ((POST + "Content-Encoding: gzip\r\nContent-Length: 22\r\n\r\n").encode() + BODY, 400),
 }
 

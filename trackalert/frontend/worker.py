@@ -30,10 +30,9 @@ from trackalert import log
 from trackalert.clock import RealClock
 from trackalert.frontend import ipc
 from trackalert.frontend.accept import ConnectionCounts, SharedAccept
-from trackalert.netaddr import NetmaskGroup, parse_combo
+from trackalert.netaddr import NetmaskGroup, endpoint_text, parse_combo
 from trackalert.report import ReportError, parse_report
 from trackalert.settings import Listener
-from trackalert.netaddr import endpoint_text
 from trackalert.web import (
     JSON_TYPE,
     OK_BODY,
@@ -44,10 +43,10 @@ from trackalert.web import (
     is_report,
     json_response,
     log_auth_failure,
+    origin_form,
     request_failed,
     route,
     signature_refusal,
-    origin_form,
     tls_context,
     unauthorised,
 )
