@@ -110,7 +110,8 @@ class WebServer:
         for listener, sock in zip(listeners, sockets):
             context = tls_context(listener) if listener.tls else None
             server = await loop.create_server(
-                limited(self._http, lambda: self._host.settings.max_conns), sock=sock, ssl=context
+                limited(self._http, lambda: self._host.settings.max_conns), sock=sock, ssl=context,
+                ssl_handshake_timeout=self._host.settings.read_timeout if context else None,
             )
             self._servers.append(server)
         if listeners:

@@ -70,6 +70,7 @@ class SharedAccept:
         protocol_factory: Callable[[], asyncio.Protocol],
         has_idle: Callable[[], bool],
         evict_idle: Callable[[], bool],
+        handshake_timeout: Callable[[], float],
     ) -> None:
         self._index = index
         self._counts = counts
@@ -77,6 +78,7 @@ class SharedAccept:
         self._factory = protocol_factory
         self._has_idle = has_idle
         self._evict_idle = evict_idle
+        self._handshake_timeout = handshake_timeout
         self._deferred_since: float | None = None
         self._open = 0
         self._listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
@@ -152,7 +154,8 @@ class SharedAccept:
         release = _Once(self.closed)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: _Counted(self._factory(), release), conn, ssl=context
+                lambda: _Counted(self._factory(), release), conn, ssl=context,
+                ssl_handshake_timeout=self._handshake_timeout() if context else None,
             )
         except Exception:  # a failed TLS handshake, a reset, ...: the protocol never started
             conn.close()

@@ -167,7 +167,8 @@ class WorkerWeb:
         self.http = JsonServer(self.handle, self._body_limit, self._timeouts)
         counts = ConnectionCounts(self._settings["connections_path"])
         self._accept = SharedAccept(
-            self._index, counts, self._max_conns, self.http, self.http.has_idle, self.http.evict_idle
+            self._index, counts, self._max_conns, self.http, self.http.has_idle, self.http.evict_idle,
+            lambda: self._timeouts()[0],
         )
         for fd, (tls, cert_file, key_file, options) in zip(fds, self._settings["listeners"]):
             listener = Listener(parse_combo("0.0.0.0"), tls, cert_file, key_file, options)

@@ -166,8 +166,9 @@ def _seconds(what: str) -> Callable[[Any], float]:
 lua_global(
     "setWebserverReadTimeout", CONFIG, "setWebserverReadTimeout(seconds)",
     """How long a REST client may take to send one whole request, headers and body (default
-    5 s, counted from its first byte, or from the connection for the first request). A slower
-    request gets a 408 JSON answer, or, still in its headers, is closed, so a slow client cannot
+    5 s, counted from its first byte, or from the connection for the first request; it also
+    bounds a TLS handshake). A slower request gets a 408 JSON answer, or, still in its headers
+    (or handshake), is closed, so a slow client cannot
     hold a connection slot (`setMaxWebserverConns`). wforce sends each report at once and gives
     up after its 2 s webhook timeout. Applies to new connections.""",
     example="setWebserverReadTimeout(5)", topic="web",
