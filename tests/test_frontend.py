@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -173,19 +174,35 @@ async def held_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.Stre
 
 async def test_the_connection_limit_is_shared_by_the_workers(tmp_path: Path) -> None:
     """A burst of connections lands unevenly on the workers; none is refused under the limit,
-    and past it exactly the limit is served, the rest refused at once."""
+    and past it exactly the limit stays open (a new one may close one that was idle for a
+    moment, between its answer and its next request), the rest refused at once."""
     limit = 100
     config = listener_config() + f"setNumWebProcesses(2)\nsetMaxWebserverConns({limit})\n"
     with DaemonProcess(tmp_path, config) as process:
         for burst in (limit - 1, limit - 1, limit + 30):
             held = await asyncio.gather(*(held_connection(process.port) for _ in range(burst)))
             served = [pair for pair in held if pair is not None]
-            assert len(served) == min(burst, limit), f"{burst - len(served)} of {burst} refused"
+            assert len(served) >= min(burst, limit), f"{burst - len(served)} of {burst} refused"
+            alive = [await still_open(reader, writer) for reader, writer in served]
+            assert sum(alive) == min(burst, limit)
             for _, writer in served:
                 writer.close()
             for _, writer in served:
-                await writer.wait_closed()
+                with contextlib.suppress(ConnectionError):  # those closed by the daemon
+                    await writer.wait_closed()
             assert await released(process)
+
+
+async def still_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Finish the request started by `held_connection`: answered unless it was closed."""
+    try:
+        writer.write(b"Host: x\r\n\r\n")
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            if not line or line.startswith(b"HTTP/1.1 "):
+                return line.startswith(b"HTTP/1.1 200")
+    except ConnectionError:
+        return False
 
 
 async def active_connections(process: DaemonProcess) -> float:
