@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from trackalert.frontend.accept import share_of
 from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
 
 AUTH = basic_auth()
@@ -147,3 +149,74 @@ async def test_workers_leave_with_the_core(tmp_path: Path) -> None:
     assert await wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and
                                           "zombie" not in Path(f"/proc/{pid}/status").read_text()
                                           for pid in workers), timeout=20)
+
+
+@pytest.mark.parametrize(("limit", "workers"), [(100, 2), (7, 3), (2, 3), (1, 1)])
+def test_the_shares_of_the_connection_limit_add_up_to_it(limit: int, workers: int) -> None:
+    shares = [share_of(limit, workers, index) for index in range(workers)]
+    assert sum(shares) == limit and max(shares) - min(shares) <= 1
+
+
+async def held_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A connection that got an answer and is busy (None: the daemon closed it unanswered)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /command/livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        line = await asyncio.wait_for(reader.readline(), 10)
+    except ConnectionError:
+        return None
+    if line.startswith(b"HTTP/1.1 200"):
+        writer.write(b"GET /command/livez HTTP/1.1\r\n")  # busy: no later connection may evict it
+        return reader, writer
+    writer.close()
+    return None
+
+
+async def test_the_connection_limit_is_shared_by_the_workers(tmp_path: Path) -> None:
+    """A burst of connections lands unevenly on the workers; none is refused under the limit,
+    and past it exactly the limit stays open (a new one may close one that was idle for a
+    moment, between its answer and its next request), the rest refused at once."""
+    limit = 100
+    config = listener_config() + f"setNumWebProcesses(2)\nsetMaxWebserverConns({limit})\n"
+    with DaemonProcess(tmp_path, config) as process:
+        for burst in (limit - 1, limit - 1, limit + 30):
+            held = await asyncio.gather(*(held_connection(process.port) for _ in range(burst)))
+            served = [pair for pair in held if pair is not None]
+            assert len(served) >= min(burst, limit), f"{burst - len(served)} of {burst} refused"
+            alive = [await still_open(reader, writer) for reader, writer in served]
+            assert sum(alive) == min(burst, limit)
+            for _, writer in served:
+                writer.close()
+            for _, writer in served:
+                with contextlib.suppress(ConnectionError):  # those closed by the daemon
+                    await writer.wait_closed()
+            assert await released(process)
+
+
+async def still_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Finish the request started by `held_connection`: answered unless it was closed."""
+    try:
+        writer.write(b"Host: x\r\n\r\n")
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            if not line or line.startswith(b"HTTP/1.1 "):
+                return line.startswith(b"HTTP/1.1 200")
+    except ConnectionError:
+        return False
+
+
+async def active_connections(process: DaemonProcess) -> float:
+    """The workers' open connections as /metrics shows them (this scrape's own included)."""
+    _, _, body = await call(process, "GET", "/metrics", headers=AUTH)
+    for line in body.decode().splitlines():
+        if line.startswith("trackalert_active_http_connections "):
+            return float(line.split()[-1])
+    raise AssertionError("no trackalert_active_http_connections")
+
+
+async def released(process: DaemonProcess) -> bool:
+    for _ in range(100):  # the workers report their counts every half second
+        if await active_connections(process) <= 1:
+            return True
+        await asyncio.sleep(0.1)
+    return False

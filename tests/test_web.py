@@ -276,6 +276,7 @@ async def test_max_connections_closes_the_extra_ones(tmp_path: Path) -> None:
         for reader, writer in held:  # make sure the server has accepted both
             writer.write(b"GET /command/readyz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            writer.write(b"GET /command/readyz HTTP/1.1\r\n")  # and keep them busy (idle ones make room)
         reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
         writer.write(b"GET /command/readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         try:  # closed without an answer: EOF, or a reset because our request was unread
@@ -287,17 +288,40 @@ async def test_max_connections_closes_the_extra_ones(tmp_path: Path) -> None:
         writer.close()
 
 
-@pytest.mark.parametrize("web_processes", [0, 1])
-async def test_tls_listener_with_min_protocol(tmp_path: Path, web_processes: int) -> None:
-    import ssl
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with openssl."""
     import subprocess
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )
+    return cert, key
+
+
+@pytest.mark.parametrize("web_processes", [0, 2])
+async def test_a_tls_handshake_that_never_comes_is_cut_off(tmp_path: Path, web_processes: int) -> None:
+    cert, key = self_signed(tmp_path)
+    config = (
+        f'addListener("127.0.0.1:0", true, "{cert}", "{key}", {{}})\n'
+        f"setNumWebProcesses({web_processes})\nsetWebserverReadTimeout(1)\n"
+    )
+    with DaemonProcess(tmp_path, config) as process:
+        reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
+        try:  # silent after connecting: closed after the read timeout, not the 60 s default
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+
+
+@pytest.mark.parametrize("web_processes", [0, 1])
+async def test_tls_listener_with_min_protocol(tmp_path: Path, web_processes: int) -> None:
+    import ssl
+
+    cert, key = self_signed(tmp_path)
     config = (
         f'addListener("127.0.0.1:0", true, "{cert}", "{key}", {{MinProtocol="TLSv1.3", Bogus="x"}})\n'
         'setWebserverPassword("secret")\n'

@@ -32,7 +32,7 @@ APPEND_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )
 #: Reasons a report is refused before it reaches the log (created at 0 so rate() works at once).
-REJECT_REASONS = ("json", "field", "remote", "too_large")
+REJECT_REASONS = ("json", "field", "remote", "too_large", "signature")
 #: Kinds of Lua call, created at 0.
 LUA_KINDS = ("report", "custom", "background")
 
@@ -197,7 +197,8 @@ class Metrics:
             "trackalert_reports_rejected_total",
             "Reports refused before reaching the event log, by reason (json: body not a JSON "
             "object, field: a field of the wrong type, remote: unparseable address, "
-            "too_large: body over the size limit).", ["reason"], registry=r)
+            "too_large: body over the size limit, signature: X-Wforce-Signature missing or "
+            "wrong under setReportSecret).", ["reason"], registry=r)
         self._append_duration = Histogram(
             "trackalert_eventlog_append_duration_seconds",
             "Time from an append request to its durable acknowledgement, group-commit wait "

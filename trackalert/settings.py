@@ -15,6 +15,11 @@ from trackalert.netaddr import DEFAULT_ACL, ComboAddress, NetmaskGroup
 DEFAULT_NUM_LUA_STATES = 6
 DEFAULT_MAX_CONNS = 10000
 DEFAULT_BODY_LIMIT = 1024 * 1024
+#: A request must arrive whole (headers and body) within this many seconds of its first byte;
+#: wforce sends each report at once and gives up after 2 s anyway.
+DEFAULT_READ_TIMEOUT = 5.0
+#: An idle keep-alive connection is closed after this long (the C++ daemon's framework default).
+DEFAULT_IDLE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -75,6 +80,10 @@ class Settings:
     num_worker_threads: int = 4
     max_conns: int = DEFAULT_MAX_CONNS
     body_limit: int = DEFAULT_BODY_LIMIT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: setReportSecret: X-Wforce-Signature must match one of these (none: not checked).
+    report_secrets: list[str] = field(default_factory=list)
     acl: NetmaskGroup = field(default_factory=NetmaskGroup)
     eventlog_url: str = ""
     retention_seconds: float | None = None

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from trackalert import log
 from trackalert.frontend import ipc
+from trackalert.frontend.accept import ConnectionCounts, create_counts
 from trackalert.settings import Listener
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class WebWorkers:
         self._tasks: list[asyncio.Task[None]] = []
         self._dir = ""
         self.proxy_path = ""
+        self._counts: ConnectionCounts | None = None
+        self._counts_path = ""
 
     def connections(self) -> int:
         return sum(worker.connections for worker in self._workers.values())
@@ -93,6 +96,8 @@ class WebWorkers:
     async def start(self, timeout: float = 30.0) -> None:
         self._dir = tempfile.mkdtemp(prefix="trackalert-")  # 0700: only we can reach the socket
         self.proxy_path = os.path.join(self._dir, "core.sock")
+        self._counts_path = os.path.join(self._dir, "connections")
+        self._counts = create_counts(self._counts_path, self._count)
         await self._web.start_internal(self.proxy_path)
         self._running = True
         for index in range(self._count):
@@ -159,6 +164,8 @@ class WebWorkers:
 
     async def _worker_gone(self, worker: _Worker) -> None:
         worker.connections = 0
+        if self._counts is not None:  # its connections died with it
+            self._counts.set(worker.index, 0)
         if self._running:
             await asyncio.get_running_loop().run_in_executor(None, worker.process.wait)
             log.logger.error(
@@ -210,7 +217,11 @@ class WebWorkers:
             "acl": settings.acl.entries(),
             "password": settings.password,
             "body_limit": settings.body_limit,
-            "max_conns": max(1, settings.max_conns // self._count),
+            "read_timeout": settings.read_timeout,
+            "idle_timeout": settings.idle_timeout,
+            "report_secrets": list(settings.report_secrets),
+            "max_conns": settings.max_conns,
+            "connections_path": self._counts_path,
             "report_shadowed": "report" in settings.custom_endpoints,
             "listeners": [(l.tls, l.cert_file, l.key_file, dict(l.options)) for l in self._listeners],
             "proxy_path": self.proxy_path,

@@ -23,30 +23,32 @@ import sys
 from typing import Any, Sequence
 
 import aiohttp
+import yarl
 from aiohttp import web
-from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
-from aiohttp.web_server import Server
 
 from trackalert import log
 from trackalert.clock import RealClock
 from trackalert.frontend import ipc
-from trackalert.netaddr import NetmaskGroup, parse_combo
+from trackalert.frontend.accept import ConnectionCounts, SharedAccept
+from trackalert.netaddr import NetmaskGroup, endpoint_text, parse_combo
 from trackalert.report import ReportError, parse_report
 from trackalert.settings import Listener
 from trackalert.web import (
     JSON_TYPE,
     OK_BODY,
     PEER_HEADER,
+    JsonServer,
     bad_report,
     check_basic_auth,
     delivery_of,
     failure,
+    is_report,
     json_response,
-    legacy_command,
-    limited,
-    sized_requests,
     log_auth_failure,
-    split_target,
+    origin_form,
+    request_failed,
+    route,
+    signature_refusal,
     tls_context,
     unauthorised,
 )
@@ -143,15 +145,17 @@ class CoreLink:
 class WorkerWeb:
     """The request handler of a worker: reports locally, everything else through the core."""
 
-    def __init__(self, link: CoreLink, proxy_path: str) -> None:
+    def __init__(self, link: CoreLink, proxy_path: str, index: int) -> None:
         self._link = link
+        self._index = index
+        self._accept: SharedAccept | None = None
         self._clock = RealClock()
         self._stats = StatsBuffer()
         self._acl = NetmaskGroup()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=proxy_path), auto_decompress=False
         )
-        self.http: Server | None = None
+        self.http: JsonServer | None = None
         self.apply_settings()
 
     def apply_settings(self) -> None:
@@ -161,24 +165,31 @@ class WorkerWeb:
     def _settings(self) -> dict[str, Any]:
         return self._link.settings
 
-    async def listen(self, fds: list[int]) -> list[asyncio.AbstractServer]:
-        """Serve on the listening sockets the core passed down, with the core's TLS settings."""
-        loop = asyncio.get_running_loop()
-        self.http = Server(
-            self.handle, access_log=None, keepalive_timeout=60.0,
-            request_factory=sized_requests(lambda: int(self._settings.get("body_limit", 1024 * 1024))),
+    def listen(self, fds: list[int]) -> None:
+        """Serve on the listening sockets the core passed down, with the core's TLS settings,
+        taking this worker's share of the connection limit (see `frontend.accept`)."""
+        self.http = JsonServer(self.handle, self._body_limit, self._timeouts)
+        counts = ConnectionCounts(self._settings["connections_path"])
+        self._accept = SharedAccept(
+            self._index, counts, self._max_conns, self.http, self.http.has_idle, self.http.evict_idle,
+            lambda: self._timeouts()[0],
         )
-        servers = []
         for fd, (tls, cert_file, key_file, options) in zip(fds, self._settings["listeners"]):
-            sock = socket.socket(fileno=fd)
-            sock.setblocking(False)
             listener = Listener(parse_combo("0.0.0.0"), tls, cert_file, key_file, options)
-            context = tls_context(listener) if tls else None
-            servers.append(await loop.create_server(limited(self.http, self._max_conns), sock=sock, ssl=context))
-        return servers
+            self._accept.listen(socket.socket(fileno=fd), tls_context(listener) if tls else None)
+
+    def stop_listening(self) -> None:
+        if self._accept is not None:
+            self._accept.close()
+
+    def _body_limit(self) -> int:
+        return int(self._settings["body_limit"])
+
+    def _timeouts(self) -> tuple[float, float]:
+        return float(self._settings["read_timeout"]), float(self._settings["idle_timeout"])
 
     def _max_conns(self) -> int:
-        return max(1, int(self._settings.get("max_conns", 10000)))
+        return int(self._settings["max_conns"])
 
     def stats_delta(self) -> dict[str, Any]:
         return self._stats.drain(len(self.http.connections) if self.http else 0)
@@ -198,20 +209,13 @@ class WorkerWeb:
             if self._is_report(request):
                 return await self._report(request, ip, port)
             return await self._proxy(request, ip, port)
-        except HTTPRequestEntityTooLarge:
-            self._stats.reject("too_large")
-            return failure(413, f"Request body larger than {self._settings.get('body_limit')} bytes")
         except Exception as exc:
-            log.logger.exception("Internal error handling %s %s", request.method, request.path)
-            return failure(500, f"internal error: {type(exc).__name__}")
+            return request_failed(request, exc, self._body_limit(), self._stats.reject)
 
     def _is_report(self, request: web.BaseRequest) -> bool:
         if request.method != "POST" or self._settings.get("report_shadowed"):
             return False
-        path, query = split_target(request.raw_path)
-        if path.lower() == "/command/report":
-            return True
-        return path == "/" and legacy_command(query) == "report"
+        return is_report(route(request.raw_path))
 
     async def _report(self, request: web.BaseRequest, ip: str, port: int) -> web.Response:
         if not check_basic_auth(request.headers.get("Authorization", ""), self._settings.get("password", "")):
@@ -222,6 +226,10 @@ class WorkerWeb:
         stats = self._stats
         try:
             body = await request.read()
+            refusal = signature_refusal(request, body, self._settings["report_secrets"], endpoint_text(ip, port))
+            if refusal is not None:
+                stats.reject("signature")
+                return refusal
             try:
                 report = parse_report(body, clock.time())
                 delivery = delivery_of(request, body)
@@ -245,12 +253,20 @@ class WorkerWeb:
         headers[PEER_HEADER] = f"{ip} {port}"
         body = await request.read()
         async with self._session.request(
-            request.method, "http://trackalert-core" + request.raw_path, headers=headers,
-            data=body, allow_redirects=False,
+            request.method, core_url(request.raw_path), headers=headers, data=body, allow_redirects=False,
         ) as response:
             payload = await response.read()
             relayed = {k: response.headers[k] for k in _RELAYED if k in response.headers}
             return web.Response(status=response.status, body=payload, headers=relayed)
+
+
+def core_url(raw_target: str) -> yarl.URL:
+    """The core's URL for a request target, byte for byte: no dot segments resolved, nothing
+    after a `#` dropped, no re-quoting, so the core routes exactly what the client sent."""
+    path, sep, query = origin_form(raw_target).partition("?")
+    return yarl.URL.build(
+        scheme="http", host="trackalert-core", path=path, query_string=query if sep else "", encoded=True
+    )
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -265,8 +281,8 @@ async def serve(args: argparse.Namespace) -> int:
     )
     if not link.settings:
         return 1
-    worker = WorkerWeb(link, link.settings["proxy_path"])
-    servers = await worker.listen(args.listen_fds)
+    worker = WorkerWeb(link, link.settings["proxy_path"], args.index)
+    worker.listen(args.listen_fds)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -277,8 +293,7 @@ async def serve(args: argparse.Namespace) -> int:
     await asyncio.wait(
         [asyncio.create_task(stop.wait()), link_task], return_when=asyncio.FIRST_COMPLETED
     )
-    for server in servers:
-        server.close()
+    worker.stop_listening()
     await worker.http.shutdown(2.0)
     link.send((ipc.STATS, worker.stats_delta()))
     for task in tasks:

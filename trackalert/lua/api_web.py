@@ -154,6 +154,53 @@ lua_global(
     example='setWebserverPassword("secret")', topic="web",
 )(_setter("password", lambda v: scalar_text(v, "password")))
 
+def _seconds(what: str) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86400:
+            raise ValueError(f"{what} must be a number of seconds above 0, got {describe(value)} {value!r}")
+        return float(value)
+
+    return convert
+
+
+lua_global(
+    "setWebserverReadTimeout", CONFIG, "setWebserverReadTimeout(seconds)",
+    """How long a REST client may take to send one whole request, headers and body (default
+    5 s, counted from its first byte, or from the connection for the first request; it also
+    bounds a TLS handshake). A slower request gets a 408 JSON answer, or, still in its headers
+    (or handshake), is closed, so a slow client cannot
+    hold a connection slot (`setMaxWebserverConns`). wforce sends each report at once and gives
+    up after its 2 s webhook timeout. Applies to new connections.""",
+    example="setWebserverReadTimeout(5)", topic="web",
+)(_setter("read_timeout", _seconds("setWebserverReadTimeout")))
+
+lua_global(
+    "setWebserverIdleTimeout", CONFIG, "setWebserverIdleTimeout(seconds)",
+    """How long an idle keep-alive REST connection stays open between requests (default 60 s,
+    as in the C++ daemon). Applies to new connections.""",
+    example="setWebserverIdleTimeout(60)", topic="web",
+)(_setter("idle_timeout", _seconds("setWebserverIdleTimeout")))
+
+
+@lua_global(
+    "setReportSecret", CONFIG, "setReportSecret(secret | {secret, ...})",
+    """Accept a report (`/command/report`, `/?command=report`) only when it carries a valid
+    `X-Wforce-Signature`: base64(HMAC-SHA256(secret, body)), which wforce adds when its report
+    webhook has a `secret`. With several secrets (while rotating one) any of them will do. A
+    missing or wrong signature gets a 401 JSON answer, is logged and counted in
+    `trackalert_reports_rejected_total{reason="signature"}`. Default: no signature required.""",
+    example='setReportSecret("verysecretcode")', topic="web",
+)
+def _set_report_secret(state: "LuaState") -> Callable[[Any], None]:
+    def set_report_secret(secrets: Any) -> None:
+        values = string_list(secrets, "secrets") if is_table(secrets) else [scalar_text(secrets, "secret")]
+        if not all(values):
+            raise ValueError("setReportSecret: a secret must not be empty")
+        state.host.settings.report_secrets = values
+
+    return set_report_secret
+
+
 lua_global(
     "setNumLuaStates", CONFIG, "setNumLuaStates(n)",
     """How many worker Lua states run report, background and custom functions (default 6).
@@ -182,8 +229,10 @@ lua_global(
 
 lua_global(
     "setMaxWebserverConns", CONFIG, "setMaxWebserverConns(n)",
-    """The most REST connections open at once (default 10000); connections beyond it are closed
-    at once. Effective, unlike in the C++ daemon.""",
+    """The most REST connections open at once (default 10000). At the limit a new connection
+    closes the oldest idle keep-alive one, or, if none is idle, is itself closed at once. With
+    web processes each takes its share and leaves the rest to the others. Effective, unlike in
+    the C++ daemon.""",
     example="setMaxWebserverConns(2000)", topic="web",
 )(_setter("max_conns", _count("setMaxWebserverConns")))
 

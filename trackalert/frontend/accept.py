@@ -1,0 +1,201 @@
+"""How web workers share `setMaxWebserverConns` on the listening sockets they all hold.
+
+Why: each worker used to accept whatever the kernel woke it for and close what went past its
+limit/N, so a burst that landed on one worker was refused while another had free slots (with
+limit 100 and 2 workers, 2-10 of 99 connections were refused; the issue measured 38). Here a
+worker accepts only up to its share (the shares add up to the limit) and, at its share, leaves new
+connections in the kernel's queue for a worker with room. Only when every worker is full, as the
+counts they publish in a small shared file say, does it do what one process does past the limit:
+close an idle keep-alive connection to make room, or else refuse the new one at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import socket
+import ssl
+from typing import Callable
+
+from trackalert import log
+
+#: How long a worker at its share waits before looking at the queue again (another worker,
+#: woken for the same connection, normally takes it within this time).
+PAUSE = 0.01
+_SLOT = 8
+
+
+def create_counts(path: str, workers: int) -> "ConnectionCounts":
+    """The core creates the file (zeroed) before it spawns the workers."""
+    with open(path, "wb") as file:
+        file.write(bytes(_SLOT * workers))
+    return ConnectionCounts(path)
+
+
+def share_of(limit: int, workers: int, index: int) -> int:
+    """Worker `index`'s part of `limit`: the parts differ by at most one and add up to `limit`."""
+    return limit // workers + (1 if index < limit % workers else 0)
+
+
+class ConnectionCounts:
+    """One 8-byte slot per worker, each written by its worker only, read by all."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self._slots = memoryview(self._map).cast("q")
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def set(self, index: int, count: int) -> None:
+        self._slots[index] = count
+
+    def total(self) -> int:
+        return sum(self._slots)
+
+
+class SharedAccept:
+    """Accepts for one worker, within its share; see the module docstring."""
+
+    def __init__(
+        self,
+        index: int,
+        counts: ConnectionCounts,
+        limit: Callable[[], int],
+        protocol_factory: Callable[[], asyncio.Protocol],
+        has_idle: Callable[[], bool],
+        evict_idle: Callable[[], bool],
+        handshake_timeout: Callable[[], float],
+    ) -> None:
+        self._index = index
+        self._counts = counts
+        self._limit = limit
+        self._factory = protocol_factory
+        self._has_idle = has_idle
+        self._evict_idle = evict_idle
+        self._handshake_timeout = handshake_timeout
+        self._deferred_since: float | None = None
+        self._open = 0
+        self._listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
+        self._closed = False
+
+    def listen(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
+        sock.setblocking(False)
+        self._listeners.append((sock, context))
+        self._watch(sock, context)
+
+    def close(self) -> None:
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        for sock, _ in self._listeners:
+            loop.remove_reader(sock.fileno())
+
+    def opened(self) -> None:
+        """A connection of this worker started (counted from accept to its end)."""
+        self._open += 1
+        self._counts.set(self._index, self._open)
+
+    def closed(self) -> None:
+        self._open -= 1
+        self._counts.set(self._index, self._open)
+
+    def _watch(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
+        if not self._closed:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock, context)
+
+    def _readable(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
+        limit = self._limit()
+        share = share_of(limit, len(self._counts), self._index)
+        while True:
+            full = self._open >= share
+            if full and self._leave_to_others(limit):
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(sock.fileno())
+                loop.call_later(PAUSE, self._watch, sock, context)
+                return
+            if not full:
+                self._deferred_since = None
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, ...: try again a little later
+                log.logger.error("Could not accept a REST connection: %s", exc)
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+                asyncio.get_running_loop().call_later(PAUSE * 10, self._watch, sock, context)
+                return
+            if full and not self._evict_idle():  # every worker is full: refuse, as one process does
+                conn.close()
+                continue
+            self.opened()
+            asyncio.ensure_future(self._serve(conn, context))
+
+    def _leave_to_others(self, limit: int) -> bool:
+        """At its share, should this worker leave the queued connections to the others? Yes if
+        one has room; and, when all are full but this one has no idle connection to close for
+        a new one, for a moment, so that a worker with an idle one takes it; then it refuses."""
+        if self._counts.total() < limit:
+            return True
+        if self._has_idle():
+            return False
+        now = asyncio.get_running_loop().time()
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since < PAUSE
+
+    async def _serve(self, conn: socket.socket, context: ssl.SSLContext | None) -> None:
+        """Hand an accepted socket to aiohttp; the slot is released once, when it ends."""
+        conn.setblocking(False)
+        release = _Once(self.closed)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _Counted(self._factory(), release), conn, ssl=context,
+                ssl_handshake_timeout=self._handshake_timeout() if context else None,
+            )
+        except Exception:  # a failed TLS handshake, a reset, ...: the protocol never started
+            conn.close()
+            release()
+
+
+class _Once:
+    def __init__(self, action: Callable[[], None]) -> None:
+        self._action: Callable[[], None] | None = action
+
+    def __call__(self) -> None:
+        action, self._action = self._action, None
+        if action is not None:
+            action()
+
+
+class _Counted(asyncio.Protocol):
+    """Wraps a connection's protocol to count its end (whatever ends it)."""
+
+    def __init__(self, inner: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self._on_lost()
