@@ -1,7 +1,7 @@
 """The SQL schema of the event log, as SQLAlchemy Core tables.
 
 This is the *current* shape (what the newest migration produces); the migrations in
-``trackalert/migrations/versions`` are the history and spell their DDL out themselves, so that
+``migrations/versions`` are the history and spell their DDL out themselves, so that
 changing this file never changes what an old migration does.
 
 Why the shape is what it is:

@@ -1,7 +1,8 @@
 """Alembic migrations of the SQLite event log, run programmatically.
 
-The scripts live inside the package (``trackalert/migrations``) and are located from this file's
-path, so migrating works from an installed wheel and from any working directory; there is no
+The scripts live in the project's top-level ``migrations/``, installed as the package
+``trackalert.migrations`` (pyproject.toml maps the folder), and are located from this file's path,
+so migrating works from an installed wheel and from any working directory; there is no
 ``alembic.ini``. To write a new revision during development::
 
     python -c "from alembic import command; from trackalert.migrations import alembic_config; \\
