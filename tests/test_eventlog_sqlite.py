@@ -125,7 +125,7 @@ def test_migration_scripts_are_found_from_the_package_not_the_cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert migrations.SCRIPT_LOCATION == REPO / "trackalert" / "migrations"
+    assert migrations.SCRIPT_LOCATION == REPO / "migrations"
     assert migrations.head_revision() == "0005"
 
 
