@@ -236,9 +236,9 @@ class GeoIPDB:
 
 
 def _path_list(path: Any) -> list[str]:
-    """A Lua array of keys (numbers accepted, as the C++ string conversion does) as strings."""
-    from trackalert.lua.convert import string_list  # lua.convert needs lupa; keep it lazy
+    """The keys of a lookup path as strings (numbers accepted, as the C++ string conversion does).
 
+    The Lua layer hands a Lua array over as a Python list: this module sits below it."""
     if isinstance(path, (list, tuple)):
         return [str(p) for p in path]
-    return string_list(path, "path")
+    raise TypeError(f"path must be an array of keys, got {type(path).__name__}")

@@ -15,11 +15,11 @@ from trackalert.lua.convert import describe, lua_type, scalar_text
 from trackalert.lua.registry import Where, lua_global
 
 if TYPE_CHECKING:
+    from trackalert.lua.host import BackgroundScheduler
     from trackalert.lua.state import LuaState
-    from trackalert.scheduler import Scheduler
 
 
-def _scheduler(state: "LuaState") -> "Scheduler":
+def _scheduler(state: "LuaState") -> "BackgroundScheduler":
     scheduler = state.host.scheduler
     if scheduler is None:
         raise RuntimeError("background functions cannot be scheduled in this process")

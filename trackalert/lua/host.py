@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from trackalert import log
 from trackalert.clock import Clock, RealClock
@@ -21,8 +21,25 @@ if TYPE_CHECKING:
     from trackalert.enrich import Enricher
     from trackalert.eventlog.base import EventLog
     from trackalert.netaddr import ComboAddress
-    from trackalert.scheduler import Scheduler
     from trackalert.webhooks import WebHooks
+
+
+class BackgroundScheduler(Protocol):
+    """What the schedule globals need of the scheduler.
+
+    The scheduler runs Lua background functions, so it sits above the Lua layer (DESIGN §10);
+    the Lua side knows it only by this protocol, and the daemon (or replay, or a test) plugs
+    `trackalert.scheduler.Scheduler` in.
+    """
+
+    def add_cron(self, expression: str, name: str) -> object:
+        """Schedule `name` by a cron expression; a bad expression raises, naming it."""
+
+    def add_interval(self, seconds: int, name: str, text: str = "") -> object:
+        """Schedule `name` every `seconds`."""
+
+    def show(self) -> str:
+        """The `showSchedules()` table."""
 
 
 def _exit_now() -> None:
@@ -36,7 +53,7 @@ class Host:
     metrics: Metrics = field(default_factory=Metrics)
     eventlog: "EventLog | None" = None
     #: Background functions and custom webhooks; the daemon (or a test, or replay) sets them.
-    scheduler: "Scheduler | None" = None
+    scheduler: BackgroundScheduler | None = None
     webhooks: "WebHooks | None" = None
     #: Called by shutdown(); the daemon replaces it with a graceful stop.
     shutdown: Callable[[], None] = _exit_now

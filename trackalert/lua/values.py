@@ -477,4 +477,6 @@ class LuaValues:
         lookup = getattr(db, method)
         if method in ("lookupCountry", "lookupISP", "lookupCity"):
             return lookup(address)
-        return lookup(address, path)
+        from trackalert.lua.convert import string_list  # convert imports this module
+
+        return lookup(address, string_list(path, "path") if lua_type(path) == "table" else path)
