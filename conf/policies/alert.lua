@@ -7,51 +7,9 @@
 
 StarterAlert = StarterAlert or { webhook = "" }
 
-local function encode_string(s)
-  s = s:gsub('[%c"\\]', function(c)
-    local named = { ['"'] = '\\"', ['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
-    return named[c] or string.format("\\u%04x", c:byte())
-  end)
-  return '"' .. s .. '"'
-end
-
-local function is_array(t)
-  local n = 0
-  for _ in pairs(t) do n = n + 1 end
-  for i = 1, n do if t[i] == nil then return false end end
-  return n > 0
-end
-
--- A small JSON encoder: objects get sorted keys, so an alert's text is deterministic.
-local function encode(value)
-  local kind = type(value)
-  if kind == "nil" then return "null" end
-  if kind == "boolean" then return tostring(value) end
-  if kind == "number" then
-    if value ~= value or value == math.huge or value == -math.huge then return "null" end
-    if value == math.floor(value) and math.abs(value) < 1e15 then return string.format("%d", value) end
-    return string.format("%.14g", value)
-  end
-  if kind == "string" then return encode_string(value) end
-  if kind == "table" then
-    local parts = {}
-    if is_array(value) then
-      for _, v in ipairs(value) do parts[#parts + 1] = encode(v) end
-      return "[" .. table.concat(parts, ",") .. "]"
-    end
-    local keys = {}
-    for k in pairs(value) do keys[#keys + 1] = tostring(k) end
-    table.sort(keys)
-    for _, k in ipairs(keys) do
-      local v = value[k]
-      if v == nil then v = value[tonumber(k)] end
-      parts[#parts + 1] = encode_string(k) .. ":" .. encode(v)
-    end
-    return "{" .. table.concat(parts, ",") .. "}"
-  end
-  return encode_string(tostring(value))
-end
-StarterAlert.encode = encode
+-- The alert's JSON text: jsonEncode (sorted keys, so an alert's text is deterministic). Kept under
+-- this name for configs that called it before jsonEncode existed.
+StarterAlert.encode = jsonEncode
 
 -- "DE×412, FR×3" from topValues() output.
 function StarterAlert.summary(top)
@@ -78,7 +36,7 @@ end
 function StarterAlert.send(policy, lt, login, remote, message, evidence)
   local alert = { policy = policy, login = login, remote = remote, t = lt.t,
                   message = message, evidence = evidence or {} }
-  local body = encode(alert)
+  local body = jsonEncode(alert)
   warnLog("Policy alert", { policy = policy, message = message })
   if StarterAlert.webhook ~= "" then
     runCustomWebHook(StarterAlert.webhook, body)
