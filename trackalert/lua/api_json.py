@@ -33,6 +33,7 @@ _LIBRARY = r"""
 local V, MAX_DEPTH = ...
 local type, next, rawget, getmetatable, setmetatable, tostring = type, next, rawget, getmetatable, setmetatable, tostring
 local floor, huge, find, byte, format = math.floor, math.huge, string.find, string.byte, string.format
+local concat, unpack = table.concat, unpack
 local J = {}
 local ARRAY = { __name = "jsonArray" }  -- the mark of a table that is an array, even empty
 
@@ -58,15 +59,22 @@ local function utf8(s)
   end
 end
 
-local function step(path, key)
-  if type(key) == "number" then return path .. "[" .. key .. "]" end
-  if find(key, "^[%a_][%w_]*$") then return path .. "." .. key end
-  return path .. "[" .. format("%q", key) .. "]"
+-- The path of the value being walked: `.evidence[2].f`, from the keys leading to it.
+local function path_of(keys, depth)
+  local parts = {}
+  for i = 1, depth do
+    local key = keys[i]
+    if type(key) == "number" then parts[i] = "[" .. key .. "]"
+    elseif find(key, "^[%a_][%w_]*$") then parts[i] = "." .. key
+    else parts[i] = "[" .. format("%q", key) .. "]" end
+  end
+  return concat(parts)
 end
 
-local function fail(path, what)
-  if path == "" then error("value is " .. what, 0) end
-  error("value at " .. path .. " is " .. what, 0)
+-- Raise "value at <path> is <what>"; the path is only built when something is wrong.
+local function fail(keys, depth, what)
+  if depth == 0 then error("value is " .. what, 0) end
+  error("value at " .. path_of(keys, depth) .. " is " .. what, 0)
 end
 
 local function push(out, kind, payload)
@@ -75,49 +83,54 @@ local function push(out, kind, payload)
 end
 
 -- The array length of `t`, or nil when it is an object; anything JSON cannot say is an error.
-local function shape(t, path)
+local function shape(t, keys, depth)
   local count, top, named = 0, 0, nil
   for k in next, t do
     count = count + 1
     local kind = type(k)
     if kind == "string" then
-      if not utf8(k) then fail(path, "a table with a key that is not valid UTF-8") end
+      if not utf8(k) then fail(keys, depth, "a table with a key that is not valid UTF-8") end
       named = named or k
     elseif kind == "number" and k >= 1 and k < huge and k == floor(k) then
       if k > top then top = k end
     else
-      fail(path, "a table with the " .. kind .. " key " .. tostring(k) ..
+      fail(keys, depth, "a table with the " .. kind .. " key " .. tostring(k) ..
                  " (JSON keys are strings; arrays are indexed 1, 2, ...)")
     end
   end
   local marked = getmetatable(t) == ARRAY
   if named then
     if top > 0 or marked then
-      fail(path, "a table that mixes array items and string keys (" .. format("%q", named) .. ")")
+      fail(keys, depth, "a table that mixes array items and string keys (" .. format("%q", named) .. ")")
     end
     return nil
   end
   if top ~= count then
-    fail(path, format("a sparse array (%d items, highest index %d)", count, top))
+    fail(keys, depth, format("a sparse array (%d items, highest index %d)", count, top))
   end
   if count > 0 or marked then return count end
   return nil
 end
 
-local TEXT = { ComboAddress = true, Netmask = true }  -- encoded as their text
+-- An address is written as its text without the port, a netmask as its network.
+local TEXT = { ComboAddress = V.ca_text, Netmask = V.netmask_text }
 
 local walk
-local function walk_table(t, path, out, active, depth)
+-- `keys[1..depth]` lead from the value given to jsonEncode to `t`.
+local function walk_table(t, out, active, keys, depth)
   local class = V.describe(t)
-  if TEXT[class] then return push(out, "s", V.text(t)) end
-  if class ~= "table" and class ~= "GeoIPRecord" then fail(path, "a " .. class) end
-  if active[t] then fail(path, "a cycle (a table inside itself)") end
-  if depth >= MAX_DEPTH then fail("", "nested deeper than " .. MAX_DEPTH .. " levels") end
+  if TEXT[class] then return push(out, "s", (TEXT[class](t))) end
+  if class ~= "table" and class ~= "GeoIPRecord" then fail(keys, depth, "a " .. class) end
+  if active[t] then fail(keys, depth, "a cycle (a table inside itself)") end
+  if depth >= MAX_DEPTH then fail(keys, 0, "nested deeper than " .. MAX_DEPTH .. " levels") end
   active[t] = true
-  local length = shape(t, path)
+  local length = shape(t, keys, depth)
   if length then
     push(out, "a", length)
-    for i = 1, length do walk(rawget(t, i), step(path, i), out, active, depth + 1) end
+    for i = 1, length do
+      keys[depth + 1] = i
+      walk(rawget(t, i), out, active, keys, depth + 1)
+    end
   else
     local count = 0
     for _ in next, t do count = count + 1 end
@@ -125,40 +138,46 @@ local function walk_table(t, path, out, active, depth)
     for k, v in next, t do
       out.n = out.n + 1
       out[out.n] = k
-      walk(v, step(path, k), out, active, depth + 1)
+      keys[depth + 1] = k
+      walk(v, out, active, keys, depth + 1)
     end
   end
   active[t] = nil
 end
 
-function walk(value, path, out, active, depth)
+function walk(value, out, active, keys, depth)
   local kind = type(value)
   if kind == "string" then
-    if not utf8(value) then fail(path, "a string that is not valid UTF-8") end
+    if not utf8(value) then fail(keys, depth, "a string that is not valid UTF-8") end
     push(out, "s", value)
   elseif kind == "number" then
-    if value ~= value then fail(path, "NaN") end
-    if value == huge or value == -huge then fail(path, "infinite") end
+    if value ~= value then fail(keys, depth, "NaN") end
+    if value == huge or value == -huge then fail(keys, depth, "infinite") end
     push(out, "n", value)
   elseif kind == "boolean" then
     push(out, "b", value)
   elseif kind == "table" then
-    walk_table(value, path, out, active, depth)
+    walk_table(value, out, active, keys, depth)
   elseif kind == "nil" then
     push(out, "z", 0)
   else
-    fail(path, "a " .. kind)
+    fail(keys, depth, "a " .. kind)
   end
 end
 
--- (tokens, count) for Python, or (nil, message).
+-- Up to this many tokens go back to Python as one list of results (one crossing); more, as a
+-- table Python reads item by item (Lua's C stack takes ~8000 values at most).
+local UNPACKED = 6000
+
+-- For Python: (true, tokens...) or (false, table of tokens, count), or (nil, message).
 function J.flatten(value)
   local out = { n = 0 }
-  local ok, message = pcall(walk, value, "", out, {}, 0)
+  local ok, message = pcall(walk, value, out, {}, {}, 0)
   if not ok then return nil, message end
   local n = out.n
   out.n = nil
-  return out, n
+  if n <= UNPACKED then return true, unpack(out, 1, n) end
+  return false, out, n
 end
 
 -- The value of the tokens from position i, and the position after them.
@@ -258,13 +277,20 @@ def _to_tokens(value: Any, out: list[Any]) -> None:
         out += ("n", value)
 
 
+def _reader(flattened: tuple[Any, ...]) -> Callable[[], Any]:
+    """Reads the tokens J.flatten gave, whichever way it gave them."""
+    if flattened[0] is None:
+        raise ValueError(flattened[1])
+    if flattened[0] is True:
+        return iter(flattened[1:]).__next__
+    table, count = flattened[1], flattened[2]
+    positions: Iterator[int] = iter(range(1, count + 1))
+    return lambda: table[next(positions)]
+
+
 def encode(lib: Any, value: Any) -> str:
     """The JSON text of a Lua value: sorted keys, no spaces, UTF-8 (not \\u-escaped)."""
-    tokens, count = lib.flatten(value)
-    if tokens is None:
-        raise ValueError(count)
-    positions: Iterator[int] = iter(range(1, count + 1))
-    plain = _from_tokens(lambda: tokens[next(positions)])
+    plain = _from_tokens(_reader(lib.flatten(value)))
     return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
 
