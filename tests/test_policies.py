@@ -31,6 +31,7 @@ CHROME_MAC = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.3
               "Chrome/120.0.0.0 Safari/537.36")
 FIREFOX_WIN = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:121.0) Gecko/20100101 Firefox/121.0"
 THUNDERBIRD = '"name" "Thunderbird" "version" "115.3.1" "os" "Linux"'
+MAIL_APP = "acme.ios.MailApp/3.2 (OS: 17.1; device: iPhone)"
 ALERT_KEYS = {"policy", "t", "message", "evidence"}
 
 
@@ -124,6 +125,13 @@ def stream() -> list[dict[str, Any]]:
         out.append(report("frank", "81.2.69.156", T0 + i * 2 * 3600, True, ua=THUNDERBIRD,
                           protocol="imap"))
     out.append(report("frank", "81.2.69.156", T0 + 10 * DAY, True))
+    # benign: grace's mail app, then the same app seen through its web view (wforce sent both
+    # families): known by its app name, whatever the browser family says
+    for day in range(12):
+        out.append(report("grace", "81.2.69.157", T0 + day * DAY, True, ua=MAIL_APP,
+                          protocol="mobileapi"))
+    out.append({**report("grace", "81.2.69.157", T0 + 12 * DAY, True, ua=""),
+                "device_attrs": {"browser.family": "Mobile Safari UI/WKWebView", "app.name": "MailApp"}})
     # attack: one address sprays 25 accounts (a different password each time)
     for i in range(25):
         out.append(report(f"spray{i}", "67.43.156.10", T0 + 20 * DAY + i, False, f"s{i}"))
@@ -246,7 +254,7 @@ def test_new_country(scenario) -> None:
 
 def test_new_device(scenario) -> None:
     found = alerts(scenario, "new_device")
-    assert sorted(a["login"] for a in found) == ["bob", "frank"]
+    assert sorted(a["login"] for a in found) == ["bob", "frank"]  # not grace: her app is known
     bob = next(a for a in found if a["login"] == "bob")
     assert bob["evidence"]["value"] == "Firefox"
     assert bob["evidence"]["previous_values"] == [{"value": "Chrome", "count": 12}]
