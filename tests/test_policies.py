@@ -30,11 +30,13 @@ T0 = 1_760_000_000.0
 CHROME_MAC = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
               "Chrome/120.0.0.0 Safari/537.36")
 FIREFOX_WIN = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:121.0) Gecko/20100101 Firefox/121.0"
+THUNDERBIRD = '"name" "Thunderbird" "version" "115.3.1" "os" "Linux"'
+MAIL_APP = "acme.ios.MailApp/3.2 (OS: 17.1; device: iPhone)"
 ALERT_KEYS = {"policy", "t", "message", "evidence"}
 
 
 # Every starter policy, as an operator would load them, sending to the webhook `alerts`.
-POLICY_SETUP = f"""
+POLICY_LOAD = f"""
 local dir = "{POLICIES}/"
 dofile(dir .. "alert.lua")
 StarterAlert.webhook = "alerts"
@@ -47,9 +49,15 @@ policies[1].configure{{min_history = 10}}
 policies[4].configure{{max_logins = 20, prefix = 24, max_logins_network = 50}}
 policies[5].configure{{max_remotes = 10}}
 policies[6].configure{{max_logins = 10}}
-setReport(function(lt)
-  for _, p in ipairs(policies) do p.report(lt) end
-end)
+"""
+# The documented way to run them together: each policy in its own crash boundary.
+COMBINE = "setReport(StarterAlert.combine(policies))\n"
+POLICY_SETUP = POLICY_LOAD + COMBINE
+
+# A policy that fails on every report, first in the list: the six after it must not notice.
+BROKEN = """table.insert(policies, 1, {name = "broken", report = function(lt)
+  error("broken policy on " .. lt.login)
+end})
 """
 
 
@@ -59,7 +67,7 @@ setNumLuaStates(3)
 newGeoIP2DB("City", "{CITY}")
 setEnrichment({{city="City"}})
 addCustomWebHook("alerts", {{url="http://127.0.0.1:{receiver_port}/alerts"}})
-{POLICY_SETUP}-- the helpers from a custom function: as of now, over the whole log
+{POLICY_LOAD}{BROKEN}{COMBINE}-- the helpers from a custom function: as of now, over the whole log
 setCustomEndpoint("failures", function(args)
   local top = topValues("login", {{success=false, netmask=args.attrs.net}}, 1)
   return true, {{logins = tostring(countDistinct("login", {{success=false}})),
@@ -70,9 +78,9 @@ end)
 
 
 def report(login: str, remote: str, t: float, success: bool, pwhash: str = "",
-           ua: str = CHROME_MAC) -> dict[str, Any]:
+           ua: str = CHROME_MAC, protocol: str = "https") -> dict[str, Any]:
     return {"login": login, "remote": remote, "t": t, "success": success, "pwhash": pwhash,
-            "protocol": "https", "device_id": ua}
+            "protocol": protocol, "device_id": ua}
 
 
 def stream() -> list[dict[str, Any]]:
@@ -110,6 +118,20 @@ def stream() -> list[dict[str, Any]]:
     for day in range(12):
         out.append(report("carol", "81.2.69.155", T0 + day * DAY, True))
     out.append(report("carol", "214.0.1.5", T0 + 11 * DAY + 7200, True))
+    # ... and carol herself back in London 8.4 h later: the return to her habit, not a journey
+    out.append(report("carol", "81.2.69.155", T0 + 11 * DAY + 7200 + 30240, True))
+    # attack: frank only ever read his mail over IMAP, then someone logs in to his webmail
+    for i in range(108):
+        out.append(report("frank", "81.2.69.156", T0 + i * 2 * 3600, True, ua=THUNDERBIRD,
+                          protocol="imap"))
+    out.append(report("frank", "81.2.69.156", T0 + 10 * DAY, True))
+    # benign: grace's mail app, then the same app seen through its web view (wforce sent both
+    # families): known by its app name, whatever the browser family says
+    for day in range(12):
+        out.append(report("grace", "81.2.69.157", T0 + day * DAY, True, ua=MAIL_APP,
+                          protocol="mobileapi"))
+    out.append({**report("grace", "81.2.69.157", T0 + 12 * DAY, True, ua=""),
+                "device_attrs": {"browser.family": "Mobile Safari UI/WKWebView", "app.name": "MailApp"}})
     # attack: one address sprays 25 accounts (a different password each time)
     for i in range(25):
         out.append(report(f"spray{i}", "67.43.156.10", T0 + 20 * DAY + i, False, f"s{i}"))
@@ -126,7 +148,7 @@ def stream() -> list[dict[str, Any]]:
     return out
 
 
-async def run_scenario(directory: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]], str]:
+async def run_scenario(directory: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]], str, str]:
     received: list[dict[str, Any]] = []
     headers: list[dict[str, str]] = []
 
@@ -171,7 +193,8 @@ async def run_scenario(directory: Path) -> tuple[list[dict[str, Any]], list[dict
             async with aiohttp.ClientSession() as session:
                 for _ in range(300):  # bounded: until the outbox has delivered everything
                     async with session.get(daemon.url("/metrics"), headers=AUTH) as resp:
-                        if "\ntrackalert_webhook_outbox_depth 0.0" in await resp.text():
+                        metrics = await resp.text()
+                        if "\ntrackalert_webhook_outbox_depth 0.0" in metrics:
                             break
                     await asyncio.sleep(0.1)
                 async with session.post(daemon.url("/command/failures"), headers=AUTH,
@@ -182,16 +205,16 @@ async def run_scenario(directory: Path) -> tuple[list[dict[str, Any]], list[dict
             received.append({"policy": "(endpoint)", **answer["r_attrs"]})
     finally:
         await runner.cleanup()
-    return received, headers, output
+    return received, headers, output, metrics
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict], str]:
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict], str, str]:
     return asyncio.run(run_scenario(tmp_path_factory.mktemp("policies")))
 
 
 def alerts(scenario, policy: str) -> list[dict[str, Any]]:
-    received, _, _ = scenario
+    received = scenario[0]
     return [a for a in received if a["policy"] == policy]
 
 
@@ -206,7 +229,7 @@ def test_helpers_answer_in_custom_functions(scenario) -> None:
 
 
 def test_every_alert_has_the_documented_shape(scenario) -> None:
-    received, headers, output = scenario
+    received, headers, output, _ = scenario
     received = [a for a in received if a["policy"] != "(endpoint)"]
     assert received, output[-3000:]
     for alert in received:
@@ -231,13 +254,44 @@ def test_new_country(scenario) -> None:
 
 def test_new_device(scenario) -> None:
     found = alerts(scenario, "new_device")
-    assert [a["login"] for a in found] == ["bob"]
-    assert found[0]["evidence"]["value"] == "Firefox"
-    assert found[0]["evidence"]["previous_values"] == [{"value": "Chrome", "count": 12}]
-    assert "first success with browser.family Firefox" in found[0]["message"]
+    assert sorted(a["login"] for a in found) == ["bob", "frank"]  # not grace: her app is known
+    bob = next(a for a in found if a["login"] == "bob")
+    assert bob["evidence"]["value"] == "Firefox"
+    assert bob["evidence"]["previous_values"] == [{"value": "Chrome", "count": 12}]
+    assert "first success with browser.family Firefox" in bob["message"]
+
+
+def test_new_device_names_what_the_account_used_under_every_key(scenario) -> None:
+    """frank's 108 IMAP logins are his history, not "previous none"; his first webmail login is
+    still a new device. previous_values (his browsers) is the empty array `[]`, not `{}`."""
+    [frank] = [a for a in alerts(scenario, "new_device") if a["login"] == "frank"]
+    assert frank["message"] == ("first success with browser.family Chrome in 180d; "
+                                "previous imapc.family Thunderbird×108")
+    assert frank["evidence"]["previous_values"] == []
+    assert frank["evidence"]["previous_devices"] == {
+        "imapc.family": [{"value": "Thunderbird", "count": 108}]}
+    assert frank["evidence"]["successes_in_window"] == 108
+
+
+def test_a_failing_policy_does_not_stop_the_others(scenario) -> None:
+    """The policy first in the list fails on every report: each failure is logged with its
+    name and counted, and every other policy's alerts still arrive (the tests above)."""
+    _, _, output, metrics = scenario
+    reports = len(stream())
+    assert output.count("Policy failed: ") == output.count('policy="broken"') == reports
+    assert "broken policy on frank" in output
+    assert f'trackalert_custom_stats_total{{metric="policy_errors:broken"}} {reports}.0' in metrics
+    assert 'trackalert_custom_stats_total{metric="policy_errors:new_country"} 0.0' in metrics
+    # every report ran, and no error escaped the boundary to the runner's
+    assert f'trackalert_lua_calls_total{{kind="report"}} {reports}.0' in metrics
+    assert 'trackalert_lua_errors_total{function="report"}' not in metrics
+    assert {a["policy"] for a in scenario[0]} >= {"new_country", "new_device", "impossible_travel",
+                                                 "password_spray", "account_attack", "pwhash_spray"}
 
 
 def test_impossible_travel(scenario) -> None:
+    """One alert for carol's attacker in Melbourne, none for her own return to London 8.4 h
+    later (London is her habit)."""
     found = alerts(scenario, "impossible_travel")
     assert [a["login"] for a in found] == ["carol"]
     evidence = found[0]["evidence"]
@@ -299,7 +353,8 @@ def test_alert_json_encoder_escapes_and_sorts() -> None:
 # ------------------------------------------------------------------ a replay of a stored log
 
 
-COPIES = 5  # the stream, five times over (other logins, 60 days apart): ~2,900 stored events
+COPIES = 5  # the stream, five times over (other logins, 60 days apart): ~3,500 stored events
+ALERTS_PER_COPY = 9  # one per attack in the stream
 
 
 # The scenario's policies, with the alerts kept in Lua instead of sent.
@@ -380,6 +435,6 @@ async def test_a_replay_of_a_stored_log_gives_the_same_alerts_every_time(tmp_pat
     runs = [await replay(stored, tmp_path / f"run{i}") for i in range(3)]
     for alerts, errors in runs:
         assert errors == 0
-        assert len(alerts) == 8 * COPIES, alerts
+        assert len(alerts) == ALERTS_PER_COPY * COPIES, alerts
     assert runs[0][0] == runs[1][0] == runs[2][0]
     print(f"{events} events, {len(runs[0][0])} alerts, identical in {len(runs)} runs")

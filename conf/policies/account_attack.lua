@@ -28,7 +28,7 @@ function policy.report(lt)
   StarterAlert.send(policy.name, lt, lt.login, mine,
     string.format("%s failed from %d distinct %s in %s", lt.login, before + 1, label, opts.window),
     { distinct_sources = before + 1, source_kind = field, window = opts.window,
-      threshold = opts.max_remotes, top_sources = topValues(field, scope, 5) })
+      threshold = opts.max_remotes, top_sources = StarterAlert.top(field, scope, 5) })
 end
 
 return policy

@@ -1,57 +1,22 @@
--- Starter policies: the shared alert shape (docs/policies.md). Load this file first:
+-- Starter policies: the shared alert shape and the way to combine them (docs/policies.md).
+-- Load this file first:
 --   dofile("/etc/trackalert/policies/alert.lua")
 -- Every starter policy reports through StarterAlert.send(), so they all send one JSON shape:
 --   {"policy": ..., "login": ..., "remote": ..., "t": ..., "message": ..., "evidence": {...}}
 -- to the custom webhook named by StarterAlert.webhook (register it with addCustomWebHook in the
 -- config), and log it as well. With no webhook name set, the alert is only logged.
+-- StarterAlert.combine{...} runs several policies on each report, each in its own crash boundary.
 
 StarterAlert = StarterAlert or { webhook = "" }
 
-local function encode_string(s)
-  s = s:gsub('[%c"\\]', function(c)
-    local named = { ['"'] = '\\"', ['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
-    return named[c] or string.format("\\u%04x", c:byte())
-  end)
-  return '"' .. s .. '"'
-end
+-- The alert's JSON text: jsonEncode (sorted keys, so an alert's text is deterministic). Kept under
+-- this name for configs that called it before jsonEncode existed.
+StarterAlert.encode = jsonEncode
 
-local function is_array(t)
-  local n = 0
-  for _ in pairs(t) do n = n + 1 end
-  for i = 1, n do if t[i] == nil then return false end end
-  return n > 0
+-- topValues() as evidence: an array even when empty (`[]`, not `{}`).
+function StarterAlert.top(field, filter, n)
+  return jsonArray(topValues(field, filter, n))
 end
-
--- A small JSON encoder: objects get sorted keys, so an alert's text is deterministic.
-local function encode(value)
-  local kind = type(value)
-  if kind == "nil" then return "null" end
-  if kind == "boolean" then return tostring(value) end
-  if kind == "number" then
-    if value ~= value or value == math.huge or value == -math.huge then return "null" end
-    if value == math.floor(value) and math.abs(value) < 1e15 then return string.format("%d", value) end
-    return string.format("%.14g", value)
-  end
-  if kind == "string" then return encode_string(value) end
-  if kind == "table" then
-    local parts = {}
-    if is_array(value) then
-      for _, v in ipairs(value) do parts[#parts + 1] = encode(v) end
-      return "[" .. table.concat(parts, ",") .. "]"
-    end
-    local keys = {}
-    for k in pairs(value) do keys[#keys + 1] = tostring(k) end
-    table.sort(keys)
-    for _, k in ipairs(keys) do
-      local v = value[k]
-      if v == nil then v = value[tonumber(k)] end
-      parts[#parts + 1] = encode_string(k) .. ":" .. encode(v)
-    end
-    return "{" .. table.concat(parts, ",") .. "}"
-  end
-  return encode_string(tostring(value))
-end
-StarterAlert.encode = encode
 
 -- "DE×412, FR×3" from topValues() output.
 function StarterAlert.summary(top)
@@ -78,10 +43,44 @@ end
 function StarterAlert.send(policy, lt, login, remote, message, evidence)
   local alert = { policy = policy, login = login, remote = remote, t = lt.t,
                   message = message, evidence = evidence or {} }
-  local body = encode(alert)
+  local body = jsonEncode(alert)
   warnLog("Policy alert", { policy = policy, message = message })
   if StarterAlert.webhook ~= "" then
     runCustomWebHook(StarterAlert.webhook, body)
   end
   return body
+end
+
+-- The custom stat counting a policy's errors (`policy_errors:<name>`).
+function StarterAlert.error_stat(name)
+  return "policy_errors:" .. name
+end
+
+local traceback = debug.traceback
+
+-- A policy's error is logged with its name and traceback and counted; the next policy still runs.
+local function guarded(policy, lt)
+  local ok, err = xpcall(policy.report, traceback, lt)
+  if ok then return end
+  errorLog("Policy failed", { policy = policy.name, error = tostring(err) })
+  incCustomStat(StarterAlert.error_stat(policy.name))
+end
+
+-- One report function running `policies` (starter policies, or your own `{name = "...",
+-- report = function(lt) ... end}`) in order, each under its own crash boundary: an error in one
+-- aborts that policy for that report only. Call it while the config loads (it declares the
+-- `policy_errors:<name>` custom stats, which only the config state can do):
+--   setReport(StarterAlert.combine{newCountry, spray, {name = "mine", report = myCheck}})
+function StarterAlert.combine(policies)
+  local list = {}
+  for i, policy in ipairs(policies) do
+    if type(policy) ~= "table" or type(policy.name) ~= "string" or type(policy.report) ~= "function" then
+      error("StarterAlert.combine: entry " .. i .. " is not a policy {name = ..., report = function(lt)}", 2)
+    end
+    addCustomStat(StarterAlert.error_stat(policy.name))
+    list[i] = policy
+  end
+  return function(lt)
+    for i = 1, #list do guarded(list[i], lt) end
+  end
 end

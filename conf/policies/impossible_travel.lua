@@ -3,9 +3,14 @@
 --   local travel = dofile(".../impossible_travel.lua")
 --   travel.configure{max_speed_kmh = 1000, min_distance_km = 500}
 -- Needs enrichment with a City DB (lt.latitude/lt.longitude). Distances shorter than
--- min_distance_km are ignored: GeoIP locations are only approximate.
+-- min_distance_km are ignored: GeoIP locations are only approximate. A login from a place the
+-- account uses regularly (`habitual` successes within min_distance_km of it in `habit_window`)
+-- is never impossible: after an attacker's far-away login, the user's next login from home is
+-- the return to a habit, not a second journey.
 local policy = { name = "impossible_travel" }
-local opts = { max_speed_kmh = 1000, min_distance_km = 500, window = "7d" }
+local opts = { max_speed_kmh = 1000, min_distance_km = 500, window = "7d",
+               habit_window = "30d", habitual = 3 }
+local HABIT_SAMPLE = 200  -- the newest successes looked at to judge a place habitual
 
 function policy.configure(options)
   opts = StarterAlert.options(policy.name, opts, options)
@@ -18,6 +23,21 @@ local function km(lat1, lon1, lat2, lon2)  -- great-circle distance (haversine)
   return 2 * 6371 * math.asin(math.min(1, math.sqrt(a)))
 end
 
+-- True when the account has at least `habitual` successes near lt's place in habit_window.
+local function habitual(lt)
+  if opts.habitual <= 0 then return false end
+  local near = 0
+  local seen = recentReports({ login = lt.login, success = true, window = opts.habit_window }, HABIT_SAMPLE)
+  for _, r in ipairs(seen) do
+    if r.latitude ~= nil
+       and km(r.latitude, r.longitude, lt.latitude, lt.longitude) < opts.min_distance_km then
+      near = near + 1
+      if near >= opts.habitual then return true end
+    end
+  end
+  return false
+end
+
 function policy.report(lt)
   if not lt.success or lt.latitude == nil then return end
   local previous = recentReports({ login = lt.login, success = true, window = opts.window }, 5)
@@ -27,7 +47,7 @@ function policy.report(lt)
       if distance < opts.min_distance_km then return end
       local hours = math.max(lt.t - prev.t, 1) / 3600
       local speed = distance / hours
-      if speed > opts.max_speed_kmh then
+      if speed > opts.max_speed_kmh and not habitual(lt) then
         StarterAlert.send(policy.name, lt, lt.login, lt.remote:tostring(),
           string.format("%s to %s: %.0f km in %.1f h (%.0f km/h, limit %d km/h)",
                         prev.country ~= "" and prev.country or prev.remote,

@@ -18,7 +18,7 @@ function policy.report(lt)
   mine.country = lt.country
   if countReports(mine) > 0 then return end
   mine.country = nil
-  local previous = topValues("country", mine, opts.top)
+  local previous = StarterAlert.top("country", mine, opts.top)
   StarterAlert.send(policy.name, lt, lt.login, lt.remote:tostring(),
     string.format("first success from %s in %s; previous countries %s",
                   lt.country, opts.window, StarterAlert.summary(previous)),

@@ -28,7 +28,7 @@ local function check(lt, label, scope, threshold, top)
   StarterAlert.send(policy.name, lt, nil, label,
     string.format("%s failed on %d distinct logins in %s", label, before + 1, opts.window),
     { scope = label, distinct_logins = before + 1, window = opts.window,
-      threshold = threshold, ["top_" .. top .. "s"] = topValues(top, scope, 5) })
+      threshold = threshold, ["top_" .. top .. "s"] = StarterAlert.top(top, scope, 5) })
 end
 
 function policy.report(lt)

@@ -22,8 +22,8 @@ function policy.report(lt)
   StarterAlert.send(policy.name, lt, nil, lt.remote:tostring(),
     string.format("one wrong password hash failed on %d distinct logins in %s", before + 1, opts.window),
     { pwhash = lt.pwhash, distinct_logins = before + 1, window = opts.window,
-      threshold = opts.max_logins, top_remotes = topValues("remote", scope, 5),
-      top_logins = topValues("login", scope, 5) })
+      threshold = opts.max_logins, top_remotes = StarterAlert.top("remote", scope, 5),
+      top_logins = StarterAlert.top("login", scope, 5) })
 end
 
 return policy

@@ -19,6 +19,7 @@ TOPICS = {
     "schedule": "Background functions",
     "webhooks": "Custom webhooks",
     "console": "Console commands",
+    "json": "JSON",
     "general": "General",
 }
 
