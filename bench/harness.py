@@ -147,20 +147,21 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def _rss_kib(pid: int) -> int:
+def process_rss_mib(pid: int) -> float:
+    """One process's resident memory (0 once it has exited)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return 0
+        return 0.0
     m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-    return int(m.group(1)) if m else 0
+    return int(m.group(1)) / 1024 if m else 0.0
 
 
 def tree_rss_mib(pid: int) -> tuple[float, int]:
     """(RSS summed over the process tree in MiB, number of processes). Pages shared between the
     processes count once per process, as `ps` would show them: an upper bound."""
     pids = process_tree(pid)
-    return sum(_rss_kib(p) for p in pids) / 1024, len(pids)
+    return sum(process_rss_mib(p) for p in pids), len(pids)
 
 
 @dataclass
@@ -198,24 +199,26 @@ class MemorySampler:
 
 # ------------------------------------------------------------------------------- which code ran
 
-def trackalert_origin(pid: int) -> str:
+def trackalert_origin(pid: int, launched_from: str | None = None) -> str:
     """The `trackalert` package a running daemon imported.
 
-    Python resolves `-m trackalert` from the working directory first, then PYTHONPATH, then the
-    venv (whose editable install points at one fixed checkout), so a daemon started from the
-    wrong directory silently runs other code. This asks the same interpreter, in the daemon's own
-    working directory and environment, where `import trackalert` goes.
+    Python resolves `-m trackalert` from the working directory it was started in first, then
+    PYTHONPATH, then the venv (whose editable install points at one fixed checkout), so a daemon
+    started from the wrong directory silently runs other code. This asks the same interpreter,
+    in the daemon's start directory and its environment, where `import trackalert` goes. The start
+    directory is this process's (DaemonProcess starts the daemon in it) unless told otherwise:
+    the daemon's own working directory is no witness, it moves to its config's directory.
     """
-    cwd = os.readlink(f"/proc/{pid}/cwd")
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     env = dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
     executable = os.readlink(f"/proc/{pid}/exe")
-    # The daemon's interpreter is the venv's python (sys.executable); /proc/pid/exe is the
-    # resolved binary, which would lose the venv, so ask sys.executable when it is the same file.
+    # /proc/pid/exe is the resolved binary, which would lose the venv: use sys.executable, the
+    # interpreter DaemonProcess starts, when it is that binary.
     python = sys.executable if os.path.realpath(sys.executable) == executable else executable
     out = subprocess.run(
         [python, "-c", "import trackalert; print(trackalert.__file__)"],
-        cwd=cwd, env=env, capture_output=True, text=True, check=True, timeout=60,
+        cwd=launched_from or os.getcwd(), env=env, capture_output=True, text=True, check=True,
+        timeout=60,
     ).stdout.strip()
     return str(Path(out).resolve().parent)
 

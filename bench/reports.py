@@ -141,6 +141,8 @@ def draws(count: int, seed: int = 1) -> Iterator[tuple[int, int, int, bool, int]
 
 # --------------------------------------------------------------------------------------- prefill
 
+#: The draw of the prefilled history (the live load draws its own in wrk).
+PREFILL_SEED = 2
 _LOGIN_MARK, _DELIVERY_MARK, _T_MARK = "@login-mark@", "@delivery-mark@", 123456.25
 
 
@@ -186,7 +188,7 @@ def _columns(db: sqlite3.Connection, table: str) -> list[str]:
 
 def _event_rows(count: int, now: float, spacing: float) -> Iterator[tuple]:
     templates = _templates()
-    for seq, (login, address, device, success, bad) in enumerate(draws(count, seed=2), start=1):
+    for seq, (login, address, device, success, bad) in enumerate(draws(count, seed=PREFILL_SEED), start=1):
         row, t_at, login_at, delivery_at = templates[address, device, success, bad]
         t = now - (count - seq) * spacing
         row[t_at], row[login_at], row[delivery_at] = t, login_name(login), f"old-{seq}"
