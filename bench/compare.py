@@ -62,10 +62,10 @@ def export(root: Path, rev: str, into: Path) -> str:
 def run_round(side: Side, bench: str, bench_args: list[str], scratch: Path, number: int) -> None:
     """One run of the benchmark on `side`'s code; its figures are appended to side.rounds."""
     figures = scratch / f"{side.name}-{number}.json"
-    env = {**os.environ, "PYTHONPATH": str(side.root)}
-    command = [sys.executable, str(BENCH / f"{bench}.py"), *bench_args, "--json", str(figures)]
-    if bench in ("workload", "ingest"):
-        command += ["--prefill-cache", str(scratch / f"prefill-{side.name}")]
+    env = {**os.environ, "PYTHONPATH": str(side.root), "PYTHONUNBUFFERED": "1"}
+    # Each side prefills with its own code (its schema) once, then copies that log every round.
+    command = [sys.executable, str(BENCH / f"{bench}.py"), *bench_args, "--json", str(figures),
+               "--prefill-cache", str(scratch / f"prefill-{side.name}")]
     print(f"\n--- round {number}: {side.name}  (cwd and PYTHONPATH {side.root})", flush=True)
     subprocess.run(command, cwd=side.root, env=env, check=True)
     result = json.loads(figures.read_text())
@@ -88,7 +88,7 @@ def ratio(tree: float, other: float) -> str:
     return f"{tree / other:.2f}"
 
 
-def number(value: float) -> str:
+def cell(value: float) -> str:
     if math.isnan(value):
         return "—"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}"
@@ -105,8 +105,8 @@ def print_table(tree: Side, other: Side) -> None:
                 continue
             mine = [r[key][name] for r in tree.rounds]
             theirs = [r[key][name] for r in other.rounds]
-            print(f"  {name:22} {' '.join(map(number, mine)):>28} {' '.join(map(number, theirs)):>28}"
-                  f" {number(median(mine)):>9} {number(median(theirs)):>9}"
+            print(f"  {name:22} {' '.join(map(cell, mine)):>28} {' '.join(map(cell, theirs)):>28}"
+                  f" {cell(median(mine)):>9} {cell(median(theirs)):>9}"
                   f" {ratio(median(mine), median(theirs)):>6}")
 
 
@@ -135,10 +135,10 @@ def main() -> None:
               f"{', with uncommitted changes' if git(root, 'status', '--porcelain') else ''})")
         print(f"other: {args.against} = {sha}, exported to {other.root}")
         print(f"bench: {BENCH / (args.bench + '.py')} {' '.join(args.bench_args)}; python {sys.executable}")
-        for number_ in range(1, args.rounds + 1):
-            order = (tree, other) if number_ % 2 else (other, tree)
+        for number in range(1, args.rounds + 1):
+            order = (tree, other) if number % 2 else (other, tree)
             for side in order:
-                run_round(side, args.bench, args.bench_args, scratch, number_)
+                run_round(side, args.bench, args.bench_args, scratch, number)
         print_table(tree, other)
 
 

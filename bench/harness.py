@@ -112,11 +112,11 @@ def policy_lag(url: str) -> float:
 
 
 def wait_for_drain(url: str, timeout: float, step: float = 0.1) -> float | None:
-    """Seconds until the policy lag is 0, or None if it is not within `timeout`."""
+    """Seconds until the policy lag is 0 (0 if it already is), or None if not within `timeout`."""
     started = time.monotonic()
-    for _ in range(max(1, int(timeout / step))):
+    for attempt in range(max(1, int(timeout / step))):
         if policy_lag(url) == 0:
-            return time.monotonic() - started
+            return time.monotonic() - started if attempt else 0.0
         time.sleep(step)
     return None
 

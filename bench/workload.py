@@ -102,8 +102,14 @@ class Profiler:
         print_profile(Path(self.output))
 
 
-def print_profile(path: Path, top: int = 20) -> None:
-    """Self and inclusive sample shares per function, from py-spy's raw (collapsed) format."""
+def _without_line(frame: str) -> str:
+    """"f (file.py:12)" -> "f (file.py)": inclusive time is per function, not per line."""
+    head, _, line = frame.rpartition(":")
+    return head + ")" if head and line.rstrip(")").isdigit() else frame
+
+
+def print_profile(path: Path, top: int = 15) -> None:
+    """Self time per line and inclusive time per function, as shares of py-spy's raw samples."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
@@ -111,15 +117,14 @@ def print_profile(path: Path, top: int = 20) -> None:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames = [f.split(" (", 1)[0] + " (" + f.split(" (", 1)[1].rsplit(":", 1)[0] + ")"
-                  if " (" in f else f for f in stack.split(";")]
+        frames = stack.split(";")
         total += int(count)
         own[frames[-1]] += int(count)
-        for frame in set(frames):
+        for frame in {_without_line(f) for f in frames}:
             inclusive[frame] += int(count)
     print(f"  profile: {total} samples in {path}")
-    for title, counter in (("self", own), ("inclusive", inclusive)):
-        print(f"  top {top} by {title} time:")
+    for title, counter in (("self time (line)", own), ("inclusive time (function)", inclusive)):
+        print(f"  top {top} by {title}:")
         for frame, count in counter.most_common(top):
             print(f"    {100 * count / max(1, total):5.1f}%  {frame}")
 

@@ -43,6 +43,14 @@ end)
 """
 
 
+#: Appended to a copied package: each process that imports it writes "<pid> <file>" to MARKER.
+IMPORT_WITNESS = """
+import os as _os
+with open(MARKER, "a") as _marker:
+    _marker.write(f"{_os.getpid()} {__file__}\\n")
+"""
+
+
 def post(url: str, body: str, headers: dict[str, str]) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body.encode(), headers={**basic_auth(), **headers})
     with urllib.request.urlopen(request, timeout=30) as answer:
@@ -130,7 +138,7 @@ def test_origin_is_the_checkout_the_daemon_imported(tmp_path: Path, monkeypatch:
                     ignore=shutil.ignore_patterns("__pycache__"))
     marker = tmp_path / "imported"
     with open(checkout / "trackalert" / "__init__.py", "a", encoding="utf-8") as init:
-        init.write(f"\nopen({str(marker)!r}, 'a').write(f'{{__import__(\"os\").getpid()}} {{__file__}}\\n')\n")
+        init.write(IMPORT_WITNESS.replace("MARKER", repr(str(marker))))
     # PYTHONPATH alone does not win over the working directory of `python -m trackalert`.
     monkeypatch.chdir(reports.CODE_ROOT)
     with DaemonProcess(tmp_path / "a", listener_config(), env={"PYTHONPATH": str(checkout)}) as daemon:
