@@ -132,10 +132,13 @@ def print_profile(path: Path, top: int = 15) -> None:
 def measure(process: DaemonProcess, db_path: Path, script: Path, args: argparse.Namespace) -> dict[str, Any]:
     metrics = process.url("/metrics")
     harness.run_wrk(process.url("/command/report"), 32, args.warmup, script, "warmup")
-    harness.wait_for_drain(metrics, args.drain_timeout)
+    if harness.wait_for_drain(metrics, args.drain_timeout) is None:
+        print(f"  the warm-up's policy lag did not drain within {args.drain_timeout:.0f} s: "
+              "the load starts behind", flush=True)
     with harness.MemorySampler(process.process.pid) as memory:
         before_stored = harness.stored(db_path)
-        before_done = before_stored - harness.policy_lag(metrics)
+        lag_at_start = harness.policy_lag(metrics)
+        before_done = before_stored - lag_at_start
         profiler = Profiler(args.profile, process.process.pid, min(args.profile_seconds, args.duration),
                             args.profile_gil)
         started = time.monotonic()
@@ -153,7 +156,7 @@ def measure(process: DaemonProcess, db_path: Path, script: Path, args: argparse.
         "p50_ms": wrk.p50_ms, "p99_ms": wrk.p99_ms,
         "non2xx": wrk.non2xx, "socket_errors": wrk.errors,
         "policy_events_per_s": (after_stored - lag - before_done) / elapsed,
-        "lag_events": lag,
+        "lag_at_start_events": lag_at_start, "lag_events": lag,
         "drain_s": drain if drain is not None else float("nan"),
         "rss_peak_mib": memory.peak_mib, "rss_load_end_mib": rss_load_end,
         "rss_end_mib": memory.last_mib, "processes": memory.processes,
@@ -168,7 +171,8 @@ def report_figures(f: dict[str, Any], drain_timeout: float) -> None:
           f"non-2xx {f['non2xx']}, socket errors {f['socket_errors']})")
     print(f"  latency             p50 {f['p50_ms']:.1f} ms   p99 {f['p99_ms']:.1f} ms")
     print(f"  policy events/s     {f['policy_events_per_s']:9,.0f}")
-    print(f"  policy lag at end   {f['lag_events']:9,.0f} events;  drained in {drain}")
+    print(f"  policy lag at end   {f['lag_events']:9,.0f} events (at start {f['lag_at_start_events']:,.0f});"
+          f"  drained in {drain}")
     print(f"  daemon RSS          peak {f['rss_peak_mib']:.0f} MiB, end of load "
           f"{f['rss_load_end_mib']:.0f} MiB, end {f['rss_end_mib']:.0f} MiB "
           f"({f['processes']} processes)")
