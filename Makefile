@@ -17,7 +17,11 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# Issue 9's workload with an empty and with the starter policies, then raw ingest (empty log and
+# 5 million events). Side by side with another commit: $(PY) bench/compare.py --against REV.
 bench: $(VENV)/.installed
+	$(PY) bench/workload.py --policy empty
+	$(PY) bench/workload.py --policy starter
 	$(PY) bench/ingest.py
 
 docs: $(VENV)/.installed

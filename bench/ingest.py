@@ -11,18 +11,19 @@ log that already holds that many events. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import re
-import shutil
-import sqlite3
-import subprocess
+import os
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Import trackalert as the daemon's `python -m trackalert` will (see workload.py).
+sys.path.insert(1, os.getcwd())
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from trackalert.testing import DaemonProcess, basic_auth, listener_config  # noqa: E402
+import harness  # noqa: E402
+import reports  # noqa: E402
+from trackalert.testing import DaemonProcess, listener_config  # noqa: E402
 
 POLICY = listener_config() + """
 setNumLuaStates(2)
@@ -47,125 +48,71 @@ end
 """
 
 
-def prefill(db_path: Path, count: int) -> None:
-    """Fill the log directly (not over HTTP): migrate with the real schema, then bulk insert."""
-    import asyncio
-
-    from trackalert.clock import RealClock
-    from trackalert.eventlog import open_event_log
-    from trackalert.eventlog.schema import EVENT_COLUMNS
-
-    async def migrate() -> None:
-        log = open_event_log(f"sqlite:///{db_path}", RealClock())
-        await log.open()
-        await log.close()
-
-    asyncio.run(migrate())
-    started = time.monotonic()
-    db = sqlite3.connect(db_path)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=OFF")
-    now = time.time()
-    placeholders = ", ".join("?" for _ in EVENT_COLUMNS)
-    insert = f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({placeholders})"
-    batch = 100_000
-    for start in range(1, count + 1, batch):
-        rows = []
-        for seq in range(start, min(start + batch, count + 1)):
-            values = {
-                "seq": seq, "received": now - (count - seq) * 0.5, "t": now - (count - seq) * 0.5,
-                "login": f"old{seq % 100_000}@example.com", "remote": f"198.51.100.{seq % 250}",
-                "pwhash": "ffee", "success": seq % 3 != 0, "policy_reject": False, "protocol": "imap",
-                "tls": True, "device_id": "", "session_id": "", "fail_type": "", "attrs": '{"cos":"basic"}',
-                "attrs_mv": None, "device_attrs": None, "extra": '{"type":"wforce_report"}',
-                "delivery_id": f"old-{seq}",
-            }
-            rows.append(tuple(values.get(c) for c in EVENT_COLUMNS))  # later columns: NULL
-        db.executemany(insert, rows)
-        db.commit()
-    # As a long-running daemon would have it: the policy has run over everything, and the
-    # dedupe table holds the delivery ids of the last day (the retention window).
-    db.execute("INSERT INTO cursors (name, seq) VALUES ('report', ?)", (count,))
-    day = range(max(1, count - 172_800 + 1), count + 1)
-    db.executemany(
-        "INSERT INTO deliveries (delivery_id, fingerprint, seq, received) VALUES (?, X'', ?, ?)",
-        ((f"old-{seq}", seq, now - (count - seq) * 0.5) for seq in day),
-    )
-    db.commit()
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-    print(f"  prefilled {count:,} events in {time.monotonic() - started:.0f} s "
-          f"({db_path.stat().st_size / 2**20:.0f} MiB)")
-
-
-def run_wrk(url: str, connections: int, duration: int, script: Path) -> dict[str, float]:
-    auth = basic_auth()["Authorization"]
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
-         "-H", f"Authorization: {auth}", "-H", "Content-Type: application/json", url],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
-    for pct in ("50", "99"):
-        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()
-        figures[f"p{pct}"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    figures["non2xx"] = float(errors.group(1)) if errors else 0.0
-    return figures
-
-
-def stored(db_path: Path) -> int:
-    with sqlite3.connect(db_path) as db:
-        return db.execute("SELECT count(*) FROM events").fetchone()[0]
-
-
-def scenario(name: str, prefill_count: int, args: argparse.Namespace, script: Path) -> None:
+def scenario(name: str, prefill_count: int, args: argparse.Namespace, script: Path,
+             rows: dict[str, Any]) -> str:
+    """One log (empty or prefilled), measured with each number of web processes; the origin."""
+    origin = ""
     with tempfile.TemporaryDirectory(prefix="ta-bench-") as tmp:
         directory = Path(tmp)
         db_path = directory / "trackalert-events.db"
-        if prefill_count:
-            prefill(db_path, prefill_count)
+        reports.prepare_log(db_path, prefill_count, args.prefill_cache)
         for web_processes in args.web_processes:
-            print(f"\n== {name}, setNumWebProcesses({web_processes})")
-            run_daemon(directory, db_path, web_processes, args, script)
+            print(f"\n== {name}, setNumWebProcesses({web_processes})", flush=True)
+            origin = run_daemon(directory, db_path, web_processes, args, script,
+                                rows, f"log={prefill_count} web={web_processes}")
+    return origin
 
 
 def run_daemon(directory: Path, db_path: Path, web_processes: int, args: argparse.Namespace,
-               script: Path) -> None:
+               script: Path, rows: dict[str, Any], key: str) -> str:
     config = POLICY.replace("{web_processes}", str(web_processes))
     with DaemonProcess(directory, config, args=("-s",)) as process:
-        before = stored(db_path)
-        run_wrk(process.url("/command/report"), 32, 3, script)  # warm-up
+        origin = harness.trackalert_origin(process.process.pid)
+        print(f"  daemon runs trackalert from {origin}")
+        before = harness.stored(db_path)
+        harness.run_wrk(process.url("/command/report"), 32, 3, script)  # warm-up
         for connections in args.connections:
-            start_count = stored(db_path)
-            figures = run_wrk(process.url("/command/report"), connections, args.duration, script)
-            added = stored(db_path) - start_count
+            start_count = harness.stored(db_path)
+            wrk = harness.run_wrk(process.url("/command/report"), connections, args.duration, script)
+            added = harness.stored(db_path) - start_count
             print(
-                f"  {connections:4d} connections: {figures['rps']:9,.0f} reports/s  "
-                f"p50 {figures['p50']:6.2f} ms  p99 {figures['p99']:6.2f} ms  "
-                f"non-2xx {figures['non2xx']:.0f}  stored {added:,}"
+                f"  {connections:4d} connections: {wrk.ok_per_second:9,.0f} reports/s  "
+                f"p50 {wrk.p50_ms:6.2f} ms  p99 {wrk.p99_ms:6.2f} ms  "
+                f"non-2xx {wrk.non2xx}  stored {added:,}", flush=True
             )
-        print(f"  log holds {stored(db_path):,} events (started with {before:,})")
+            rows[f"{key} c={connections}"] = {
+                "reports_per_s": wrk.ok_per_second, "p50_ms": wrk.p50_ms, "p99_ms": wrk.p99_ms,
+                "non2xx": wrk.non2xx, "stored": added,
+            }
+        print(f"  log holds {harness.stored(db_path):,} events (started with {before:,})")
+    return origin
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefill", type=int, default=5_000_000, help="events in the pre-filled log (0: skip)")
+    parser.add_argument("--prefill-cache", type=Path, help="keep prefilled logs here and copy them")
     parser.add_argument("--duration", type=int, default=15, help="seconds per measurement")
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--skip-empty", action="store_true", help="only the pre-filled scenario")
     parser.add_argument("--web-processes", type=int, nargs="+", default=[0, 2],
                         help="setNumWebProcesses values to measure")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON (compare.py)")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("bench/ingest.py needs wrk (apt-get install wrk)")
+    harness.require_wrk()
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
         handle.write(WRK_SCRIPT)
         script = Path(handle.name)
-    if not args.skip_empty:
-        scenario("empty log", 0, args, script)
-    if args.prefill:
-        scenario(f"log with {args.prefill:,} events", args.prefill, args, script)
+    rows: dict[str, Any] = {}
+    origin = ""
+    try:
+        if not args.skip_empty:
+            origin = scenario("empty log", 0, args, script, rows)
+        if args.prefill:
+            origin = scenario(f"log with {args.prefill:,} events", args.prefill, args, script, rows)
+    finally:
+        script.unlink(missing_ok=True)
+    harness.write_json(args.json, {"bench": "ingest", "origin": origin, "rows": rows})
 
 
 if __name__ == "__main__":

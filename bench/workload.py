@@ -1,0 +1,243 @@
+"""The production workload of issue 9: enrichment on, the starter policies (or an empty one), wrk.
+
+    .venv/bin/python bench/workload.py [--policy empty|starter] [--duration 20] [--prefill N]
+                                       [--connections 128] [--profile FILE] [--json FILE]
+
+Starts the real daemon (trackalert.testing.DaemonProcess, SQLite log, loopback listener) with
+GeoIP City + ASN enrichment from tests/data/geoip, `setNumLuaStates(4)`, `setNumWebProcesses(2)`
+and either the six starter policies loaded as docs/policies.md shows (alerts are logged; no
+webhook) or an empty `report`. wrk (Debian package `wrk`) posts varied wforce-shaped reports
+(20,000 logins, a handful of IPv4/IPv6 addresses most of which GeoIP knows, three browsers and an
+IMAP client, 70 % successes, a unique X-Wforce-Delivery each; see bench/reports.py) at 128
+connections for a fixed duration, after a short warm-up and once the warm-up has drained.
+
+Prints durable reports/s, p50/p99 latency (wrk), policy events/s during the load, the policy lag
+at the end of the load (`trackalert_policy_lag_events`), the time until it drains to 0 (bounded
+by --drain-timeout), and the resident memory of the whole daemon (core + web workers), sampled
+during the run (peak and end). It asserts nothing. With --prefill N the log first holds N events
+of the same vocabulary (written directly, as the daemon would store them).
+
+--profile FILE records the core process with py-spy (`pip install py-spy` in the venv; not a
+dependency of trackalert) during the load and prints where the time goes.
+
+The daemon runs the `trackalert` this interpreter imports (run from a checkout's directory, or
+with PYTHONPATH pointing at it: bench/compare.py does that), and the script prints which one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Import trackalert as the daemon's `python -m trackalert` will (working directory, PYTHONPATH, the
+# venv), so that the policies and test data used are that checkout's; this repository last.
+sys.path.insert(1, os.getcwd())
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+import harness  # noqa: E402
+import reports  # noqa: E402
+from trackalert.testing import DaemonProcess, listener_config  # noqa: E402
+
+STARTER = ("new_country", "new_device", "impossible_travel", "password_spray", "account_attack",
+           "pwhash_spray")
+
+
+def daemon_config(policy: str, lua_states: int, web_processes: int) -> str:
+    """The operator's config: enrichment as docs/lua-api.md shows, policies as docs/policies.md."""
+    config = listener_config() + f"""
+setNumLuaStates({lua_states})
+setNumWebProcesses({web_processes})
+newGeoIP2DB("City", "{reports.CITY_DB}")
+newGeoIP2DB("ASN", "{reports.ASN_DB}")
+setEnrichment({{city="City", asn="ASN"}})
+"""
+    if policy == "empty":
+        return config + "setReport(function(lt) end)\n"
+    names = ", ".join(f'"{name}"' for name in STARTER)
+    return config + f"""
+local dir = "{reports.POLICIES}/"
+dofile(dir .. "alert.lua")
+StarterAlert.webhook = ""
+local policies = {{}}
+for _, name in ipairs({{{names}}}) do policies[#policies + 1] = dofile(dir .. name .. ".lua") end
+setReport(function(lt)
+  for _, p in ipairs(policies) do p.report(lt) end
+end)
+"""
+
+
+class Profiler:
+    """py-spy on the core process for the first `seconds` of the load (raw collapsed stacks)."""
+
+    def __init__(self, output: str | None, pid: int, seconds: float, gil: bool) -> None:
+        self.output, self.process = output, None
+        if output is None:
+            return
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(py_spy).exists():
+            sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
+        command = [py_spy, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "100",
+                   "-f", "raw", "-o", output, "--nonblocking"] + (["--gil"] if gil else [])
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def finish(self) -> None:
+        if self.process is None:
+            return
+        try:
+            _, err = self.process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        if self.process.returncode:
+            print(f"  py-spy failed: {err.decode(errors='replace').strip()}")
+            return
+        print_profile(Path(self.output))
+
+
+def _without_line(frame: str) -> str:
+    """"f (file.py:12)" -> "f (file.py)": inclusive time is per function, not per line."""
+    head, _, line = frame.rpartition(":")
+    return head + ")" if head and line.rstrip(")").isdigit() else frame
+
+
+def print_profile(path: Path, top: int = 15) -> None:
+    """Self time per line and inclusive time per function, as shares of py-spy's raw samples."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in {_without_line(f) for f in frames}:
+            inclusive[frame] += int(count)
+    print(f"  profile: {total} samples in {path}")
+    for title, counter in (("self time (line)", own), ("inclusive time (function)", inclusive)):
+        print(f"  top {top} by {title}:")
+        for frame, count in counter.most_common(top):
+            print(f"    {100 * count / max(1, total):5.1f}%  {frame}")
+
+
+def measure(process: DaemonProcess, db_path: Path, script: Path, args: argparse.Namespace) -> dict[str, Any]:
+    metrics = process.url("/metrics")
+    harness.run_wrk(process.url("/command/report"), 32, args.warmup, script, "warmup")
+    if harness.wait_for_drain(metrics, args.drain_timeout) is None:
+        print(f"  the warm-up's policy lag did not drain within {args.drain_timeout:.0f} s: "
+              "the load starts behind", flush=True)
+    with harness.MemorySampler(process.process.pid) as memory:
+        before_stored = harness.stored(db_path)
+        lag_at_start = harness.policy_lag(metrics)
+        before_done = before_stored - lag_at_start
+        profiler = Profiler(args.profile, process.process.pid, min(args.profile_seconds, args.duration),
+                            args.profile_gil)
+        started = time.monotonic()
+        wrk = harness.run_wrk(process.url("/command/report"), args.connections, args.duration,
+                              script, "load")
+        elapsed = time.monotonic() - started
+        after_stored = harness.stored(db_path)
+        lag = harness.policy_lag(metrics)
+        rss_load_end = memory.last_mib
+        drain = harness.wait_for_drain(metrics, args.drain_timeout)
+    profiler.finish()
+    return {
+        "reports_per_s": (after_stored - before_stored) / elapsed,
+        "wrk_2xx_per_s": wrk.ok_per_second,
+        "p50_ms": wrk.p50_ms, "p99_ms": wrk.p99_ms,
+        "non2xx": wrk.non2xx, "socket_errors": wrk.errors,
+        "policy_events_per_s": (after_stored - lag - before_done) / elapsed,
+        "lag_at_start_events": lag_at_start, "lag_events": lag,
+        "drain_s": drain if drain is not None else float("nan"),
+        "rss_peak_mib": memory.peak_mib, "rss_load_end_mib": rss_load_end,
+        "rss_end_mib": memory.last_mib, "processes": memory.processes,
+        "log_events": after_stored,
+    }
+
+
+def report_figures(f: dict[str, Any], drain_timeout: float) -> None:
+    drain = (f"{f['drain_s']:.1f} s" if f["drain_s"] == f["drain_s"]
+             else f"not within {drain_timeout:.0f} s")
+    print(f"  durable reports/s   {f['reports_per_s']:9,.0f}   (wrk 2xx/s {f['wrk_2xx_per_s']:,.0f}, "
+          f"non-2xx {f['non2xx']}, socket errors {f['socket_errors']})")
+    print(f"  latency             p50 {f['p50_ms']:.1f} ms   p99 {f['p99_ms']:.1f} ms")
+    print(f"  policy events/s     {f['policy_events_per_s']:9,.0f}")
+    print(f"  policy lag at end   {f['lag_events']:9,.0f} events (at start {f['lag_at_start_events']:,.0f});"
+          f"  drained in {drain}")
+    print(f"  daemon RSS          peak {f['rss_peak_mib']:.0f} MiB, end of load "
+          f"{f['rss_load_end_mib']:.0f} MiB, end {f['rss_end_mib']:.0f} MiB "
+          f"({f['processes']} processes)")
+    print(f"  log holds {f['log_events']:,} events")
+
+
+def run(args: argparse.Namespace, script: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="ta-workload-") as tmp:
+        directory = Path(tmp)
+        db_path = directory / "trackalert-events.db"
+        reports.prepare_log(db_path, args.prefill, args.prefill_cache)
+        config = daemon_config(args.policy, args.lua_states, args.web_processes)
+        process = DaemonProcess(directory, config, args=("-s",))
+        try:
+            process.start(timeout=args.start_timeout)
+            origin = harness.trackalert_origin(process.process.pid)
+            if Path(origin) != reports.CODE_ROOT / "trackalert":
+                sys.exit(f"the daemon runs {origin}, but this script loaded the policies and data "
+                         f"of {reports.CODE_ROOT}: run it from that checkout's directory")
+            print(f"  daemon pid {process.process.pid} runs trackalert from {origin}", flush=True)
+            figures = measure(process, db_path, script, args)
+        finally:
+            try:
+                process.stop()
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return {"origin": origin, "figures": figures}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", choices=("empty", "starter"), default="starter")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    parser.add_argument("--connections", type=int, default=128)
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up load (32 connections)")
+    parser.add_argument("--prefill", type=int, default=0, help="events already in the log")
+    parser.add_argument("--prefill-cache", type=Path, help="keep prefilled logs here and copy them")
+    parser.add_argument("--lua-states", type=int, default=4)
+    parser.add_argument("--web-processes", type=int, default=2)
+    parser.add_argument("--drain-timeout", type=float, default=180.0, help="longest wait for lag 0")
+    parser.add_argument("--start-timeout", type=float, default=600.0, help="longest wait for READY")
+    parser.add_argument("--profile", metavar="FILE", help="py-spy raw profile of the core process")
+    parser.add_argument("--profile-seconds", type=float, default=10.0)
+    parser.add_argument("--profile-gil", action="store_true", help="sample only the GIL holder")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON (compare.py)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    harness.require_wrk()
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(reports.wrk_script())
+        script = Path(handle.name)
+    try:
+        key = f"policy={args.policy} prefill={args.prefill}"
+        print(f"== workload: {key}, {args.connections} connections, {args.duration:.0f} s, "
+              f"setNumLuaStates({args.lua_states}), setNumWebProcesses({args.web_processes})", flush=True)
+        result = run(args, script)
+        report_figures(result["figures"], args.drain_timeout)
+        harness.write_json(args.json, {"bench": "workload", "origin": result["origin"],
+                                       "rows": {key: result["figures"]}})
+    finally:
+        script.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
