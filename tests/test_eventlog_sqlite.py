@@ -111,9 +111,10 @@ async def test_fresh_file_is_migrated_to_head(tmp_path: Path) -> None:
         ]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"events", "cursors", "deliveries", "alembic_version"} <= tables
-        # every index costs ingest: only the three the long-term helpers need (0004)
+        # every index costs ingest: only the three the long-term helpers need (0004) and the
+        # append-order one on received (0006)
         assert {r[1] for r in conn.execute("PRAGMA index_list(events)")} == {
-            "ix_events_login", "ix_events_ip", "ix_events_pwhash_failed"}
+            "ix_events_login", "ix_events_ip", "ix_events_pwhash_failed", "ix_events_received"}
         deliveries_sql = conn.execute(
             "SELECT sql FROM sqlite_master WHERE name='deliveries'"
         ).fetchone()[0]
@@ -126,7 +127,7 @@ def test_migration_scripts_are_found_from_the_package_not_the_cwd(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert migrations.SCRIPT_LOCATION == REPO / "migrations"
-    assert migrations.head_revision() == "0005"
+    assert migrations.head_revision() == "0006"
 
 
 async def test_reopen_keeps_data_and_schema(tmp_path: Path) -> None:
@@ -176,7 +177,7 @@ async def test_old_file_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
     finally:
         await log.close()
     with raw(path) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0005",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0006",)
 
 
 async def test_0005_keys_old_delivery_ids_with_an_unknown_body(tmp_path: Path) -> None:
@@ -205,7 +206,7 @@ async def test_0005_keys_old_delivery_ids_with_an_unknown_body(tmp_path: Path) -
         assert conn.execute(
             "SELECT delivery_id, length(fingerprint), seq FROM deliveries ORDER BY seq"
         ).fetchall() == [("same-microsecond", 0, 1), ("same-microsecond", 16, 2)]
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0005",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0006",)
 
 
 async def test_file_from_a_newer_trackalert_is_refused(tmp_path: Path) -> None:

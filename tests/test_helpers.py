@@ -299,8 +299,8 @@ async def test_per_login_helpers_never_read_the_table(filled) -> None:
 
 
 async def test_time_to_seq_search_is_exact_with_gaps_and_any_previous_answer(filled) -> None:
-    """The galloping search from the previous answer finds the same seq as a scan, even where
-    retention or a failed batch left holes in the seqs."""
+    """The one-seek search (ix_events_received) finds the same seq as a scan, even where
+    retention or a failed batch left holes in the seqs, and ties share one `received`."""
     import sqlite3 as sqlite
 
     log, events, _ = filled
@@ -318,3 +318,24 @@ async def test_time_to_seq_search_is_exact_with_gaps_and_any_previous_answer(fil
             expected = next((e.seq for e in stored if (e.received > when if strict else e.received >= when)),
                             stored[-1].seq + 1)
             assert queries._first_seq(conn, when, strict) == expected, (when, strict)
+
+
+async def test_a_window_start_is_one_seek_of_the_received_index(filled) -> None:
+    """Every windowed helper turns its time bound into a seq first; that must be one index seek
+    (migration 0006), not a search over primary-key probes nor a scan."""
+    from trackalert.eventlog.queries import _FIRST_AFTER, _FIRST_FROM
+
+    log, events, _ = filled
+    queries = log.queries()
+    conn = queries._conn()
+    calls: list[str] = []
+    conn.set_trace_callback(calls.append)
+    try:
+        for strict in (False, True):
+            queries._first_seq(conn, events[200].received, strict)
+    finally:
+        conn.set_trace_callback(None)
+    assert len(calls) == 2, calls
+    for sql in (_FIRST_FROM, _FIRST_AFTER):
+        plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, (0.0,)))
+        assert "SEARCH events USING COVERING INDEX ix_events_received" in plan, plan

@@ -9,7 +9,7 @@ Why the shape is what it is:
 * ``events.seq`` is ``INTEGER PRIMARY KEY`` — the rowid. Every extra index is another random
   page write per append, and ingest rate is the whole point, so the only other indexes are the
   three the long-term helpers need (migration 0004: per login, per address, per failed pwhash). Queries go by seq range; ``received`` is non-decreasing in seq, so time cut-offs are
-  found by binary search on seq rather than through an index. ``AUTOINCREMENT`` makes SQLite
+  found by one seek of ix_events_received (0006), an index that grows at its right edge only. ``AUTOINCREMENT`` makes SQLite
   remember the highest seq ever stored, so a seq is never reused even after retention empties
   the table.
 * Report fields are real columns so that later tools can filter with plain SQL; the open-ended maps
@@ -67,6 +67,8 @@ Index("ix_events_ip", events.c.ip, events.c.seq,
       sqlite_where=events.c.success == False)  # noqa: E712 - SQL, not Python
 Index("ix_events_pwhash_failed", events.c.pwhash, events.c.seq,
       sqlite_where=events.c.success == False)  # noqa: E712 - SQL, not Python
+# Append-order, hence cheap: a window's start in one seek (migration 0006).
+Index("ix_events_received", events.c.received)
 
 cursors = Table(
     "cursors",
