@@ -25,6 +25,7 @@ from typing import Any
 from trackalert.eventlog.base import Event, EventQueries
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.ipkey import V4, ip_key, network_range, prefix_text
+from trackalert.eventlog.rows import decode_row
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -112,7 +113,6 @@ class SQLiteQueries(EventQueries):
         return self._edge(flt, as_of, "DESC")
 
     def recent_reports(self, flt: Filter, n: int, as_of: AsOf) -> list[Event]:
-        from trackalert.eventlog.sqlite import decode_row  # sqlite.py imports this module
 
         conn = self._conn()
         source, where, params = self._where(conn, flt, as_of)

@@ -47,6 +47,7 @@ from trackalert.eventlog.base import (
 )
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.queries import SQLiteQueries
+from trackalert.eventlog.rows import decode_row
 from trackalert.eventlog.schema import cursors, deliveries, events
 from trackalert.report import Enrichment, Report, ReportError, parse_delivery_id, printable
 
@@ -71,7 +72,6 @@ _UPSERT_CURSOR = str(
 )
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_loads = json.loads
 
 
 # --------------------------------------------------------------------------- row encoding
@@ -141,30 +141,6 @@ def _geo_columns(geo: Enrichment | None) -> tuple:
         return _NO_GEO
     return (geo.country or None, geo.city or None, geo.latitude, geo.longitude, geo.asn,
             geo.isp or None)
-
-
-def _geo_from_columns(country: Any, city: Any, latitude: Any, longitude: Any, asn: Any,
-                      isp: Any) -> Enrichment | None:
-    if country is None and city is None and latitude is None and asn is None and isp is None:
-        return None
-    return Enrichment(country or "", city or "", latitude, longitude, asn, isp or "")
-
-
-def decode_row(row: Any) -> Event:
-    """An `Event` from an `events` row in table column order."""
-    (seq, received, t, login, remote, pwhash, success, policy_reject, protocol, tls, device_id,
-     session_id, fail_type, attrs, attrs_mv, device_attrs, extra, delivery_id) = row[:18]
-    report = Report(
-        t=t, remote=remote, login=login, pwhash=pwhash, success=bool(success),
-        policy_reject=bool(policy_reject), protocol=protocol, tls=bool(tls),
-        device_id=device_id, session_id=session_id, fail_type=fail_type,
-        attrs=_loads(attrs) if attrs else {},
-        attrs_mv={k: tuple(v) for k, v in _loads(attrs_mv).items()} if attrs_mv else {},
-        device_attrs=_loads(device_attrs) if device_attrs else {},
-        extra=_loads(extra) if extra else {},
-        geo=_geo_from_columns(*row[18:24]) if len(row) >= 24 else None,
-    )
-    return Event(seq, received, report, delivery_id)
 
 
 # --------------------------------------------------------------------------- writer work items
