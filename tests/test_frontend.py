@@ -254,3 +254,21 @@ async def test_a_burst_of_connections_is_spread_over_the_workers(daemon: DaemonP
     finally:
         for _, writer in opened:
             writer.close()
+
+
+async def test_a_burst_is_served_while_one_worker_cannot_accept(daemon: DaemonProcess) -> None:
+    """Spreading the connections must never starve them: with one worker stopped (busy, or
+    being replaced), the other one serves the whole burst, after a short wait at most."""
+    stopped, running = worker_pids(daemon.process.pid)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        opened = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(32)))
+        for reader, writer in opened:
+            writer.write(b"GET /command/livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        lines = await asyncio.gather(*(asyncio.wait_for(reader.readline(), 10) for reader, _ in opened))
+        assert all(line.startswith(b"HTTP/1.1 200") for line in lines), set(lines)
+        assert served_connections(running, daemon.port) == len(opened)
+        for _, writer in opened:
+            writer.close()
+    finally:
+        os.kill(stopped, signal.SIGCONT)
