@@ -220,3 +220,55 @@ async def released(process: DaemonProcess) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+def served_connections(pid: int, port: int) -> int:
+    """Established TCP connections to `port` whose socket process `pid` holds (from /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            held += target.startswith("socket:[") and target[8:-1] in inodes
+    return held
+
+
+async def test_a_burst_of_connections_is_spread_over_the_workers(daemon: DaemonProcess) -> None:
+    """wrk opens its 128 connections at once; each worker must get its part of them, or one
+    worker's core does all the HTTP work while the other idles."""
+    burst = 128
+    opened = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(burst)))
+    try:
+        for reader, writer in opened:  # one request each: accepted and served, kept alive
+            writer.write(b"GET /command/livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        lines = await asyncio.gather(*(asyncio.wait_for(reader.readline(), 10) for reader, _ in opened))
+        assert all(line.startswith(b"HTTP/1.1 200") for line in lines), set(lines)
+        counts = [served_connections(pid, daemon.port) for pid in worker_pids(daemon.process.pid)]
+        assert sum(counts) == burst
+        assert max(counts) - min(counts) <= burst // 4, counts
+    finally:
+        for _, writer in opened:
+            writer.close()
+
+
+async def test_a_burst_is_served_while_one_worker_cannot_accept(daemon: DaemonProcess) -> None:
+    """Spreading the connections must never starve them: with one worker stopped (busy, or
+    being replaced), the other one serves the whole burst, after a short wait at most."""
+    stopped, running = worker_pids(daemon.process.pid)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        opened = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(32)))
+        for reader, writer in opened:
+            writer.write(b"GET /command/livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        lines = await asyncio.gather(*(asyncio.wait_for(reader.readline(), 10) for reader, _ in opened))
+        assert all(line.startswith(b"HTTP/1.1 200") for line in lines), set(lines)
+        assert served_connections(running, daemon.port) == len(opened)
+        for _, writer in opened:
+            writer.close()
+    finally:
+        os.kill(stopped, signal.SIGCONT)

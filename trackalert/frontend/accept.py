@@ -6,7 +6,9 @@ limit 100 and 2 workers, 2-10 of 99 connections were refused; the issue measured
 worker accepts only up to its share (the shares add up to the limit) and, at its share, leaves new
 connections in the kernel's queue for a worker with room. Only when every worker is full, as the
 counts they publish in a small shared file say, does it do what one process does past the limit:
-close an idle keep-alive connection to make room, or else refuse the new one at once.
+close an idle keep-alive connection to make room, or else refuse the new one at once. Under its
+share, a worker ahead of the others leaves new connections to them for a moment: every worker is
+woken for each one, and the first awake would otherwise take a whole burst.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from trackalert import log
 #: woken for the same connection, normally takes it within this time).
 PAUSE = 0.01
 _SLOT = 8
+#: How many more connections than the least loaded other worker one may hold before it leaves
+#: new ones to the others (see `SharedAccept._ahead_of_others`).
+BALANCE_SLACK = 1
+#: How long it leaves them at most (the others may be busy on a loaded machine, or being replaced).
+BALANCE_WAIT = 0.1
 
 
 def create_counts(path: str, workers: int) -> "ConnectionCounts":
@@ -55,6 +62,9 @@ class ConnectionCounts:
     def set(self, index: int, count: int) -> None:
         self._slots[index] = count
 
+    def get(self, index: int) -> int:
+        return self._slots[index]
+
     def total(self) -> int:
         return sum(self._slots)
 
@@ -80,6 +90,8 @@ class SharedAccept:
         self._evict_idle = evict_idle
         self._handshake_timeout = handshake_timeout
         self._deferred_since: float | None = None
+        self._yielded_since: float | None = None
+        self._yield_seen = 0.0
         self._open = 0
         self._listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._closed = False
@@ -113,7 +125,7 @@ class SharedAccept:
         share = share_of(limit, len(self._counts), self._index)
         while True:
             full = self._open >= share
-            if full and self._leave_to_others(limit):
+            if self._leave_to_others(limit) if full else self._ahead_of_others():
                 loop = asyncio.get_running_loop()
                 loop.remove_reader(sock.fileno())
                 loop.call_later(PAUSE, self._watch, sock, context)
@@ -134,6 +146,22 @@ class SharedAccept:
                 continue
             self.opened()
             asyncio.ensure_future(self._serve(conn, context))
+
+    def _ahead_of_others(self) -> bool:
+        """Under its share, should this worker leave a queued connection to a worker holding
+        fewer? Yes for a moment: every worker is woken for a new connection and the first
+        awake would otherwise take a whole burst (wrk's 128 connections landed 125 to 3 on two
+        workers, leaving one worker's core idle while the other was loaded). If the others
+        do not take it within BALANCE_WAIT (busy, or one is being replaced), this one does."""
+        others = [self._counts.get(i) for i in range(len(self._counts)) if i != self._index]
+        if not others or self._open <= min(others) + BALANCE_SLACK:
+            self._yielded_since = None
+            return False
+        now = asyncio.get_running_loop().time()
+        if self._yielded_since is None or now - self._yield_seen > 2 * PAUSE:
+            self._yielded_since = now  # a new burst: the last one's wait is over
+        self._yield_seen = now
+        return now - self._yielded_since < BALANCE_WAIT
 
     def _leave_to_others(self, limit: int) -> bool:
         """At its share, should this worker leave the queued connections to the others? Yes if
