@@ -31,6 +31,10 @@ _SLOT = 8
 BALANCE_SLACK = 1
 #: How long it leaves them at most (the others may be busy on a loaded machine, or being replaced).
 BALANCE_WAIT = 0.1
+#: A deferral not looked at for this long belongs to an earlier connection: a new one starts its
+#: own wait (else, after a quiet spell, a full worker refused at once a connection that a worker
+#: with an idle connection would have taken).
+STALE_WAIT = 10 * PAUSE
 
 
 def create_counts(path: str, workers: int) -> "ConnectionCounts":
@@ -90,6 +94,7 @@ class SharedAccept:
         self._evict_idle = evict_idle
         self._handshake_timeout = handshake_timeout
         self._deferred_since: float | None = None
+        self._deferred_seen = 0.0
         self._yielded_since: float | None = None
         self._yield_seen = 0.0
         self._open = 0
@@ -172,8 +177,9 @@ class SharedAccept:
         if self._has_idle():
             return False
         now = asyncio.get_running_loop().time()
-        if self._deferred_since is None:
-            self._deferred_since = now
+        if self._deferred_since is None or now - self._deferred_seen > STALE_WAIT:
+            self._deferred_since = now  # a new connection: the wait of an earlier one is over
+        self._deferred_seen = now
         return now - self._deferred_since < PAUSE
 
     async def _serve(self, conn: socket.socket, context: ssl.SSLContext | None) -> None:
