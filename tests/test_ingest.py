@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from test_report import BAD_BODIES
+from trackalert import fuzz
 from trackalert.testing import DaemonProcess, basic_auth, listener_config
 
 AUTH = basic_auth()
@@ -44,20 +45,13 @@ async def post(session: aiohttp.ClientSession, daemon: DaemonProcess, body: byte
 
 async def raw_post(daemon: DaemonProcess, body: bytes, extra_headers: bytes = b"") -> tuple[int, bytes]:
     """A request written byte by byte: aiohttp's client cannot send a header that is not UTF-8."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
-    try:
-        writer.write(
-            b"POST /command/report HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            + f"Authorization: {AUTH['Authorization']}\r\n".encode()
-            + extra_headers
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-        )
-        await writer.drain()
-        response = await reader.read()
-    finally:
-        writer.close()
-    head, _, payload = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), payload
+    status, _, payload = await fuzz.send("127.0.0.1", daemon.port, (
+        b"POST /command/report HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + f"Authorization: {AUTH['Authorization']}\r\n".encode()
+        + extra_headers
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    ))
+    return status, payload
 
 
 async def stats_reports(session: aiohttp.ClientSession, daemon: DaemonProcess) -> int:
