@@ -197,6 +197,50 @@ class MemorySampler:
         self.sample()
 
 
+# ------------------------------------------------------------------------------------------- CPU
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time one process has used so far (0 once it has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds used so far by every process of the tree, by pid."""
+    return {p: process_cpu_seconds(p) for p in process_tree(pid)}
+
+
+@dataclass
+class CpuMeter:
+    """CPU time of the core process and of the rest of its tree over a stretch of load.
+
+    CPU per durable report is a figure that survives a busy machine better than reports/s: it is
+    what the load costs, whoever else is running, and it says which process a change helped.
+    """
+
+    pid: int
+    core_s: float = 0.0
+    others_s: float = 0.0
+    wall_s: float = 0.0
+    _start: dict[int, float] = field(default_factory=dict)
+    _started: float = 0.0
+
+    def __enter__(self) -> "CpuMeter":
+        self._start, self._started = tree_cpu_seconds(self.pid), time.monotonic()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        end = tree_cpu_seconds(self.pid)
+        self.wall_s = time.monotonic() - self._started
+        used = {p: s - self._start.get(p, 0.0) for p, s in end.items()}
+        self.core_s = used.pop(self.pid, 0.0)
+        self.others_s = sum(used.values())
+
+
 # ------------------------------------------------------------------------------- which code ran
 
 def trackalert_origin(pid: int, launched_from: str | None = None) -> str:

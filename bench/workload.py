@@ -14,7 +14,8 @@ connections for a fixed duration, after a short warm-up and once the warm-up has
 Prints durable reports/s, p50/p99 latency (wrk), policy events/s during the load, the policy lag
 at the end of the load (`trackalert_policy_lag_events`), the time until it drains to 0 (bounded
 by --drain-timeout), and the resident memory of the whole daemon (core + web workers), sampled
-during the run (peak and end). It asserts nothing. With --prefill N the log first holds N events
+during the run (peak and end), and the CPU time the core process and the web workers spent per
+durable report during the load. It asserts nothing. With --prefill N the log first holds N events
 of the same vocabulary (written directly, as the daemon would store them).
 
 --profile FILE records the core process with py-spy (`pip install py-spy` in the venv; not a
@@ -142,8 +143,9 @@ def measure(process: DaemonProcess, db_path: Path, script: Path, args: argparse.
         profiler = Profiler(args.profile, process.process.pid, min(args.profile_seconds, args.duration),
                             args.profile_gil)
         started = time.monotonic()
-        wrk = harness.run_wrk(process.url("/command/report"), args.connections, args.duration,
-                              script, "load")
+        with harness.CpuMeter(process.process.pid) as cpu:
+            wrk = harness.run_wrk(process.url("/command/report"), args.connections, args.duration,
+                                  script, "load")
         elapsed = time.monotonic() - started
         after_stored = harness.stored(db_path)
         lag = harness.policy_lag(metrics)
@@ -161,6 +163,10 @@ def measure(process: DaemonProcess, db_path: Path, script: Path, args: argparse.
         "rss_peak_mib": memory.peak_mib, "rss_load_end_mib": rss_load_end,
         "rss_end_mib": memory.last_mib, "processes": memory.processes,
         "log_events": after_stored,
+        "cpu_core_us_per_report": 1e6 * cpu.core_s / max(1, after_stored - before_stored),
+        "cpu_web_us_per_report": 1e6 * cpu.others_s / max(1, after_stored - before_stored),
+        "cpu_core_share": cpu.core_s / cpu.wall_s if cpu.wall_s else 0.0,
+        "cpu_web_share": cpu.others_s / cpu.wall_s if cpu.wall_s else 0.0,
     }
 
 
@@ -176,6 +182,9 @@ def report_figures(f: dict[str, Any], drain_timeout: float) -> None:
     print(f"  daemon RSS          peak {f['rss_peak_mib']:.0f} MiB, end of load "
           f"{f['rss_load_end_mib']:.0f} MiB, end {f['rss_end_mib']:.0f} MiB "
           f"({f['processes']} processes)")
+    print(f"  daemon CPU          core {f['cpu_core_us_per_report']:.0f} µs/report "
+          f"({100 * f['cpu_core_share']:.0f} % of a core), web workers "
+          f"{f['cpu_web_us_per_report']:.0f} µs/report ({100 * f['cpu_web_share']:.0f} % of a core)")
     print(f"  log holds {f['log_events']:,} events")
 
 
