@@ -149,6 +149,13 @@ class EventQueries(abc.ABC):
     def recent_reports(self, flt: "Filter", n: int, as_of: "AsOf") -> list[Event]:
         """Up to `n` matching events, newest first."""
 
+    def recent_rows(self, flt: "Filter", n: int, as_of: "AsOf") -> list[tuple]:
+        """`recent_reports` as rows of rows.REPORT_COLUMNS, the form recentReports() builds its
+        Lua tables from; a backend may read just those columns (SQLite does)."""
+        from trackalert.eventlog.rows import report_row  # rows.py imports this module
+
+        return [report_row(event) for event in self.recent_reports(flt, n, as_of)]
+
     def close(self) -> None:
         """Release connections (called by the event log's close)."""
 
