@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Iterable
 
 import lupa.luajit21 as luajit
@@ -180,7 +181,7 @@ def _decode_map(state: "LuaState") -> Any:
 def report_tables(state: "LuaState", rows: list[tuple]) -> Any:
     """recentReports' array of report tables from rows of REPORT_COLUMNS: the rows cross into
     Lua as one flat table and Lua builds the reports (no Python work per report)."""
-    return _events(state).reports(state.lua.table_from(*rows), len(rows))
+    return _events(state).reports(state.lua.table_from(list(chain.from_iterable(rows))), len(rows))
 
 
 def filter_pairs(state: "LuaState", value: Any) -> tuple[Any, ...] | None:
