@@ -55,19 +55,20 @@ def _as_of(state: "LuaState") -> AsOf:
 
 
 def _filter(state: "LuaState", value: Any) -> Filter:
+    flat = filter_pairs(state, value)
+    if flat is not None:
+        return _parsed(*flat)
+    # not a table, or something only parse_filter can judge: read it item by item
     if value is None:
         return Filter()
     if not is_table(value):
         raise FilterError(f"filter must be a table, got {describe(value)}")
-    flat = filter_pairs(state, value)
-    if flat is None:  # something only parse_filter can judge: read it item by item
-        # `remote=lt.remote`, `netmask=newNetmask(...)`: Lua objects, which the filter takes as text
-        return parse_filter((key, state.values.plain(item)) for key, item in value.items())
-    return _parsed(*flat)
+    # `remote=lt.remote`, `netmask=newNetmask(...)`: Lua objects, which the filter takes as text
+    return parse_filter((key, state.values.plain(item)) for key, item in value.items())
 
 
 @functools.lru_cache(maxsize=4096, typed=True)
-def _parsed(*flat: Any) -> Filter:
+def _parsed(_: bool, *flat: Any) -> Filter:
     """The Filter of flat (key, value, ...) pairs, remembered: a report's policies ask several
     helpers with the same filter, and a background function asks the same ones on every run.
     Typed, so that `success=true` and `success=1` (an error) are never taken for each other;

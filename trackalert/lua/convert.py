@@ -110,7 +110,7 @@ function E.reports(a, count)
 end
 
 -- A filter table's pairs, flat, in pairs() order, addresses and netmasks as their text (what
--- the filter takes): (true, key1, value1, ...). Just false when a key is not a string, a value
+-- the filter takes): (true, key1, value1, ...). Just false when it is not a table, a key is not a string, a value
 -- is neither a string, a number, a boolean nor one of those objects, or there are more than
 -- FLAT_MAX pairs: the caller then reads the table item by item, which raises the errors it
 -- always did.
@@ -134,7 +134,10 @@ collect = function(t, key, depth)
   end
   return prepend(k, v, collect(t, k, depth + 1))
 end
-function E.filter(t) return collect(t, nil, 0) end
+function E.filter(t)
+  if type(t) ~= "table" then return false end
+  return collect(t, nil, 0)
+end
 
 return E
 """
@@ -185,12 +188,12 @@ def report_tables(state: "LuaState", rows: list[tuple]) -> Any:
 
 
 def filter_pairs(state: "LuaState", value: Any) -> tuple[Any, ...] | None:
-    """A filter table's (key, value, key, value, ...) read in one call into Lua, addresses and
-    netmasks as their text; None when it holds anything else (see E.filter in _EVENTS)."""
+    """A filter table's (True, key, value, key, value, ...) read in one call into Lua, addresses
+    and netmasks as their text; None for anything else (see E.filter in _EVENTS)."""
     flat = _events(state).filter(value)
     if flat is False:
         return None
-    return () if flat is True else flat[1:]
+    return (True,) if flat is True else flat
 
 
 def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> tuple[bool, Any]:
