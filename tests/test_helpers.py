@@ -533,3 +533,13 @@ def test_filters_read_in_one_call_keep_their_errors_and_values(worker) -> None:
             state.execute("return countReports({login={}})")
         with pytest.raises(LuaError, match="filter keys must be strings"):
             state.execute("return countReports({1, 2})")
+
+
+def test_top_values_from_lua_for_any_n(worker) -> None:
+    """topValues' array is built in Lua from one flat table: every value and count in place."""
+    state, events, _ = worker
+    top = state.execute('return function(n) return topValues("remote", {}, n) end')[0]
+    counts = sorted(Counter(e.report.remote for e in events).items(), key=lambda kv: (-kv[1], kv[0]))
+    for n in (0, 1, 3, 100):
+        listed = top(n)
+        assert [(listed[i].value, listed[i].count) for i in range(1, len(listed) + 1)] == counts[:n]

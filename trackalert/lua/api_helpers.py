@@ -15,7 +15,7 @@ import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
-from trackalert.lua.convert import describe, filter_pairs, is_table, report_tables
+from trackalert.lua.convert import counted_table, describe, filter_pairs, is_table, report_tables
 from trackalert.lua.registry import Where, lua_global
 
 #: Worker states, and the config state that answers console commands.
@@ -123,7 +123,7 @@ def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
 def _top_values(state: "LuaState") -> Callable[[Any, Any, Any], Any]:
     def top_values(field: Any, flt: Any = None, n: Any = 10) -> Any:
         rows = _queries(state).top_values(parse_field(field), _filter(state, flt), _count(n, "n"), _as_of(state))
-        return state.table([{"value": value, "count": count} for value, count in rows])
+        return counted_table(state, rows)
 
     return top_values
 

@@ -109,6 +109,13 @@ function E.reports(a, count)
   return out
 end
 
+-- topValues()' array of {value=, count=} from the flat (value, count, ...) of `count` pairs.
+function E.counted(a, count)
+  local out = {}
+  for i = 1, count do out[i] = {value = a[2 * i - 1], count = a[2 * i]} end
+  return out
+end
+
 -- A filter table's pairs, flat, in pairs() order, addresses and netmasks as their text (what
 -- the filter takes): (true, key1, value1, ...). Just false when it is not a table, a key is not a string, a value
 -- is neither a string, a number, a boolean nor one of those objects, or there are more than
@@ -184,7 +191,17 @@ def _decode_map(state: "LuaState") -> Any:
 def report_tables(state: "LuaState", rows: list[tuple]) -> Any:
     """recentReports' array of report tables from rows of REPORT_COLUMNS: the rows cross into
     Lua as one flat table and Lua builds the reports (no Python work per report)."""
-    return _events(state).reports(state.lua.table_from(list(chain.from_iterable(rows))), len(rows))
+    return _events(state).reports(_flat(state, rows), len(rows))
+
+
+def counted_table(state: "LuaState", pairs: list[tuple[Any, int]]) -> Any:
+    """topValues' array of {value=, count=} tables, built in Lua from one flat table."""
+    return _events(state).counted(_flat(state, pairs), len(pairs))
+
+
+def _flat(state: "LuaState", rows: list[tuple]) -> Any:
+    """Rows as one Lua array, row after row: a single crossing whatever their number."""
+    return state.lua.table_from(list(chain.from_iterable(rows)))
 
 
 def filter_pairs(state: "LuaState", value: Any) -> tuple[Any, ...] | None:
