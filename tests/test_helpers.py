@@ -543,3 +543,35 @@ def test_top_values_from_lua_for_any_n(worker) -> None:
     for n in (0, 1, 3, 100):
         listed = top(n)
         assert [(listed[i].value, listed[i].count) for i in range(1, len(listed) + 1)] == counts[:n]
+
+
+def test_inside_report_a_window_needs_no_lookup_of_lts_time(worker) -> None:
+    """The runner hands lt over with its time, so a windowed helper inside report(lt) runs no
+    query to find when lt was received (it ran one on every call), and answers the same."""
+    state, events, _ = worker
+    queries = state.host.eventlog.queries()
+    conn = queries._conn()  # this thread's connection: the one the helpers below use
+    (count,) = state.execute("""answers = {}
+        return function(lt)
+          answers[#answers + 1] = countReports({login=lt.login, window="1d"})
+          answers[#answers + 1] = countDistinct("remote", {success=false, window="2h"})
+        end""")
+    runner = tuple_runner(state)
+    sql: list[str] = []
+    conn.set_trace_callback(sql.append)
+    try:
+        for event in events[::7]:
+            state.as_of_seq = event.seq
+            assert call_with_tuple(state, runner, count, event) == (True, None)
+    finally:
+        conn.set_trace_callback(None)
+        state.as_of_seq = None
+    assert sql and not [s for s in sql if s.startswith("SELECT received FROM events WHERE seq <=")]
+    answers = state.lua.globals().answers
+    expected = []
+    for event in events[::7]:
+        as_of = AsOf(before_seq=event.seq)
+        expected.append(len(visible(events, parse_filter([("login", event.report.login), ("window", "1d")]), as_of)))
+        expected.append(len({e.report.remote for e in visible(
+            events, parse_filter([("success", False), ("window", "2h")]), as_of)}))
+    assert [answers[i + 1] for i in range(len(expected))] == expected

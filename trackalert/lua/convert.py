@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import lupa.luajit21 as luajit
 
+from trackalert.eventlog.filters import AsOf
 from trackalert.eventlog.rows import REPORT_COLUMNS
 from trackalert.lua.values import CHUNK_NAME, address_fields, guarded
 
@@ -117,10 +118,10 @@ function E.counted(a, count)
 end
 
 -- A filter table's pairs, flat, in pairs() order, addresses and netmasks as their text (what
--- the filter takes): (true, key1, value1, ...). Just false when it is not a table, a key is not a string, a value
--- is neither a string, a number, a boolean nor one of those objects, or there are more than
--- FLAT_MAX pairs: the caller then reads the table item by item, which raises the errors it
--- always did.
+-- the filter takes): (true, key1, value1, ...). Just false for anything else (not a table, a key
+-- that is not a string, a value that is neither a string, a number, a boolean nor one of those
+-- objects, more than FLAT_MAX pairs): the caller then reads it item by item, which raises the
+-- errors it always did.
 local ca_text, netmask_text = V.ca_text, V.netmask_text
 local FLAT_MAX = 16
 local collect
@@ -213,8 +214,17 @@ def filter_pairs(state: "LuaState", value: Any) -> tuple[Any, ...] | None:
     return (True,) if flat is True else flat
 
 
+#: state.cache key of the as-of point of the report(lt) being run (see call_with_tuple).
+AS_OF = "as_of"
+
+
 def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> tuple[bool, Any]:
-    """Run `fn(lt)` for one event; returns (ok, error-or-first-result)."""
+    """Run `fn(lt)` for one event; returns (ok, error-or-first-result).
+
+    Also leaves the helpers their as-of point for lt, with lt's time: a windowed helper then
+    need not look up when lt was received (a query on each call). They use it while
+    `state.as_of_seq` is lt's seq, as the runner sets it."""
+    state.cache[AS_OF] = AsOf(before_seq=event.seq, now=event.received)
     r = event.report
     table_from = state.lua.table_from
     result = runner(
