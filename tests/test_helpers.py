@@ -351,7 +351,7 @@ def rich_reports(rng: random.Random, n: int) -> list[Report]:
     """Reports using every LoginTuple field, empty and unknown values included."""
     return [Report(
         t=START + i + rng.random(), login=rng.choice(LOGINS[:3]),
-        remote=rng.choice(REMOTES + ["10.1.2.3"]), pwhash=rng.choice(["aaaa", ""]),
+        remote=rng.choice(REMOTES + ["10.1.2.3", "::ffff:192.0.2.9"]), pwhash=rng.choice(["aaaa", ""]),
         success=rng.random() < 0.6, policy_reject=rng.random() < 0.3, protocol=rng.choice(["imap", ""]),
         tls=rng.random() < 0.5, device_id=rng.choice(["", "Mozilla/5.0 (X11)", "imap-client"]),
         session_id=rng.choice(["", f"s{i}"]), fail_type=rng.choice(["", "credentials", "account"]),
