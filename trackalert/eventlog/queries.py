@@ -22,10 +22,10 @@ import sqlite3
 import threading
 from typing import Any
 
-from trackalert.eventlog.base import Event, EventQueries
+from trackalert.eventlog.base import REPORT_COLUMNS, Event, EventQueries
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.ipkey import V4, ip_key, network_range, prefix_text
-from trackalert.eventlog.rows import REPORT_COLUMNS, decode_row
+from trackalert.eventlog.rows import decode_row
 
 BUSY_TIMEOUT_MS = 5000
 

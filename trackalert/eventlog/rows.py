@@ -14,13 +14,6 @@ from trackalert.report import Enrichment, Report
 
 _loads = json.loads
 
-#: The columns of a report as recentReports returns it, in the order trackalert.lua.convert reads
-#: them: no `extra`, delivery id nor address key, and the JSON maps still as text (Lua decodes
-#: each distinct text once; most rows repeat a handful of them).
-REPORT_COLUMNS = ("seq", "received", "t", "remote", "login", "pwhash", "success", "policy_reject",
-                  "protocol", "tls", "device_id", "session_id", "fail_type", "attrs", "attrs_mv",
-                  "device_attrs", "country", "city", "latitude", "longitude", "asn", "isp")
-
 
 def _geo_from_columns(country: Any, city: Any, latitude: Any, longitude: Any, asn: Any,
                       isp: Any) -> Enrichment | None:
@@ -44,19 +37,3 @@ def decode_row(row: Any) -> Event:
         geo=_geo_from_columns(*row[18:24]) if len(row) >= 24 else None,
     )
     return Event(seq, received, report, delivery_id)
-
-
-def report_row(event: Event) -> tuple:
-    """An event as a row of REPORT_COLUMNS, for a backend that has only `Event`s to give."""
-    r = event.report
-    geo = r.geo
-    return (
-        event.seq, event.received, r.t, r.remote, r.login, r.pwhash, int(r.success),
-        int(r.policy_reject), r.protocol, int(r.tls), r.device_id, r.session_id, r.fail_type,
-        _json_text(r.attrs), _json_text(r.attrs_mv), _json_text(r.device_attrs),
-    ) + ((geo.country, geo.city, geo.latitude, geo.longitude, geo.asn, geo.isp) if geo
-         else (None,) * 6)
-
-
-def _json_text(mapping: Any) -> str | None:
-    return json.dumps(dict(mapping)) if mapping else None

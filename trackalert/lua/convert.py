@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import lupa.luajit21 as luajit
 
 from trackalert.eventlog.filters import AsOf
-from trackalert.eventlog.rows import REPORT_COLUMNS
+from trackalert.eventlog.base import REPORT_COLUMNS
 from trackalert.lua.values import CHUNK_NAME, address_fields, guarded
 
 if TYPE_CHECKING:
