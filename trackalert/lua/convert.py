@@ -149,6 +149,11 @@ end
 
 return E
 """
+
+#: How many distinct JSON map texts a state keeps decoded for recentReports (see _EVENTS).
+MAPS_MAX = 4096
+
+
 def protected_call(state: "LuaState", fn: Any, *args: Any) -> tuple[Any, ...]:
     """Call a Lua function under xpcall: (True, results...) or (False, message with traceback)."""
     result = state.values.call(fn, *args)
@@ -169,10 +174,6 @@ def _events(state: "LuaState") -> Any:
 def tuple_runner(state: "LuaState") -> Any:
     """The Lua function that runs ``fn(lt)`` for one event; compiled once per state."""
     return _events(state).run
-
-
-#: How many distinct JSON map texts a state keeps decoded for recentReports (see _EVENTS).
-MAPS_MAX = 4096
 
 
 def _decode_map(state: "LuaState") -> Any:
