@@ -15,6 +15,7 @@ from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
 from trackalert.eventlog.sqlite import SQLiteEventLog
+from trackalert.lua.convert import call_with_tuple, tuple_runner
 from trackalert.lua.host import Host
 from trackalert.lua.state import LuaError, LuaState, StateKind
 from trackalert.report import Enrichment, Report
@@ -339,3 +340,239 @@ async def test_a_window_start_is_one_seek_of_the_received_index(filled) -> None:
     for sql in (_FIRST_FROM, _FIRST_AFTER):
         plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, (0.0,)))
         assert "SEARCH events USING COVERING INDEX ix_events_received" in plan, plan
+
+
+# ------------------------------------------------------------ what crosses, and how often
+
+RICH_GEOS = GEOS + [Enrichment("", "", None, None, None, ""), Enrichment("NL", "", 52.4, None, None, "")]
+
+
+def rich_reports(rng: random.Random, n: int) -> list[Report]:
+    """Reports using every LoginTuple field, empty and unknown values included."""
+    return [Report(
+        t=START + i + rng.random(), login=rng.choice(LOGINS[:3]),
+        remote=rng.choice(REMOTES + ["10.1.2.3", "::ffff:192.0.2.9"]), pwhash=rng.choice(["aaaa", ""]),
+        success=rng.random() < 0.6, policy_reject=rng.random() < 0.3, protocol=rng.choice(["imap", ""]),
+        tls=rng.random() < 0.5, device_id=rng.choice(["", "Mozilla/5.0 (X11)", "imap-client"]),
+        session_id=rng.choice(["", f"s{i}"]), fail_type=rng.choice(["", "credentials", "account"]),
+        attrs=rng.choice([{}, {"site": "a"}, {"site": "b", "ünïcode": "ja\u00e9"}]),
+        attrs_mv=rng.choice([{}, {"groups": ("admin", "staff")}, {"none": ()}]),
+        device_attrs=rng.choice([{}, {"browser.family": "Firefox", "os.family": "Linux"}]),
+        geo=rng.choice(RICH_GEOS),
+    ) for i in range(n)]
+
+
+@pytest.fixture
+async def rich(tmp_path: Path) -> AsyncIterator[tuple[LuaState, list[Event]]]:
+    """A worker state over a log of rich reports, and the events as the runner got them."""
+    clock = VirtualClock(start=START)
+    log = SQLiteEventLog(tmp_path / "rich.db", clock)
+    await log.open()
+    handed: list[Event] = []
+    log.add_listener(handed.extend)  # in memory, right after the commit, as the runner gets them
+    rng = random.Random(3)
+    for report in rich_reports(rng, 300):
+        await log.append(report)
+        await clock.advance(rng.choice([0.5, 60.0]))
+    try:
+        yield LuaState(StateKind.WORKER, Host(clock=clock, eventlog=log)), handed
+    finally:
+        await log.close()
+
+
+# Every field of each recentReports() table against the lt of the same event: the same keys,
+# equal values (tables compared deeply), remote as lt.remote's text, plus seq and received.
+_COMPARE = """
+local function same(a, b)
+  if type(a) ~= "table" or type(b) ~= "table" then return a == b end
+  for k, v in pairs(a) do if not same(v, b[k]) then return false end end
+  for k in pairs(b) do if a[k] == nil then return false end end
+  return true
+end
+return function(lt, r)
+  for k, v in pairs(lt) do
+    local want = k == "remote" and v:tostring() or v
+    if not same(want, r[k]) then return k .. ": " .. tostring(want) .. " ~= " .. tostring(r[k]) end
+  end
+  for k in pairs(r) do
+    if lt[k] == nil and k ~= "seq" and k ~= "received" then return k .. " is not in lt" end
+  end
+end
+"""
+
+
+def test_recent_reports_hold_exactly_the_fields_of_lt(rich) -> None:
+    state, events = rich
+    (keep,) = state.execute("seen = {} return function(lt) seen[#seen + 1] = lt end")
+    runner = tuple_runner(state)
+    for event in events:
+        state.as_of_seq = event.seq
+        assert call_with_tuple(state, runner, keep, event) == (True, None)
+    state.as_of_seq = None
+    (compare,) = state.execute(_COMPARE)
+    seen = state.lua.globals().seen
+    lt_of = {event.seq: seen[i + 1] for i, event in enumerate(events)}
+    for n in (5, 200, 1000):
+        recent = state.execute(f"return recentReports({{}}, {n})")[0]
+        newest = events[::-1][:n]
+        assert len(recent) == len(newest)
+        for i, event in enumerate(newest):
+            r = recent[i + 1]
+            assert (r.seq, r.received) == (event.seq, event.received)
+            assert compare(lt_of[event.seq], r) is None, (event.seq, compare(lt_of[event.seq], r))
+    # the nil cases are there: no enrichment, an unknown latitude with a known city, empty maps
+    kinds = {(e.report.geo is None, (e.report.geo or RICH_GEOS[1]).latitude is None,
+              not e.report.attrs_mv) for e in events}
+    assert len(kinds) >= 4, kinds
+
+
+def test_each_recent_report_is_a_table_of_its_own(rich) -> None:
+    """The decoded maps are shared templates inside Lua: a policy changing one report's table
+    must not change another report, nor the next answer."""
+    state, events = rich
+    with_attrs = [e for e in events if e.report.device_attrs and e.report.attrs_mv.get("groups")]
+    first = with_attrs[-1]
+    second = [e for e in with_attrs if e.report.login == first.report.login][-2]
+    assert state.execute(f"""
+        local f = {{login="{first.report.login}"}}
+        local a = recentReports(f, 300)
+        local mine, other
+        for _, r in ipairs(a) do
+          if r.seq == {first.seq} then mine = r elseif r.seq == {second.seq} then other = r end
+        end
+        mine.device_attrs["browser.family"] = "changed"; mine.attrs_mv.groups[1] = "changed"
+        local again
+        for _, r in ipairs(recentReports(f, 300)) do if r.seq == {first.seq} then again = r end end
+        return other.device_attrs["browser.family"], other.attrs_mv.groups[1],
+               again.device_attrs["browser.family"], again.attrs_mv.groups[1]
+    """) == ("Firefox", "admin", "Firefox", "admin")
+
+
+def test_rows_of_the_log_make_the_tables_its_events_make(worker) -> None:
+    """SQLite reads recentReports' rows straight from its columns; the interface's default
+    makes them from decoded Events. Both must give the same tables, for every event."""
+    from trackalert.eventlog.base import EventQueries
+    from trackalert.lua.convert import report_tables
+
+    state, _, clock = worker
+    queries = state.host.eventlog.queries()
+    (compare,) = state.execute(_COMPARE.replace("k == \"remote\" and v:tostring() or v", "v"))
+    for spec in FILTERS:
+        flt = parse_filter(spec.items())
+        for as_of in (AsOf(now=clock.time()), AsOf(before_seq=250)):
+            narrow = report_tables(state, queries.recent_rows(flt, 50, as_of))
+            default = report_tables(state, EventQueries.recent_rows(queries, flt, 50, as_of))
+            assert len(narrow) == len(default) == len(queries.recent_reports(flt, 50, as_of))
+            for i in range(len(narrow)):
+                assert compare(default[i + 1], narrow[i + 1]) is None, (spec, i)
+
+
+def _python_calls(fn: Any) -> list[str]:
+    """The Python functions (and C functions called from Python) run by `fn()`."""
+    import sys
+
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+        elif event == "c_call":
+            calls.append(getattr(arg, "__name__", "?"))
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_recent_reports_do_no_python_work_per_report(rich) -> None:
+    """Rows cross into Lua in one table and Lua builds the reports: the Python work of a call
+    does not grow with the number of reports it returns (it grew by a decode and a dict each)."""
+    state, events = rich
+    login = events[-1].report.login
+    fetch = state.execute(f'return function(n) return #recentReports({{login="{login}"}}, n) end')[0]
+    assert fetch(200) > 50
+    assert fetch(1) == 1
+    few, many = _python_calls(lambda: fetch(1)), _python_calls(lambda: fetch(200))
+    assert len(many) == len(few), (Counter(many) - Counter(few)).most_common(8)
+
+
+def test_a_filter_is_parsed_once_and_a_window_once(worker) -> None:
+    """A report's policies ask several helpers with one filter, and every report the same
+    windows: neither is parsed again (parse_filter and parse_span were run on every call)."""
+    state, _, _ = worker
+    count = state.execute("""return function(login, window)
+        return countReports({login=login, success=true, window=window}) end""")[0]
+    unique = f"parse-once-{random.random()}"
+    window = f"{random.randrange(10**6, 10**7)}s"  # never seen before, even in a rerun
+    first = _python_calls(lambda: count(unique, window))
+    assert "parse_filter" in first and "parse_span" in first
+    again = _python_calls(lambda: count(unique, window))
+    assert "parse_filter" not in again
+    other_login = _python_calls(lambda: count(unique + "-other", window))
+    assert "parse_filter" in other_login and "parse_span" not in other_login
+    assert count(unique, window) == count(unique + "-other", window) == 0
+
+
+def test_filters_read_in_one_call_keep_their_errors_and_values(worker) -> None:
+    """Each way a filter can be read (flat in one call, item by item for anything unusual, from
+    the cache) gives the same answer, and errors are raised every time, not remembered."""
+    state, events, _ = worker
+    login = LOGINS[1]
+    expected = sum(1 for e in events if e.report.login == login and e.report.success)
+    for code in (f'{{login="{login}", success=true}}', f'{{success=true, login="{login}"}}',
+                 f'{{login="{login}", success=true, [1]=nil}}'):
+        assert state.execute(f"return countReports({code}), countReports({code})") == (expected, expected)
+    many = ", ".join(f'["attrs.k{i}"]="v"' for i in range(20))  # more pairs than read flat
+    assert state.execute(f"return countReports({{{many}}})") == (0,)
+    for _ in range(2):
+        with pytest.raises(LuaError, match="filter key 'success' must be a boolean"):
+            state.execute(f'return countReports({{login="{login}", success=1}})')
+        with pytest.raises(LuaError, match="filter key 'login' must be a string, got _LuaTable"):
+            state.execute("return countReports({login={}})")
+        with pytest.raises(LuaError, match="filter keys must be strings"):
+            state.execute("return countReports({1, 2})")
+
+
+def test_top_values_from_lua_for_any_n(worker) -> None:
+    """topValues' array is built in Lua from one flat table: every value and count in place."""
+    state, events, _ = worker
+    top = state.execute('return function(n) return topValues("remote", {}, n) end')[0]
+    counts = sorted(Counter(e.report.remote for e in events).items(), key=lambda kv: (-kv[1], kv[0]))
+    for n in (0, 1, 3, 100):
+        listed = top(n)
+        assert [(listed[i].value, listed[i].count) for i in range(1, len(listed) + 1)] == counts[:n]
+
+
+def test_inside_report_a_window_needs_no_lookup_of_lts_time(worker) -> None:
+    """The runner hands lt over with its time, so a windowed helper inside report(lt) runs no
+    query to find when lt was received (it ran one on every call), and answers the same."""
+    state, events, _ = worker
+    queries = state.host.eventlog.queries()
+    conn = queries._conn()  # this thread's connection: the one the helpers below use
+    (count,) = state.execute("""answers = {}
+        return function(lt)
+          answers[#answers + 1] = countReports({login=lt.login, window="1d"})
+          answers[#answers + 1] = countDistinct("remote", {success=false, window="2h"})
+        end""")
+    runner = tuple_runner(state)
+    sql: list[str] = []
+    conn.set_trace_callback(sql.append)
+    try:
+        for event in events[::7]:
+            state.as_of_seq = event.seq
+            assert call_with_tuple(state, runner, count, event) == (True, None)
+    finally:
+        conn.set_trace_callback(None)
+        state.as_of_seq = None
+    assert sql and not [s for s in sql if s.startswith("SELECT received FROM events WHERE seq <=")]
+    answers = state.lua.globals().answers
+    expected = []
+    for event in events[::7]:
+        as_of = AsOf(before_seq=event.seq)
+        expected.append(len(visible(events, parse_filter([("login", event.report.login), ("window", "1d")]), as_of)))
+        expected.append(len({e.report.remote for e in visible(
+            events, parse_filter([("success", False), ("window", "2h")]), as_of)}))
+    assert [answers[i + 1] for i in range(len(expected))] == expected

@@ -116,6 +116,30 @@ def delivery_key(
     return delivery_id, body_fingerprint
 
 
+#: A report as recentReports returns it, as a row (EventQueries.recent_rows), in the order
+#: trackalert.lua.convert reads it: no `extra` nor delivery id, flags as 0/1 and the JSON maps
+#: as text (Lua decodes each distinct text once; most rows repeat a handful of them).
+REPORT_COLUMNS = ("seq", "received", "t", "remote", "login", "pwhash", "success", "policy_reject",
+                  "protocol", "tls", "device_id", "session_id", "fail_type", "attrs", "attrs_mv",
+                  "device_attrs", "country", "city", "latitude", "longitude", "asn", "isp")
+
+
+def report_row(event: Event) -> tuple:
+    """An event as a row of REPORT_COLUMNS, for a backend that has only `Event`s to give."""
+    r = event.report
+    geo = r.geo
+    return (
+        event.seq, event.received, r.t, r.remote, r.login, r.pwhash, int(r.success),
+        int(r.policy_reject), r.protocol, int(r.tls), r.device_id, r.session_id, r.fail_type,
+        _json_text(r.attrs), _json_text(r.attrs_mv), _json_text(r.device_attrs),
+    ) + ((geo.country, geo.city, geo.latitude, geo.longitude, geo.asn, geo.isp) if geo
+         else (None,) * 6)
+
+
+def _json_text(mapping: Any) -> str | None:
+    return json.dumps(dict(mapping)) if mapping else None
+
+
 class EventQueries(abc.ABC):
     """The long-term helpers' questions (DESIGN §5), answered by a backend.
 
@@ -148,6 +172,11 @@ class EventQueries(abc.ABC):
     @abc.abstractmethod
     def recent_reports(self, flt: "Filter", n: int, as_of: "AsOf") -> list[Event]:
         """Up to `n` matching events, newest first."""
+
+    def recent_rows(self, flt: "Filter", n: int, as_of: "AsOf") -> list[tuple]:
+        """`recent_reports` as rows of REPORT_COLUMNS, the form recentReports() builds its Lua
+        tables from; a backend may read just those columns (SQLite does)."""
+        return [report_row(event) for event in self.recent_reports(flt, n, as_of)]
 
     def close(self) -> None:
         """Release connections (called by the event log's close)."""

@@ -8,6 +8,7 @@ silently matches everything.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from dataclasses import dataclass
@@ -169,6 +170,11 @@ def _remote(value: Any) -> str:
     text = value.tostring() if callable(getattr(value, "tostring", None)) else value
     if not isinstance(text, str):
         raise FilterError(f"filter key 'remote' must be an address, got {_kind(value)}")
+    return _address(text)
+
+
+@functools.lru_cache(maxsize=4096)  # the few addresses of an attack, asked on each of its reports
+def _address(text: str) -> str:
     try:
         return parse_combo(text).unmapped().tostring()  # as reports are stored
     except AddressError as exc:
@@ -179,12 +185,18 @@ def _netmask(value: Any) -> str:
     text = value.toStringNetwork() if callable(getattr(value, "toStringNetwork", None)) else value
     if not isinstance(text, str):
         raise FilterError(f"filter key 'netmask' must be a string like \"192.0.2.0/24\", got {_kind(value)}")
+    return _network(text)
+
+
+@functools.lru_cache(maxsize=4096)  # a policy asks about the same few networks over and over
+def _network(text: str) -> str:
     try:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError as exc:
         raise FilterError(f"filter key 'netmask': {exc}") from None
 
 
+@functools.lru_cache(maxsize=256, typed=True)  # a handful of windows, asked on every report
 def _window(value: Any) -> float:
     if isinstance(value, str):
         try:

@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from typing import Any
 
-from trackalert.eventlog.base import Event, EventQueries
+from trackalert.eventlog.base import REPORT_COLUMNS, Event, EventQueries
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.ipkey import V4, ip_key, network_range, prefix_text
 from trackalert.eventlog.rows import decode_row
@@ -113,13 +113,18 @@ class SQLiteQueries(EventQueries):
         return self._edge(flt, as_of, "DESC")
 
     def recent_reports(self, flt: Filter, n: int, as_of: AsOf) -> list[Event]:
+        return [decode_row(row) for row in self._recent("*", flt, n, as_of)]
 
+    def recent_rows(self, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
+        return self._recent(_REPORT_SELECT, flt, n, as_of)
+
+    def _recent(self, columns: str, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
         conn = self._conn()
         source, where, params = self._where(conn, flt, as_of)
         if where is None or n <= 0:
             return []
-        sql = f"SELECT * FROM {source} WHERE {where} ORDER BY seq DESC LIMIT ?"
-        return [decode_row(row) for row in conn.execute(sql, params + [n])]
+        sql = f"SELECT {columns} FROM {source} WHERE {where} ORDER BY seq DESC LIMIT ?"
+        return conn.execute(sql, params + [n]).fetchall()
 
     def _edge(self, flt: Filter, as_of: AsOf, order: str) -> float | None:
         conn = self._conn()
@@ -221,6 +226,8 @@ class SQLiteQueries(EventQueries):
         tail = conn.execute("SELECT seq FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         return tail[0] + 1 if tail else 0
 
+
+_REPORT_SELECT = ", ".join(REPORT_COLUMNS)
 
 _FIRST_FROM = ("SELECT seq FROM events INDEXED BY ix_events_received WHERE received >= ? "
                "ORDER BY received, seq LIMIT 1")

@@ -11,17 +11,18 @@ convention for worker-only functions would have it) answered every console quest
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
-from trackalert.lua.convert import describe, is_table
+from trackalert.lua.convert import AS_OF, counted_table, describe, filter_pairs, is_table, report_tables
 from trackalert.lua.registry import Where, lua_global
 
 #: Worker states, and the config state that answers console commands.
 HELPERS = Where.WORKER | Where.CONFIG
 
 if TYPE_CHECKING:
-    from trackalert.eventlog.base import Event, EventQueries
+    from trackalert.eventlog.base import EventQueries
     from trackalert.lua.state import LuaState
 
 _FILTER_DOC = """`filter` is a table; every key given must match: `login`, `remote` (address string or
@@ -46,11 +47,18 @@ def _queries(state: "LuaState") -> "EventQueries":
 
 def _as_of(state: "LuaState") -> AsOf:
     if state.as_of_seq is not None:
-        return AsOf(before_seq=state.as_of_seq)
+        known = state.cache.get(AS_OF)  # lt's, with its time, left by call_with_tuple
+        if known is None or known.before_seq != state.as_of_seq:
+            known = state.cache[AS_OF] = AsOf(before_seq=state.as_of_seq)
+        return known
     return AsOf(now=state.host.clock.time())
 
 
 def _filter(state: "LuaState", value: Any) -> Filter:
+    flat = filter_pairs(state, value)
+    if flat is not None:
+        return _parsed(*flat)
+    # not a table, or something only parse_filter can judge: read it item by item
     if value is None:
         return Filter()
     if not is_table(value):
@@ -59,27 +67,19 @@ def _filter(state: "LuaState", value: Any) -> Filter:
     return parse_filter((key, state.values.plain(item)) for key, item in value.items())
 
 
+@functools.lru_cache(maxsize=4096, typed=True)
+def _parsed(_: bool, *flat: Any) -> Filter:
+    """The Filter of flat (key, value, ...) pairs, remembered: a report's policies ask several
+    helpers with the same filter, and a background function asks the same ones on every run.
+    Typed, so that `success=true` and `success=1` (an error) are never taken for each other;
+    errors are not remembered, so each one is raised again, word for word."""
+    return parse_filter(zip(flat[::2], flat[1::2]))
+
+
 def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"{what} must be a number, got {describe(value)}")
     return max(0, int(value))
-
-
-def event_dict(event: "Event") -> dict[str, Any]:
-    """An event as recentReports returns it (nil for unknown enrichment values)."""
-    r = event.report
-    geo = r.geo
-    return {
-        "seq": event.seq, "received": event.received, "t": r.t, "remote": r.remote,
-        "login": r.login, "pwhash": r.pwhash, "success": r.success,
-        "policy_reject": r.policy_reject, "protocol": r.protocol, "tls": r.tls,
-        "device_id": r.device_id, "session_id": r.session_id, "fail_type": r.fail_type,
-        "attrs": dict(r.attrs), "attrs_mv": {k: list(v) for k, v in r.attrs_mv.items()},
-        "device_attrs": dict(r.device_attrs),
-        "country": geo.country if geo else "", "city": geo.city if geo else "",
-        "latitude": geo.latitude if geo else None, "longitude": geo.longitude if geo else None,
-        "asn": geo.asn if geo else None, "isp": geo.isp if geo else "",
-    }
 
 
 @lua_global(
@@ -123,7 +123,7 @@ def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
 def _top_values(state: "LuaState") -> Callable[[Any, Any, Any], Any]:
     def top_values(field: Any, flt: Any = None, n: Any = 10) -> Any:
         rows = _queries(state).top_values(parse_field(field), _filter(state, flt), _count(n, "n"), _as_of(state))
-        return state.table([{"value": value, "count": count} for value, count in rows])
+        return counted_table(state, rows)
 
     return top_values
 
@@ -167,7 +167,7 @@ def _last_seen(state: "LuaState") -> Callable[[Any], float | None]:
 )
 def _recent_reports(state: "LuaState") -> Callable[[Any, Any], Any]:
     def recent_reports(flt: Any = None, n: Any = 10) -> Any:
-        events = _queries(state).recent_reports(_filter(state, flt), _count(n, "n"), _as_of(state))
-        return state.table([event_dict(event) for event in events])
+        rows = _queries(state).recent_rows(_filter(state, flt), _count(n, "n"), _as_of(state))
+        return report_tables(state, rows)
 
     return recent_reports

@@ -7,12 +7,16 @@ string to the policy.
 
 from __future__ import annotations
 
+import json
 import math
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Iterable
 
 import lupa.luajit21 as luajit
 
-from trackalert.lua.values import CHUNK_NAME, address_fields
+from trackalert.eventlog.filters import AsOf
+from trackalert.eventlog.base import REPORT_COLUMNS
+from trackalert.lua.values import CHUNK_NAME, address_fields, guarded
 
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event
@@ -20,24 +24,134 @@ if TYPE_CHECKING:
 
 lua_type = luajit.lua_type
 
-# Builds the LoginTuple table in Lua (one crossing instead of one per field; lt.remote is a Lua
-# ComboAddress built from plain values) and runs the policy protected (values: V.call) so an error
+# The event tables of one state, built in Lua from plain values (one crossing per call instead of
+# one per field or per table): the LoginTuple of report(lt) (lt.remote a Lua ComboAddress built
+# from plain values) and the reports recentReports() returns, both from one constructor so that
+# their fields cannot drift apart. `run` calls the policy protected (values: V.call) so an error
 # comes back as text with its Lua traceback instead of unwinding Python.
-_RUN_WITH_TUPLE = """
-local V = ...
-local new_ca, call = V.ca, V.call
-return function(fn, t, ip, port, hex, version, mapped, login, pwhash, success, policy_reject,
-                protocol, tls, device_id, session_id, fail_type, attrs, attrs_mv, device_attrs,
-                country, city, latitude, longitude, asn, isp)
-  local lt = {t=t, remote=new_ca(ip, port, hex, version, mapped), login=login, pwhash=pwhash,
-              success=success, policy_reject=policy_reject, protocol=protocol, tls=tls,
-              device_id=device_id, session_id=session_id, fail_type=fail_type, attrs=attrs or {},
-              attrs_mv=attrs_mv or {}, device_attrs=device_attrs or {},
-              country=country, city=city, latitude=latitude, longitude=longitude, asn=asn,
-              isp=isp}
-  return call(fn, lt)
+#
+# recentReports' rows arrive as one flat array of REPORT_COLUMNS values. Their JSON maps
+# (attrs, attrs_mv, device_attrs) are decoded by `decode` (Python, pushed once with the chunk) once
+# per distinct text and kept as templates; each report gets its own copy, so a policy that
+# changes one report's table changes nothing else. The templates are dropped when MAPS_MAX
+# distinct texts have been seen, which bounds their memory.
+_EVENTS = """
+local V, decode, WIDTH, MAPS_MAX = ...
+local new_ca, call, type, next, error = V.ca, V.call, type, next, error
+
+local E = {}
+
+local function login_tuple(t, remote, login, pwhash, success, policy_reject, protocol, tls,
+                           device_id, session_id, fail_type, attrs, attrs_mv, device_attrs,
+                           country, city, latitude, longitude, asn, isp)
+  return {t=t, remote=remote, login=login, pwhash=pwhash, success=success,
+          policy_reject=policy_reject, protocol=protocol, tls=tls, device_id=device_id,
+          session_id=session_id, fail_type=fail_type, attrs=attrs or {},
+          attrs_mv=attrs_mv or {}, device_attrs=device_attrs or {}, country=country, city=city,
+          latitude=latitude, longitude=longitude, asn=asn, isp=isp}
 end
+
+function E.run(fn, t, ip, port, hex, version, mapped, login, pwhash, success, policy_reject,
+               protocol, tls, device_id, session_id, fail_type, attrs, attrs_mv, device_attrs,
+               country, city, latitude, longitude, asn, isp)
+  return call(fn, login_tuple(t, new_ca(ip, port, hex, version, mapped), login, pwhash, success,
+                              policy_reject, protocol, tls, device_id, session_id, fail_type,
+                              attrs, attrs_mv, device_attrs, country, city, latitude, longitude,
+                              asn, isp))
+end
+
+local templates, kept = {}, 0
+
+local function copy(template)
+  local out = {}
+  for k, v in next, template do
+    if type(v) == "table" then v = copy(v) end
+    out[k] = v
+  end
+  return out
+end
+
+-- A fresh table of the JSON map `text` of column `column`; nil for none (NULL or "").
+local function map(column, text)
+  if text == nil or text == "" then return nil end
+  local known = templates[column]
+  local template = known and known[text]
+  if template == nil then
+    local ok, decoded = decode(column, text)
+    if not ok then error(decoded, 0) end
+    if kept >= MAPS_MAX then templates, kept = {}, 0 end
+    known = templates[column]
+    if known == nil then known = {}; templates[column] = known end
+    known[text], kept, template = decoded, kept + 1, decoded
+  end
+  return copy(template)
+end
+
+-- The recentReports() array from `count` rows of WIDTH values (REPORT_COLUMNS order): the
+-- values decode_row and Enrichment would give, without building them in Python.
+function E.reports(a, count)
+  local out = {}
+  for i = 1, count do
+    local b = (i - 1) * WIDTH
+    local country, city, latitude, longitude, asn, isp =
+      a[b + 17], a[b + 18], a[b + 19], a[b + 20], a[b + 21], a[b + 22]
+    -- no enrichment at all (rows.py: no Enrichment): every value unknown, longitude included
+    if country == nil and city == nil and latitude == nil and asn == nil and isp == nil then
+      longitude = nil
+    end
+    local r = login_tuple(a[b + 3], a[b + 4], a[b + 5], a[b + 6], a[b + 7] ~= 0, a[b + 8] ~= 0,
+                          a[b + 9], a[b + 10] ~= 0, a[b + 11], a[b + 12], a[b + 13],
+                          map("attrs", a[b + 14]), map("attrs_mv", a[b + 15]),
+                          map("device_attrs", a[b + 16]), country or "", city or "", latitude,
+                          longitude, asn, isp or "")
+    r.seq, r.received = a[b + 1], a[b + 2]
+    out[i] = r
+  end
+  return out
+end
+
+-- topValues()' array of {value=, count=} from the flat (value, count, ...) of `count` pairs.
+function E.counted(a, count)
+  local out = {}
+  for i = 1, count do out[i] = {value = a[2 * i - 1], count = a[2 * i]} end
+  return out
+end
+
+-- A filter table's pairs, flat, in pairs() order, addresses and netmasks as their text (what
+-- the filter takes): (true, key1, value1, ...). Just false for anything else (not a table, a key
+-- that is not a string, a value that is neither a string, a number, a boolean nor one of those
+-- objects, more than FLAT_MAX pairs): the caller then reads it item by item, which raises the
+-- errors it always did.
+local ca_text, netmask_text = V.ca_text, V.netmask_text
+local FLAT_MAX = 16
+local collect
+local function prepend(k, v, ok, ...)
+  if not ok then return false end
+  return true, k, v, ...
+end
+collect = function(t, key, depth)
+  local k, v = next(t, key)
+  if k == nil then return true end
+  if depth >= FLAT_MAX or type(k) ~= "string" then return false end
+  local kind = type(v)
+  if kind == "table" then
+    v = ca_text(v) or netmask_text(v)
+    if v == nil then return false end
+  elseif kind ~= "string" and kind ~= "number" and kind ~= "boolean" then
+    return false
+  end
+  return prepend(k, v, collect(t, k, depth + 1))
+end
+function E.filter(t)
+  if type(t) ~= "table" then return false end
+  return collect(t, nil, 0)
+end
+
+return E
 """
+
+#: How many distinct JSON map texts a state keeps decoded for recentReports (see _EVENTS).
+MAPS_MAX = 4096
 
 
 def protected_call(state: "LuaState", fn: Any, *args: Any) -> tuple[Any, ...]:
@@ -46,18 +160,72 @@ def protected_call(state: "LuaState", fn: Any, *args: Any) -> tuple[Any, ...]:
     return result if isinstance(result, tuple) else (result,)
 
 
+def _events(state: "LuaState") -> Any:
+    """The Lua table of `_EVENTS` for this state; compiled once per state."""
+    lib = state.cache.get("events")
+    if lib is None:
+        lib = state.cache["events"] = state.lua.execute(
+            _EVENTS, state.values.lib, guarded(_decode_map(state), state), len(REPORT_COLUMNS),
+            MAPS_MAX, name=CHUNK_NAME,
+        )
+    return lib
+
+
 def tuple_runner(state: "LuaState") -> Any:
     """The Lua function that runs ``fn(lt)`` for one event; compiled once per state."""
-    runner = state.cache.get("tuple_runner")
-    if runner is None:
-        runner = state.cache["tuple_runner"] = state.lua.execute(
-            _RUN_WITH_TUPLE, state.values.lib, name=CHUNK_NAME
-        )
-    return runner
+    return _events(state).run
+
+
+def _decode_map(state: "LuaState") -> Any:
+    """The Lua table of a JSON map column, as decode_row and the recursive conversion of its
+    Event made it (attrs_mv's lists become arrays); called once per distinct text."""
+    table_from = state.lua.table_from
+
+    def decode(column: str, text: str) -> Any:
+        value = json.loads(text)
+        if column == "attrs_mv":
+            value = {k: list(v) for k, v in value.items()}
+        return table_from(value, recursive=True)
+
+    return decode
+
+
+def report_tables(state: "LuaState", rows: list[tuple]) -> Any:
+    """recentReports' array of report tables from rows of REPORT_COLUMNS: the rows cross into
+    Lua as one flat table and Lua builds the reports (no Python work per report)."""
+    return _events(state).reports(_flat(state, rows), len(rows))
+
+
+def counted_table(state: "LuaState", pairs: list[tuple[Any, int]]) -> Any:
+    """topValues' array of {value=, count=} tables, built in Lua from one flat table."""
+    return _events(state).counted(_flat(state, pairs), len(pairs))
+
+
+def _flat(state: "LuaState", rows: list[tuple]) -> Any:
+    """Rows as one Lua array, row after row: a single crossing whatever their number."""
+    return state.lua.table_from(list(chain.from_iterable(rows)))
+
+
+def filter_pairs(state: "LuaState", value: Any) -> tuple[Any, ...] | None:
+    """A filter table's (True, key, value, key, value, ...) read in one call into Lua, addresses
+    and netmasks as their text; None for anything else (see E.filter in _EVENTS)."""
+    flat = _events(state).filter(value)
+    if flat is False:
+        return None
+    return (True,) if flat is True else flat
+
+
+#: state.cache key of the as-of point of the report(lt) being run (see call_with_tuple).
+AS_OF = "as_of"
 
 
 def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> tuple[bool, Any]:
-    """Run `fn(lt)` for one event; returns (ok, error-or-first-result)."""
+    """Run `fn(lt)` for one event; returns (ok, error-or-first-result).
+
+    Also leaves the helpers their as-of point for lt, with lt's time: a windowed helper then
+    need not look up when lt was received (a query on each call). They use it while
+    `state.as_of_seq` is lt's seq, as the runner sets it."""
+    state.cache[AS_OF] = AsOf(before_seq=event.seq, now=event.received)
     r = event.report
     table_from = state.lua.table_from
     result = runner(

@@ -17,7 +17,7 @@ looking up a GeoIP database) it calls a Python function installed once per state
 strings and numbers, and that function never raises into Lua: it answers (true, values...) or
 (false, message), and the Lua side raises the error at the caller's line. The only Python
 userdata left in a state are those long-lived functions, pushed once when the state is built and
-never pushed again.
+never pushed again (and recentReports' JSON decoder, pushed once on first use: lua.convert).
 """
 
 from __future__ import annotations
