@@ -58,14 +58,22 @@ class Enricher:
         self._device = functools.lru_cache(maxsize=DEVICE_CACHE_SIZE)(self._device_attrs)
 
     @classmethod
-    def from_snapshot(cls, snapshot: Mapping[str, Any]) -> "Enricher":
+    def from_snapshot(
+        cls, snapshot: Mapping[str, Any], previous: "Enricher | None" = None
+    ) -> "Enricher":
         """The enricher `snapshot()` describes, on databases of its own (a web worker's).
 
-        Raises GeoIPError when a database file cannot be opened here."""
+        The device parser of `previous` is kept when the regexes are the same: loading them is
+        the slow part, and a GeoIP reload does not change them. Raises GeoIPError when a
+        database file cannot be opened here."""
         registry = GeoIPRegistry()
         for path in snapshot["databases"].values():
             registry.open(path, path)  # named by file: two roles on one file share a reader
-        devices = DeviceParser(snapshot["regexes"]) if snapshot["devices"] else None
+        devices = None
+        if snapshot["devices"]:
+            kept = previous._devices if previous is not None else None
+            same = kept is not None and kept.regexes_file == snapshot["regexes"]
+            devices = kept if same else DeviceParser(snapshot["regexes"])
         return cls(registry, dict(snapshot["databases"]), devices)
 
     def snapshot(self) -> dict[str, Any]:

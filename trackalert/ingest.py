@@ -93,15 +93,15 @@ class Handover:
         if snapshot == self._snapshot and snapshot is not None:
             return
         self._snapshot = snapshot
-        self._enricher, self._usable = None, False
+        previous, self._enricher, self._usable = self._enricher, None, False
         if snapshot is None:
             return
         from trackalert.enrich import Enricher  # GeoIP and ua-parser: only where they are used
         from trackalert.geoip import GeoIPError
 
         try:
-            self._enricher = Enricher.from_snapshot(snapshot)
-        except GeoIPError as exc:
+            self._enricher = Enricher.from_snapshot(snapshot, previous)
+        except (GeoIPError, Exception) as exc:  # a database, or the -R regexes, will not load
             log.logger.error("Web worker cannot open the enrichment databases (%s): the core "
                              "process enriches its reports instead", exc)
             return

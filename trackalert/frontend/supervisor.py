@@ -170,10 +170,7 @@ class WebWorkers:
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == ipc.APPEND:
-            if worker.channel is not None:
-                self._append(worker.channel, [message])
-        elif kind == ipc.STATS:
+        if kind == ipc.STATS:
             worker.connections = message[1]["connections"]
             self._merge(message[1])
         elif kind == ipc.HELLO:
@@ -196,10 +193,13 @@ class WebWorkers:
 
     def _append(self, channel: ipc.Channel, messages: list[tuple[Any, ...]]) -> None:
         request_ids = [message[1] for message in messages]
-        self._ingest.submit_prepared(
-            [message[2:5] for message in messages],
-            functools.partial(self._appended, channel, request_ids),
-        )
+        try:
+            self._ingest.submit_prepared(
+                [message[2:5] for message in messages],
+                functools.partial(self._appended, channel, request_ids),
+            )
+        except Exception as exc:  # e.g. the log is closing: every report of the read fails
+            self._appended(channel, request_ids, [exc] * len(request_ids))
 
     @staticmethod
     def _appended(channel: ipc.Channel, request_ids: list[int], outcomes: list[Any]) -> None:
