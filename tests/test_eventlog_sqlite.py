@@ -6,6 +6,7 @@ Everything runs against real SQLite files in tmp_path; the crash test kills a re
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import selectors
 import signal
@@ -33,6 +34,7 @@ from trackalert.eventlog import (
 )
 from trackalert.eventlog.base import delivery_key
 from trackalert.eventlog.sqlite import SQLiteEventLog, encode_row
+from trackalert.report import ReportError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -630,3 +632,29 @@ async def test_acknowledged_appends_survive_kill_9(tmp_path: Path) -> None:
         assert (await log.append(report(0))).seq == len(stored) + 1
     finally:
         await log.close()
+
+
+@pytest.mark.parametrize("mapping", [
+    {"cos": "basic"}, {"ключ": "значение", "emoji": "🦊", "quote": 'a"b\\c\n'},
+    {"groups": ("admin", "üsers"), "none": ()}, {"nested": {"a": [1, 2.5, None, True, "x"]}, "n": 7},
+    {1: "int key"}, {"big": 2 ** 70, "neg": -0.0},
+])
+def test_row_json_is_what_the_standard_encoder_writes(mapping: dict) -> None:
+    from trackalert.eventlog.rows import json_or_null
+
+    expected = json.dumps(mapping, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    assert json_or_null(mapping) == expected
+    assert json.loads(json_or_null(mapping)) == json.loads(expected)
+
+
+@pytest.mark.parametrize("extra", [{"x": float("nan")}, {"x": [float("inf")]}, {"x": object()}])
+def test_a_map_that_is_not_json_fails_its_own_row(extra: dict) -> None:
+    with pytest.raises(ReportError, match="cannot be stored as JSON"):
+        encode_row(report(1, extra=extra), None)
+
+
+def test_a_cyclic_map_fails_its_own_row() -> None:
+    cyclic: dict = {}
+    cyclic["self"] = cyclic
+    with pytest.raises(ReportError, match="cannot be stored as JSON"):
+        encode_row(report(1, extra=cyclic), None)

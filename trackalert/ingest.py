@@ -36,14 +36,15 @@ Outcomes = list["Appended | Exception"]
 
 
 def prepare(enricher: "Enricher | None", report: Report, delivery_id: str | None) -> Prepared:
-    """The enriched report's row and maps. Raises ReportError for a report the log cannot store,
-    so that it fails alone, before it joins anything."""
+    """The enriched report's row and maps, for a report `parse_report` validated (its texts are
+    proven Unicode: the row's UTF-8 proof is not repeated). Raises ReportError for a report the
+    log cannot store, so that it fails alone, before it joins anything."""
     delivery_id = parse_delivery_id(delivery_id)
     if enricher is None:
         device_attrs, device_json, geo = report.device_attrs, None, report.geo
     else:
         device_attrs, device_json, geo = enricher.lookup(report)
-    row = encode_enriched(report, delivery_id, device_attrs, device_json, geo)
+    row = encode_enriched(report, delivery_id, device_attrs, device_json, geo, text_proven=True)
     return row, (report.attrs, report.attrs_mv, device_attrs, report.extra)
 
 
