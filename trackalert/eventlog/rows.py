@@ -8,6 +8,7 @@ SQLAlchemy): the core process then only inserts it.
 
 from __future__ import annotations
 
+import functools
 import json
 import json.encoder
 from typing import Any, Mapping
@@ -128,8 +129,11 @@ def geo_columns(geo: Enrichment | None) -> tuple:
 # --------------------------------------------------------------------------- decoding
 
 
+@functools.lru_cache(maxsize=65536)
 def _geo_from_columns(country: Any, city: Any, latitude: Any, longitude: Any, asn: Any,
                       isp: Any) -> Enrichment | None:
+    # Cached (Enrichment is frozen, so one object can stand for every row of a place): reports
+    # come from a limited set of places, and building the object costs more than looking it up.
     if country is None and city is None and latitude is None and asn is None and isp is None:
         return None
     return Enrichment(country or "", city or "", latitude, longitude, asn, isp or "")
