@@ -18,8 +18,10 @@ from trackalert.devices import DeviceParser
 from trackalert.enrich import Enricher
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.sqlite import SQLiteEventLog, encode_row
+from trackalert.eventlog.rows import report_from_row
 from trackalert.geoip import GeoIPRegistry
-from trackalert.report import Enrichment, Report
+from trackalert.ingest import prepare
+from trackalert.report import Enrichment, Report, parse_report
 from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
 
 DATA = Path(__file__).parent / "data" / "geoip"
@@ -93,6 +95,46 @@ def test_reload_drops_cached_answers(tmp_path: Path) -> None:
     assert (geo.country, geo.city) == ("GB", "")
 
 
+#: Addresses the test databases know in various ways, and some they do not.
+REMOTES = ("81.2.69.142", "2.125.160.216", "89.160.20.112", "216.160.83.56", "175.16.199.5",
+           "67.43.156.1", "1.128.0.1", "2001:218::1", "2a02:d180::1", "192.0.2.7", "2001:db8::7")
+DEVICES = (("http", CHROME), ("https", "Mozilla/5.0 (Windows NT 10.0; rv:121.0) Firefox/121.0"),
+           ("imap", '"name" "Thunderbird" "version" "115.5.0" "os" "Linux" "os-version" "6.1"'),
+           ("mobileapi", "acme.ios.mail/4.2 OS: 17.1 device: iPhone 15"), ("pop3", "anything"),
+           ("http", ""))
+
+
+def varied_bodies(count: int) -> list[bytes]:
+    """Report bodies over every address and device kind, some with their own device_attrs."""
+    bodies = []
+    for i in range(count):
+        protocol, device_id = DEVICES[i % len(DEVICES)]
+        doc = {"login": f"u{i % 7}", "remote": REMOTES[i % len(REMOTES)], "success": i % 3 > 0,
+               "protocol": protocol, "device_id": device_id, "t": 1_700_000_000.5 + i,
+               "attrs": {"cos": "basic", "groups": ["a", "b"]} if i % 2 else {},
+               "type": "wforce_report"}
+        if i % 5 == 0:
+            doc["device_attrs"] = {"os.family": "Given"}
+        bodies.append(json.dumps(doc).encode())
+    return bodies
+
+
+def test_a_worker_enricher_from_the_snapshot_stores_what_the_core_would() -> None:
+    """`prepare` on an enricher rebuilt from `snapshot()` (as a web worker builds it) gives the
+    row and the report of the old core path: enrich, then encode."""
+    core = Enricher(registry(), {"city": "City", "asn": "ASN", "isp": "ISP"}, DeviceParser())
+    worker = Enricher.from_snapshot(core.snapshot())
+    assert worker.snapshot()["databases"] == core.snapshot()["databases"]
+    for number, body in enumerate(varied_bodies(60)):
+        report = parse_report(body, 0.0)
+        delivery = f"d-{number}" if number % 2 else None
+        expected = core.enrich(report)
+        row, maps = prepare(worker, report, delivery)
+        assert (row, maps) == prepare(core, report, delivery)
+        assert row == encode_row(expected, delivery)
+        assert report_from_row(row, *maps) == expected
+
+
 async def test_enrichment_is_stored_and_read_back(tmp_path: Path) -> None:
     enricher = Enricher(registry(), {"city": "City", "asn": "ASN", "isp": "ISP"}, DeviceParser())
     log = SQLiteEventLog(tmp_path / "events.db", VirtualClock(start=1_700_000_000.0))
@@ -158,6 +200,72 @@ setReport(report)
 """
 
 
+def stored_rows(directory: Path) -> list[tuple]:
+    """Every stored column but seq and received, in log order."""
+    with sqlite3.connect(directory / "trackalert-events.db") as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(events)")][2:]
+        return db.execute(f"SELECT {', '.join(columns)} FROM events ORDER BY seq").fetchall()
+
+
+def mapped_files(pid: int) -> set[str]:
+    return {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if line.count(" ") >= 5}
+
+
+async def post_all(daemon: DaemonProcess, bodies: list[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for number, body in enumerate(bodies):
+            headers = {**AUTH, "X-Wforce-Delivery": f"d-{number}"} if number % 2 else AUTH
+            async with session.post(daemon.url("/command/report"), data=body, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+
+
+async def test_web_workers_enrich_and_store_exactly_the_rows_of_one_process(tmp_path: Path) -> None:
+    """The same reports through a one-process daemon and through two web workers (which enrich
+    and encode them with the databases the config opened) are stored as identical rows."""
+    bodies = varied_bodies(48)
+    rows = {}
+    for workers in (0, 2):
+        directory = tmp_path / f"workers-{workers}"
+        directory.mkdir()
+        config = ENRICHING_CONFIG + f"setNumWebProcesses({workers})\n"
+        with DaemonProcess(directory, config) as daemon:
+            await post_all(daemon, bodies)
+            if workers:
+                children = Path(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children")
+                pids = [int(pid) for pid in children.read_text().split()]
+                assert len(pids) == 2
+                # the worker that served them read the databases itself
+                assert any({str(CITY), str(ASN), str(ISP)} <= mapped_files(pid) for pid in pids)
+        rows[workers] = stored_rows(directory)
+    assert len(rows[0]) == len(bodies)
+    assert rows[2] == rows[0]
+
+
+async def test_a_worker_that_cannot_open_a_database_leaves_enrichment_to_the_core(
+    tmp_path: Path,
+) -> None:
+    """The database file is gone by the time the workers start (the config removed it after
+    opening it): the workers say so and hand plain reports over; the core enriches them."""
+    copy = tmp_path / "city-copy.mmdb"
+    shutil.copyfile(CITY, copy)
+    config = ENRICHING_CONFIG.replace(str(CITY), str(copy)) + f"""
+os.remove("{copy}")
+setNumWebProcesses(1)
+"""
+    bodies = varied_bodies(12)
+    with DaemonProcess(tmp_path, config) as daemon:
+        await post_all(daemon, bodies)
+        output = daemon.output()
+    assert "cannot open the enrichment databases" in output
+    rows = stored_rows(tmp_path)
+    expected = Enricher(registry(), {"city": "City", "asn": "ASN", "isp": "ISP"}, DeviceParser())
+    assert rows == [
+        encode_row(expected.enrich(parse_report(body, 0.0)), f"d-{n}" if n % 2 else None)
+        for n, body in enumerate(bodies)
+    ]
+
+
 @pytest.mark.parametrize("web_processes", [0, 1])
 async def test_daemon_enriches_at_ingest_and_lt_exposes_it(tmp_path: Path, web_processes: int) -> None:
     config = ENRICHING_CONFIG + (f"setNumWebProcesses({web_processes})\n" if web_processes else "")
@@ -199,9 +307,10 @@ def test_set_enrichment_records_the_databases_and_refuses_unknown_roles() -> Non
 REGEXES = Path(__file__).parent / "data" / "acme-regexes.yaml"
 
 
-async def test_daemon_uses_the_regexes_file_given_with_dash_r(tmp_path: Path) -> None:
+@pytest.mark.parametrize("web_processes", [0, 2])
+async def test_daemon_uses_the_regexes_file_given_with_dash_r(tmp_path: Path, web_processes: int) -> None:
     regexes = REGEXES
-    config = listener_config() + "setReport(function(lt) end)\n"
+    config = listener_config() + f"setReport(function(lt) end)\nsetNumWebProcesses({web_processes})\n"
     with DaemonProcess(tmp_path, config, args=("-D", "-R", str(regexes))) as daemon:
         body = json.dumps({"login": "x", "remote": "192.0.2.1", "protocol": "http",
                            "device_id": "AcmeBrowser/3.4 (AcmeOS 2.1; AcmePhone)"})

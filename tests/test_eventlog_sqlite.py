@@ -6,6 +6,7 @@ Everything runs against real SQLite files in tmp_path; the crash test kills a re
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import selectors
 import signal
@@ -31,7 +32,9 @@ from trackalert.eventlog import (
     SUPPORTED_SCHEMES,
     open_event_log,
 )
+from trackalert.eventlog.base import delivery_key
 from trackalert.eventlog.sqlite import SQLiteEventLog, encode_row
+from trackalert.report import ReportError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -339,6 +342,86 @@ async def test_a_row_failing_at_insert_fails_alone(tmp_path: Path) -> None:
         await log.close()
 
 
+def row_of(r, delivery_id: str | None = None) -> tuple:
+    """An item of `submit_rows`, encoded as a web worker encodes it."""
+    return encode_row(r, delivery_id), r, delivery_key(r, delivery_id, None)
+
+
+async def submit_group(log: SQLiteEventLog, items: list[tuple]) -> list:
+    """`submit_rows` awaited: its outcomes, and a check that `done` is called exactly once."""
+    calls: list[list] = []
+    finished = asyncio.get_running_loop().create_future()
+
+    def done(outcomes: list) -> None:
+        calls.append(list(outcomes))
+        if not finished.done():
+            finished.set_result(None)
+
+    log.submit_rows(items, done)
+    await asyncio.wait_for(finished, 30)
+    await asyncio.sleep(0)  # a second call would have been scheduled by now
+    assert len(calls) == 1
+    return calls[0]
+
+
+async def test_a_group_of_rows_settles_once_with_every_outcome_in_order(tmp_path: Path) -> None:
+    """submit_rows: one callback for the whole group, outcomes in submission order: new rows,
+    a retry of an earlier delivery, a retry inside the group, an id reused by another body
+    (stored, a collision) and a row SQLite cannot bind, which fails alone."""
+    log = SQLiteEventLog(tmp_path / "events.db", VirtualClock())
+    await log.open()
+    try:
+        first = await log.append(report(0), delivery_id="old")
+        items = [row_of(report(i), f"id-{i}") for i in range(1, 201)]
+        items[49] = row_of(report(0), "old")                 # the same delivery again
+        items[59] = row_of(report(60, login="other"), "old")  # the same id, another body
+        items[70] = row_of(report(70), "id-70")              # retry of items[69]
+        row, r, key = row_of(report(100), "id-100")
+        items[99] = (row[:1] + ("bad\udcff",) + row[2:], r, key)  # not UTF-8: cannot be bound
+        outcomes = await submit_group(log, items)
+        assert len(outcomes) == 200
+        assert outcomes[49] == Appended(first.seq, True)
+        assert isinstance(outcomes[99], UnicodeEncodeError)
+        assert outcomes[70] == Appended(outcomes[69].seq, True)
+        new = [o for i, o in enumerate(outcomes) if i not in (49, 70, 99)]
+        assert all(type(o) is Appended and not o.duplicate for o in new)
+        assert [o.seq for o in new] == list(range(2, 2 + len(new)))  # in order, no gap
+        stored = {e.seq: e for e in await log.read(0, 1000)}
+        for i, outcome in enumerate(outcomes):
+            if i not in (49, 70, 99):
+                assert stored[outcome.seq].report == items[i][1]
+                assert stored[outcome.seq].delivery_id == items[i][2][0]
+        assert log.stats.delivery_id_collisions_total == 1
+        assert log.stats.duplicates_total == 2
+        assert log.stats.pending == 0 and log.failure is None
+    finally:
+        await log.close()
+
+
+async def test_groups_and_single_appends_interleave_at_scale(tmp_path: Path) -> None:
+    """Many groups and single appends in flight at once: every outcome names the row it stored,
+    seqs stay contiguous, and the listeners see each stored event exactly once."""
+    log = SQLiteEventLog(tmp_path / "events.db", VirtualClock())
+    seen: list[int] = []
+    log.add_listener(lambda events: seen.extend(e.seq for e in events))
+    await log.open()
+    try:
+        groups = [[row_of(report(g * 1000 + i), f"g{g}-{i}") for i in range(40)] for g in range(60)]
+        singles = [report(100_000 + i) for i in range(400)]
+        results = await asyncio.gather(
+            *(submit_group(log, group) for group in groups),
+            *(log.append(r, delivery_id=f"s{i}") for i, r in enumerate(singles)),
+        )
+        stored = {e.seq: e.report.login for e in await log.read(0, 10_000)}
+        for group, outcomes in zip(groups, results[:60]):
+            assert [stored[o.seq] for o in outcomes] == [r.login for _, r, _ in group]
+        assert [stored[o.seq] for o in results[60:]] == [r.login for r in singles]
+        assert sorted(stored) == list(range(1, 60 * 40 + 400 + 1))
+        assert sorted(seen) == sorted(stored)
+    finally:
+        await log.close()
+
+
 def _set_max_pages(log: SQLiteEventLog, pages: int) -> None:
     """Emulate a full disk: SQLite refuses to grow the file past `pages` (SQLITE_FULL).
 
@@ -549,3 +632,29 @@ async def test_acknowledged_appends_survive_kill_9(tmp_path: Path) -> None:
         assert (await log.append(report(0))).seq == len(stored) + 1
     finally:
         await log.close()
+
+
+@pytest.mark.parametrize("mapping", [
+    {"cos": "basic"}, {"ключ": "значение", "emoji": "🦊", "quote": 'a"b\\c\n'},
+    {"groups": ("admin", "üsers"), "none": ()}, {"nested": {"a": [1, 2.5, None, True, "x"]}, "n": 7},
+    {1: "int key"}, {"big": 2 ** 70, "neg": -0.0},
+])
+def test_row_json_is_what_the_standard_encoder_writes(mapping: dict) -> None:
+    from trackalert.eventlog.rows import json_or_null
+
+    expected = json.dumps(mapping, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    assert json_or_null(mapping) == expected
+    assert json.loads(json_or_null(mapping)) == json.loads(expected)
+
+
+@pytest.mark.parametrize("extra", [{"x": float("nan")}, {"x": [float("inf")]}, {"x": object()}])
+def test_a_map_that_is_not_json_fails_its_own_row(extra: dict) -> None:
+    with pytest.raises(ReportError, match="cannot be stored as JSON"):
+        encode_row(report(1, extra=extra), None)
+
+
+def test_a_cyclic_map_fails_its_own_row() -> None:
+    cyclic: dict = {}
+    cyclic["self"] = cyclic
+    with pytest.raises(ReportError, match="cannot be stored as JSON"):
+        encode_row(report(1, extra=cyclic), None)

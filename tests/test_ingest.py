@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -180,3 +181,45 @@ async def test_bad_bodies_get_a_json_400_and_store_nothing(daemon: DaemonProcess
     logged = daemon.output()[output_before:]
     assert "Traceback" not in logged
     assert logged.count("Refused a report") == 1
+
+
+# --------------------------------------------------------------------------- the worker's half
+
+
+GEOIP = Path(__file__).parent / "data" / "geoip"
+
+
+def test_handover_follows_the_enrichment_settings(tmp_path: Path) -> None:
+    """A worker's Handover builds its enricher from the pushed snapshot, rebuilds it when the
+    core reloads the databases (a new generation: new answers), and hands plain fields over
+    while it has no usable enricher."""
+    from trackalert.devices import DeviceParser
+    from trackalert.enrich import Enricher
+    from trackalert.geoip import GeoIPRegistry
+    from trackalert.ingest import Handover, prepare
+    from trackalert.report import Report
+
+    path = tmp_path / "geo.mmdb"
+    shutil.copyfile(GEOIP / "GeoIP2-City-Test.mmdb", path)
+    geoip = GeoIPRegistry()
+    geoip.open("City", str(path))
+    core = Enricher(geoip, {"city": "City"}, DeviceParser())
+    handover = Handover()
+    london = Report(login="a", remote="81.2.69.142", protocol="http", device_id="curl/8.0")
+
+    assert handover(london, None, None, {})[0] == (None, london.fields())  # no settings yet
+    settings = {"enrichment": core.snapshot()}
+    payload, _, _ = handover(london, "d-1", b"f" * 16, settings)
+    assert payload == prepare(core, london, "d-1")
+    assert payload[0][16:18] == ("GB", "London")
+
+    shutil.copyfile(GEOIP / "GeoIP2-Country-Test.mmdb", tmp_path / "new.mmdb")
+    (tmp_path / "new.mmdb").replace(path)
+    geoip.reload()
+    payload, _, _ = handover(london, None, None, {"enrichment": core.snapshot(), "acl": []})
+    assert payload == prepare(core, london, None)
+    assert payload[0][16:18] == ("GB", None)  # the country database has no city
+
+    path.unlink()  # gone before the next reload reaches the worker
+    broken = {"enrichment": {**core.snapshot(), "generation": core.snapshot()["generation"] + 1}}
+    assert handover(london, None, None, broken)[0] == (None, london.fields())

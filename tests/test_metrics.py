@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -304,3 +305,37 @@ def test_label_values_are_escaped() -> None:
     metrics.register_custom_stat('a"b\\c')
     assert 'trackalert_custom_stats_total{metric="a\\"b\\\\c"} 0.0\n' in _text(metrics)
     assert _value(metrics, "trackalert_custom_stats_total", metric='a"b\\c') == 0
+
+
+#: Durations on and around every bucket bound of both latency families, and past the last.
+_DURATIONS = [0.0, 0.00005, 0.0001, 0.00011, 0.00025, 0.0005, 0.001, 0.0012, 0.0025, 0.005,
+              0.01, 0.0101, 0.025, 0.05, 0.1, 0.25, 0.5, 0.99, 1.0, 1.01, 7.5] * 3
+
+
+def _buckets_and_count(metrics: Metrics, family: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for s in _families(metrics)[family].samples if not s.name.endswith("_sum")}
+
+
+def test_bulk_observations_match_one_by_one() -> None:
+    """A web worker's latencies merged at once land in the buckets `observe` would choose."""
+    one, bulk = Metrics(), Metrics()
+    for seconds in _DURATIONS:
+        one.response_duration(seconds)
+        one.append_duration(seconds)
+    bulk.response_durations(_DURATIONS)
+    bulk.append_durations(_DURATIONS)
+    for family in ("trackalert_worker_response_duration_seconds",
+                   "trackalert_eventlog_append_duration_seconds"):
+        assert _buckets_and_count(bulk, family) == _buckets_and_count(one, family)
+        assert _value(bulk, family + "_sum") == pytest.approx(_value(one, family + "_sum"))
+        assert _value(bulk, family + "_count") == len(_DURATIONS)
+
+
+def test_counts_of_many_reports_at_once() -> None:
+    metrics = Metrics()
+    metrics.report_accepted(5)
+    metrics.report_accepted()
+    metrics.report_rejected("json", 3)
+    assert _value(metrics, "trackalert_reports_total") == 6
+    assert _value(metrics, "trackalert_reports_rejected_total", reason="json") == 3

@@ -289,3 +289,15 @@ async def test_log_every_survives_a_failing_source() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_many_run_times_at_once_file_like_one_by_one() -> None:
+    """A web worker's run times merged in one call fill the same WTR buckets."""
+    durations = [0.0, 0.001, 0.0015, 0.002, 0.0109, 0.011, 0.1009, 0.101, 1.0009, 1.001, 30.0,
+                 -0.5] * 4
+    one, bulk = PerfStats(VirtualClock()), PerfStats(VirtualClock())
+    for seconds in durations:
+        one.record_response(seconds)
+    bulk.record_responses(durations)
+    assert bulk.snapshot() == one.snapshot()
+    assert sum(bulk.snapshot().values()) == len(durations)

@@ -86,6 +86,8 @@ class DeviceParser:
     """`device_attrs` for a (protocol, device_id), remembered per device id."""
 
     def __init__(self, regexes_file: str = "", cache_size: int = CACHE_SIZE) -> None:
+        #: Kept so that a web worker can build the same parser (`Enricher.snapshot`).
+        self.regexes_file = regexes_file
         self._parse_ua = _user_agent_parser(regexes_file)
         self._cached = functools.lru_cache(maxsize=cache_size)(self._parse)
 

@@ -192,6 +192,11 @@ class GeoIPDB:
     def name(self) -> str:
         return self._entry.name if self._entry else ""
 
+    @property
+    def path(self) -> str:
+        """The file it reads: a web worker opens the same file to enrich as the core would."""
+        return self._entry.path if self._entry else ""
+
     def record(self, address: Any) -> dict | None:
         """The raw record for `address`, or None (not found, bad address, no database)."""
         entry = self._entry

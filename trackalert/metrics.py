@@ -13,9 +13,10 @@ time through callbacks instead of being pushed on every change.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -136,6 +137,26 @@ class _WithoutCreated:
             yield family
 
 
+def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+    """`histogram.observe(v)` for every value, with one locked add per bucket and one for the sum.
+
+    The core merges its web workers' latencies every half second: observing them one by one
+    (a lock and a walk over the buckets each) cost the core ~1.5 µs per report and histogram.
+    Same bucket rule as `observe`: the first upper bound >= the value.
+    """
+    bounds = histogram._upper_bounds  # noqa: SLF001 - prometheus_client has no bulk observe
+    counts = [0] * len(bounds)
+    total = 0.0
+    find = bisect.bisect_left
+    for value in values:
+        counts[find(bounds, value)] += 1
+        total += value
+    histogram._sum.inc(total)  # noqa: SLF001
+    for bucket, count in zip(histogram._buckets, counts):  # noqa: SLF001
+        if count:
+            bucket.inc(count)
+
+
 class Metrics:
     """Every metric the daemon exposes, with the small methods the other components call."""
 
@@ -245,6 +266,10 @@ class Metrics:
         """A command handler's run time (the C++ `worker_response_duration`)."""
         self._worker_response.observe(seconds)
 
+    def response_durations(self, seconds: Iterable[float]) -> None:
+        """Many run times at once (what a web worker measured since its last statistics)."""
+        observe_many(self._worker_response, seconds)
+
     def queue_duration(self, seconds: float) -> None:
         """A worker queue wait; the C++ daemon never observes it, so the family stays at zero."""
         self._worker_queue.observe(seconds)
@@ -268,13 +293,13 @@ class Metrics:
         if child is not None:
             child.inc(count)
 
-    def report_accepted(self) -> None:
-        """A report was acknowledged (the C++ `reports` count, as a counter)."""
-        self._reports.inc()
+    def report_accepted(self, count: int = 1) -> None:
+        """Reports were acknowledged (the C++ `reports` count, as a counter)."""
+        self._reports.inc(count)
 
-    def report_rejected(self, reason: str) -> None:
-        """A report was refused before the log; `reason` is one of `REJECT_REASONS`."""
-        self._rejected.labels(reason=reason).inc()
+    def report_rejected(self, reason: str, count: int = 1) -> None:
+        """Reports were refused before the log; `reason` is one of `REJECT_REASONS`."""
+        self._rejected.labels(reason=reason).inc(count)
 
     # -- custom stats and webhooks ---------------------------------------------------------------
 
@@ -316,6 +341,10 @@ class Metrics:
     def append_duration(self, seconds: float) -> None:
         """One append acknowledged after `seconds` (duplicates included: they answer wforce too)."""
         self._append_duration.observe(seconds)
+
+    def append_durations(self, seconds: Iterable[float]) -> None:
+        """Many appends' durations at once (a web worker's, since its last statistics)."""
+        observe_many(self._append_duration, seconds)
 
     def set_eventlog_source(self, source: Callable[[], EventLogStats]) -> None:
         """Register the event log's stats object; it is read at each scrape."""

@@ -123,6 +123,15 @@ class PerfStats:
         """File one command handler's run time (WTR_*), as every handled HTTP command does."""
         self._counters.add(_bucket("WTR", seconds))
 
+    def record_responses(self, seconds: Iterable[float]) -> None:
+        """`record_response` for many run times (a web worker's), one locked add per bucket."""
+        filed: dict[str, int] = {}
+        for value in seconds:
+            name = _bucket("WTR", value)
+            filed[name] = filed.get(name, 0) + 1
+        for name, count in filed.items():
+            self._counters.add(name, count)
+
     def record_wait(self, seconds: float) -> None:
         """File one worker queue wait (WTW_*); the C++ daemon never does, so these stay 0."""
         self._counters.add(_bucket("WTW", seconds))

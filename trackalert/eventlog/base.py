@@ -227,6 +227,22 @@ class EventLog(abc.ABC):
         """
         return asyncio.ensure_future(self.append(report, delivery_id, fingerprint))
 
+    def submit_rows(
+        self, appends: list[tuple], done: Callable[[list[Appended | Exception]], None]
+    ) -> None:
+        """Append (row, report, delivery key or None) items, encoded beforehand by the SQLite row
+        codec (`eventlog.rows.encode_row`), and call `done` once with every outcome in order.
+
+        A backend that stores its own form rebuilds nothing from the row: this default appends
+        the reports. The SQLite backend overrides it to insert the rows as they are.
+        """
+        futures = [self.submit(report, *(key or (None, None))) for _row, report, key in appends]
+
+        def gathered(outcome: "asyncio.Future[list[Any]]") -> None:
+            done(outcome.result())
+
+        asyncio.gather(*futures, return_exceptions=True).add_done_callback(gathered)
+
     @abc.abstractmethod
     def add_listener(self, fn: Listener) -> None:
         """Call `fn` on the event-loop thread with the new events of every commit, in seq order,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import queue
@@ -47,9 +46,9 @@ from trackalert.eventlog.base import (
 )
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.queries import SQLiteQueries
-from trackalert.eventlog.rows import decode_row
+from trackalert.eventlog.rows import DELIVERY_COLUMN, decode_row, encode_row
 from trackalert.eventlog.schema import cursors, deliveries, events
-from trackalert.report import Enrichment, Report, ReportError, parse_delivery_id, printable
+from trackalert.report import Report, parse_delivery_id
 
 logger = logging.getLogger("trackalert")
 
@@ -70,78 +69,6 @@ _UPSERT_CURSOR = str(
         index_elements=[cursors.c.name], set_={"seq": _cursor_insert.excluded.seq}
     ).compile(dialect=_DIALECT)
 )
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
-# --------------------------------------------------------------------------- row encoding
-
-
-def _json_or_null(mapping: Any) -> str | None:
-    """Compact JSON for a non-empty mapping; NULL for an empty one (smaller; read back as {})."""
-    if not mapping:
-        return None
-    return _dumps(mapping if type(mapping) is dict else dict(mapping))
-
-
-def encode_row(report: Report, delivery_id: str | None) -> tuple:
-    """The `events` columns after (seq, received), in table order.
-
-    Done on the caller's side, not in the writer, so that a report that cannot be stored fails
-    its own append (a ReportError) instead of the whole batch it would have been committed
-    with: every text column is encoded as UTF-8 here, strictly, as SQLite will need it.
-    """
-    r = report
-    t = float(r.t)
-    if t != t:
-        raise ReportError("report time 't' is NaN")
-    try:
-        maps = (_json_or_null(r.attrs), _json_or_null(r.attrs_mv), _json_or_null(r.device_attrs),
-                _json_or_null(r.extra))
-    except (TypeError, ValueError) as exc:  # not JSON, or inf/NaN inside
-        raise ReportError(f"report cannot be stored as JSON: {exc}") from None
-    row = (
-        t, r.login, r.remote, r.pwhash, r.success, r.policy_reject, r.protocol, r.tls,
-        r.device_id, r.session_id, r.fail_type,
-    ) + maps + (delivery_id,) + _geo_columns(r.geo) + (ip_key(r.remote),)
-    if None in row[:11]:
-        raise ReportError("report has a missing (None) field")
-    _check_text(row)
-    return row
-
-
-#: Positions of the text columns in an encoded row (the JSON maps and the delivery id included).
-_TEXT_COLUMNS = (1, 2, 3, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 21)
-
-
-def _check_text(row: tuple) -> None:
-    """Prove every text column encodes as UTF-8 (one encode of them all; a lone surrogate fails)."""
-    texts = [row[i] for i in _TEXT_COLUMNS if row[i] is not None]
-    try:
-        "".join(texts).encode("utf-8")
-    except TypeError:
-        raise ReportError("report has a text field that is not a string") from None
-    except UnicodeEncodeError:
-        for text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ReportError(
-                    f"report cannot be stored: {printable(text)[:200]} is not valid UTF-8 text "
-                    f"({exc.reason})"
-                ) from None
-
-
-_NO_GEO = (None,) * 6
-
-
-def _geo_columns(geo: Enrichment | None) -> tuple:
-    """The enrichment columns (country, city, latitude, longitude, asn, isp); NULL = unknown."""
-    if geo is None:
-        return _NO_GEO
-    return (geo.country or None, geo.city or None, geo.latitude, geo.longitude, geo.asn,
-            geo.isp or None)
-
 
 # --------------------------------------------------------------------------- writer work items
 
@@ -240,14 +167,55 @@ class _PruneDeliveries(_Op):
         return deleted, end[0]
 
 
-#: An append as queued: (row without seq/received, report, delivery key or None, future).
+#: An append as the writer sees it: (row without seq/received, report, delivery key or None,
+#: sink, index). The sink is the append's own future (index -1) or the `_Group` of the appends
+#: submitted together (index: the append's place in it). A group is queued as one list.
 _Append = tuple
 
-#: Called on the loop after a commit with: new events, (future, result) pairs, op outcomes,
-#: number of appends, number of duplicates, the events stored under an id already used by
-#: another body (delivery-id collisions).
+#: Called on the loop after a commit with: new events, (sink, index, result) triples, op
+#: outcomes, number of appends, number of duplicates, the events stored under an id already
+#: used by another body (delivery-id collisions).
 _Committed = Callable[[list[Event], list[tuple], list[tuple], int, int, list[Event]], None]
-_Failed = Callable[[list[asyncio.Future], BaseException, int], None]
+#: Called on the loop when a transaction failed with: (sink, index) pairs, the error, appends.
+_Failed = Callable[[list[tuple], BaseException, int], None]
+
+
+class _Group:
+    """Appends submitted together (`submit_rows`): one callback once all of them are settled.
+
+    One object and one callback per group instead of a future and its callbacks per append:
+    the core process serving its web workers appends thousands of reports a second in groups.
+    Only the loop thread touches it.
+    """
+
+    __slots__ = ("results", "pending", "done")
+
+    def __init__(self, size: int, done: Callable[[list[Any]], None]) -> None:
+        self.results: list[Any] = [None] * size
+        self.pending = size
+        self.done = done
+
+    def settle(self, index: int, result: Any) -> None:
+        if self.results[index] is not None:  # already settled (cannot happen twice; be safe)
+            return
+        self.results[index] = result
+        self.pending -= 1
+        if not self.pending:
+            try:
+                self.done(self.results)
+            except Exception:
+                logger.exception("event log: an append group's callback failed")
+
+
+def _settle(sink: Any, index: int, result: Any) -> None:
+    """Hand one append's outcome (an `Appended` or an exception) to whoever waits for it."""
+    if index >= 0:
+        sink.settle(index, result)
+    elif sink is not None and not sink.done():
+        if isinstance(result, BaseException):
+            sink.set_exception(result)
+        else:
+            sink.set_result(result)
 
 
 @functools.lru_cache(maxsize=8)
@@ -387,10 +355,17 @@ class _Writer:
         take_nowait = self.queue.get_nowait
         try:
             while True:
-                batch = [take()]
-                while len(batch) < MAX_BATCH:
+                batch: list[Any] = []
+                item = take()
+                while True:
+                    if type(item) is list:  # a group: its appends, in order
+                        batch.extend(item)
+                    else:
+                        batch.append(item)
+                    if len(batch) >= MAX_BATCH:
+                        break
                     try:
-                        batch.append(take_nowait())
+                        item = take_nowait()
                     except queue.Empty:
                         break
                 try:
@@ -472,15 +447,15 @@ class _Writer:
         collisions: list[Event] = []
         results: list[tuple] = []
         duplicates = 0
-        for row, report, key, future in appends:
+        for row, report, key, sink, index in appends:
             if key is not None:
                 original = known.get(key)
                 if original is not None:
-                    results.append((future, Appended(original, True)))
+                    results.append((sink, index, Appended(original, True)))
                     duplicates += 1
                     continue
             seq += 1
-            event = Event(seq, received, report, row[15])
+            event = Event(seq, received, report, row[DELIVERY_COLUMN])
             if key is not None:
                 known[key] = seq  # later copies in this batch are retries of this one
                 new_deliveries.append(key + (seq, received))
@@ -489,7 +464,7 @@ class _Writer:
                 used_ids.add(key[0])
             rows.append((seq, received) + row)
             new_events.append(event)
-            results.append((future, Appended(seq, False)))
+            results.append((sink, index, Appended(seq, False)))
         if rows:
             conn.executemany(_INSERT_EVENT, rows)
         if new_deliveries:
@@ -533,9 +508,9 @@ class _Writer:
             logger.exception("event log writer: cannot re-read the log position")
 
     def _fail(self, batch: list[Any], exc: BaseException) -> None:
-        futures = [item[3] if type(item) is tuple else item.future for item in batch]
+        sinks = [(item[3], item[4]) if type(item) is tuple else (item.future, -1) for item in batch]
         appends = sum(1 for item in batch if type(item) is tuple)
-        self._call_loop(self._failed, futures, exc, appends)
+        self._call_loop(self._failed, sinks, exc, appends)
 
     def _call_loop(self, fn: Callable[..., None] | None, *args: Any) -> None:
         assert self._loop is not None and fn is not None
@@ -714,9 +689,28 @@ class SQLiteEventLog(EventLog):
         key = delivery_key(report, delivery_id, fingerprint)
         assert self._loop is not None
         future: asyncio.Future[Appended] = self._loop.create_future()
-        self._writer.queue.put((row, report, key, future))
+        self._writer.queue.put((row, report, key, future, -1))
         self.stats.pending += 1
         return future
+
+    def submit_rows(
+        self, appends: list[tuple], done: Callable[[list[Appended | Exception]], None]
+    ) -> None:
+        """Append rows encoded beforehand (`encode_row`), as one group: one queue item, and one
+        call of `done` with every outcome in order once all of them are durable or failed.
+
+        Each item is (row, report, delivery key or None). The rows are trusted to come from
+        `encode_row` (a web worker encodes them): a row SQLite refuses still fails alone.
+        """
+        self._check_open()
+        if not appends:
+            done([])
+            return
+        group = _Group(len(appends), done)
+        self._writer.queue.put(
+            [(row, report, key, group, index) for index, (row, report, key) in enumerate(appends)]
+        )
+        self.stats.pending += len(appends)
 
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
@@ -850,9 +844,8 @@ class SQLiteEventLog(EventLog):
                     listener(new_events)
                 except Exception:
                     logger.exception("event log listener %r failed", listener)
-        for future, result in results:
-            if not future.done():
-                future.set_result(result)
+        for sink, index, result in results:
+            _settle(sink, index, result)
         for future, value, exc in outcomes:
             if future is None or future.done():
                 continue
@@ -861,14 +854,13 @@ class SQLiteEventLog(EventLog):
             else:
                 future.set_result(value)
 
-    def _on_failed(self, futures: list[asyncio.Future], exc: BaseException, appends: int) -> None:
+    def _on_failed(self, sinks: list[tuple], exc: BaseException, appends: int) -> None:
         self.stats.pending -= appends
         logger.error("event log %s: commit failed: %s", self.path, exc)
         if _log_level(exc):
             self._failing(exc)
-        for future in futures:
-            if future is not None and not future.done():
-                future.set_exception(exc)
+        for sink, index in sinks:
+            _settle(sink, index, exc)
 
     # -- health (readiness)
 

@@ -1,8 +1,10 @@
 """The core process's side of the web workers: spawn them, append for them, keep them in step.
 
 Each worker gets the listening sockets and its end of a socketpair. Over the socketpair it sends
-validated reports; the core appends each one to the event log and answers with the seq once it is
-durable, so a worker's 200 means exactly what the single-process 200 means. Every half second the
+validated reports, already enriched and encoded as rows (`trackalert.ingest.Handover`, with the
+databases the core's settings name); the core appends the reports of each read from a worker as
+one group and answers each with its seq once it is durable, so a worker's 200 means exactly what
+the single-process 200 means. Every half second the
 core pushes the settings a worker needs (ACL, password, body and connection limits) when they have
 changed, e.g. by `setACL` on the console, and merges the workers' statistics into its own, so
 `stats`, `/metrics` and the 5-minute log lines count every process. A worker that dies is logged
@@ -28,13 +30,14 @@ from trackalert.frontend.accept import ConnectionCounts, create_counts
 from trackalert.settings import Listener
 
 if TYPE_CHECKING:
-    from trackalert.eventlog.base import Appended
     from trackalert.ingest import Ingest
     from trackalert.lua.host import Host
     from trackalert.web import WebServer
 
 RESPAWN_DELAY = 1.0
 SETTINGS_EVERY = 0.5
+#: The enrichment snapshot of a core that enriches nothing (see `Enricher.snapshot`).
+NO_ENRICHMENT = {"databases": {}, "generation": 0, "devices": False, "regexes": ""}
 
 
 @dataclass
@@ -147,15 +150,27 @@ class WebWorkers:
         worker.task = asyncio.create_task(self._connect(worker, parent), name=f"web-worker-{index}")
 
     async def _connect(self, worker: _Worker, sock: socket.socket) -> None:
-        worker.channel = await ipc.open_channel(sock, functools.partial(self._on_message, worker))
+        worker.channel = await ipc.open_channel(
+            sock, functools.partial(self._on_message, worker),
+            functools.partial(self._on_messages, worker),
+        )
         await worker.channel.closed.wait()
         await self._worker_gone(worker)
 
+    def _on_messages(self, worker: _Worker, messages: list[tuple[Any, ...]]) -> None:
+        """One read's messages: its reports are appended together (one group, one callback)."""
+        appends = []
+        for message in messages:
+            if message[0] == ipc.APPEND:
+                appends.append(message)
+            else:
+                self._on_message(worker, message)
+        if appends and worker.channel is not None:
+            self._append(worker.channel, appends)
+
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == ipc.APPEND:
-            self._append(worker.channel, *message[1:])
-        elif kind == ipc.STATS:
+        if kind == ipc.STATS:
             worker.connections = message[1]["connections"]
             self._merge(message[1])
         elif kind == ipc.HELLO:
@@ -176,38 +191,35 @@ class WebWorkers:
             if self._running:
                 self._spawn(worker.index)
 
-    def _append(
-        self, channel: ipc.Channel, request_id: int, fields: tuple, delivery_id: str | None,
-        fingerprint: bytes | None,
-    ) -> None:
+    def _append(self, channel: ipc.Channel, messages: list[tuple[Any, ...]]) -> None:
+        request_ids = [message[1] for message in messages]
         try:
-            future = self._ingest.submit(ipc.report_from_fields(fields), delivery_id, fingerprint)
-        except Exception as exc:
-            channel.send((ipc.APPENDED, request_id, 0, False, str(exc)))
-            return
-        future.add_done_callback(functools.partial(self._appended, channel, request_id))
+            self._ingest.submit_prepared(
+                [message[2:5] for message in messages],
+                functools.partial(self._appended, channel, request_ids),
+            )
+        except Exception as exc:  # e.g. the log is closing: every report of the read fails
+            self._appended(channel, request_ids, [exc] * len(request_ids))
 
-    def _appended(self, channel: ipc.Channel, request_id: int, future: "asyncio.Future[Appended]") -> None:
-        exc = future.exception()
-        if exc is not None:
-            channel.send((ipc.APPENDED, request_id, 0, False, str(exc)))
-            return
-        appended = future.result()
-        channel.send((ipc.APPENDED, request_id, appended.seq, appended.duplicate, None))
+    @staticmethod
+    def _appended(channel: ipc.Channel, request_ids: list[int], outcomes: list[Any]) -> None:
+        send = channel.send
+        for request_id, outcome in zip(request_ids, outcomes):
+            if isinstance(outcome, BaseException):
+                send((ipc.APPENDED, request_id, 0, False, str(outcome)))
+            else:
+                send((ipc.APPENDED, request_id, outcome.seq, outcome.duplicate, None))
 
     def _merge(self, delta: dict[str, Any]) -> None:
         """A worker's statistics, counted as if this process had served the requests."""
         host = self._host
         if delta["reports"]:
             host.count_command("report", delta["reports"])
-        for seconds in delta["durations"]:
-            host.perf.record_response(seconds)
-            host.metrics.response_duration(seconds)
-        for seconds in delta["append_durations"]:
-            host.metrics.append_duration(seconds)
+        host.perf.record_responses(delta["durations"])
+        host.metrics.response_durations(delta["durations"])
+        host.metrics.append_durations(delta["append_durations"])
         for reason, count in delta["rejected"].items():
-            for _ in range(count):
-                host.metrics.report_rejected(reason)
+            host.metrics.report_rejected(reason, count)
 
     # ---- settings ---------------------------------------------------------------------
 
@@ -225,6 +237,8 @@ class WebWorkers:
             "report_shadowed": "report" in settings.custom_endpoints,
             "listeners": [(l.tls, l.cert_file, l.key_file, dict(l.options)) for l in self._listeners],
             "proxy_path": self.proxy_path,
+            "enrichment": (self._host.enricher.snapshot() if self._host.enricher is not None
+                           else NO_ENRICHMENT),
         }
 
     def _send_settings(self, worker: _Worker) -> None:

@@ -30,6 +30,7 @@ from trackalert import log
 from trackalert.clock import RealClock
 from trackalert.frontend import ipc
 from trackalert.frontend.accept import ConnectionCounts, SharedAccept
+from trackalert.ingest import Handover
 from trackalert.netaddr import NetmaskGroup, endpoint_text, parse_combo
 from trackalert.report import ReportError, parse_report
 from trackalert.settings import Listener
@@ -152,6 +153,7 @@ class WorkerWeb:
         self._clock = RealClock()
         self._stats = StatsBuffer()
         self._acl = NetmaskGroup()
+        self._handover = Handover()  # enriches and encodes for the core
         self._session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=proxy_path), auto_decompress=False
         )
@@ -232,13 +234,13 @@ class WorkerWeb:
                 return refusal
             try:
                 report = parse_report(body, clock.time())
-                delivery = delivery_of(request, body)
+                handed = self._handover(report, *delivery_of(request, body), self._settings)
             except ReportError as exc:
                 stats.reject(exc.reason)
                 return bad_report(exc)
             append_started = clock.monotonic()
             try:
-                await self._link.append(report.fields(), *delivery)
+                await self._link.append(*handed)
             except Exception as exc:
                 log.logger.error("Could not store report: %s", exc)
                 return failure(500, f"could not store report: {exc}")

@@ -94,10 +94,10 @@ class Host:
         self.console_output.clear()
         return text
 
-    def count_report(self) -> None:
+    def count_report(self, count: int = 1) -> None:
         with self._lock:
-            self.reports += 1
-        self.metrics.report_accepted()
+            self.reports += count
+        self.metrics.report_accepted(count)
 
     def lua_error(self, function: str, message: str) -> None:
         """The crash boundary's sink: every Lua error is logged with its location and counted."""
