@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from trackalert.eventlog.ipkey import ip_key
 from trackalert.report import Report, fingerprint, parse_delivery_id
 
 if TYPE_CHECKING:
@@ -116,6 +117,24 @@ def delivery_key(
     return delivery_id, body_fingerprint
 
 
+#: What `EventLog.read_fields` returns per event, and `event_fields` builds from an Event.
+FIELDS_ROW = ("seq", "received", "login", "success", "ip", "pwhash", "country", "protocol", "asn",
+              "device_attrs", "attrs")
+
+
+def event_fields(event: Event) -> tuple:
+    """The `FIELDS_ROW` of an event in memory, with the values the log stores for it.
+
+    The same values as a stored row (address as its `ip_key`, unknown enrichment as None,
+    success as a bool), so that counts built from memory and from the log agree.
+    """
+    r = event.report
+    geo = r.geo
+    return (event.seq, event.received, r.login, bool(r.success), ip_key(r.remote), r.pwhash,
+            (geo.country or None) if geo else None, r.protocol, geo.asn if geo else None,
+            r.device_attrs, r.attrs)
+
+
 class EventQueries(abc.ABC):
     """The long-term helpers' questions (DESIGN §5), answered by a backend.
 
@@ -209,6 +228,16 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def read(self, after_seq: int, limit: int) -> list[Event]:
         """Up to `limit` events with ``seq > after_seq``, ascending (catch-up after a restart)."""
+
+    def read_fields(self, after_seq: int, limit: int, received_from: float | None = None) -> list[tuple]:
+        """Up to `limit` events with ``seq > after_seq`` (and, with `received_from`, received at
+        or after it), ascending, as `FIELDS_ROW` tuples.
+
+        Synchronous and narrow on purpose: the window projection (eventlog/windows.py) reads
+        the log in chunks from the policy runner's thread, between two Lua calls, and only
+        needs the columns the helpers filter on.
+        """
+        raise NotImplementedError(f"the {self.backend} event log has no narrow read")
 
     @abc.abstractmethod
     async def last_seq(self) -> int:

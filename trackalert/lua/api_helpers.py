@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
+from trackalert.eventlog.windows import running_projection
 from trackalert.lua.convert import describe, is_table
 from trackalert.lua.registry import Where, lua_global
 
@@ -37,10 +38,15 @@ it."""
 
 
 def _queries(state: "LuaState") -> "EventQueries":
+    """Inside the runner's report call, the window projection (falling back to SQL itself);
+    everywhere else (console, background, custom functions, replays without it) SQL."""
     log = state.host.eventlog
     if log is None:
         raise RuntimeError("the event log is not open yet (helpers answer in the report, background "
                            "and custom functions and on the console of a running daemon)")
+    projection = running_projection()
+    if projection is not None and state.as_of_seq is not None:
+        return projection.queries(log.queries())
     return log.queries()
 
 

@@ -5,6 +5,11 @@ through `report`. Right after a commit the log hands the new events over in memo
 or when the runner falls behind and its buffer is full, it reads them back from the log instead. So
 a slow policy never slows ingestion (the HTTP answer only waits for the append), and memory stays
 bounded whatever the lag.
+
+Batches run one at a time, strictly in log order, and the window projection
+(eventlog/windows.py) advances after each event in the same thread: that is what lets the
+starter helpers answer from counters exactly as of the report being judged. The other worker
+states stay free for custom endpoints and the console.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import collections
 from typing import TYPE_CHECKING
 
 from trackalert import log
+from trackalert.eventlog.windows import WindowProjection, set_running_projection
 from trackalert.lua.convert import call_with_tuple, tuple_runner
+
+from trackalert.eventlog.base import EventLog as EventLogBase
 
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event, EventLog
@@ -23,6 +31,11 @@ if TYPE_CHECKING:
     from trackalert.lua.state import LuaState
 
 CURSOR_NAME = "report"
+#: Events kept in memory for the runner when it lags (beyond that they are read back from the
+#: log). An Event with its Report costs about 2 KiB of RSS (bench/policy_helpers_bench.py
+#: --buffer measures it), so 10,000 is ~20 MiB; 100,000 was ~200 MiB for no gain: reading back
+#: a batch of 256 takes a few ms, far less than running the policy on it.
+BUFFER_MAX = 10_000
 
 
 class PolicyRunner:
@@ -32,7 +45,8 @@ class PolicyRunner:
         pool: "LuaPool",
         host: "Host",
         batch_max: int = 256,
-        buffer_max: int = 100_000,
+        buffer_max: int = BUFFER_MAX,
+        projection: bool = True,
     ) -> None:
         self._log = eventlog
         self._pool = pool
@@ -43,8 +57,12 @@ class PolicyRunner:
         self._wake = asyncio.Event()
         self._inflight: dict[int, tuple[int, float]] = {}  # first seq -> (last seq, received)
         self._tasks: set[asyncio.Task[None]] = set()
-        # Leave one state free for custom endpoints whenever there is more than one.
-        self._slots = asyncio.Semaphore(max(1, len(pool) - 1))
+        # One batch at a time, in log order (the projection judges as of each event).
+        self._slots = asyncio.Semaphore(1)
+        #: The helpers' counters, or None to answer everything with SQL.
+        self.projection: WindowProjection | None = None
+        if projection and type(eventlog).read_fields is not EventLogBase.read_fields:
+            self.projection = WindowProjection(eventlog)
         self._loop_task: asyncio.Task[None] | None = None
         self.done = 0  # every seq <= done has run through report
         self.dispatched = 0  # every seq <= dispatched has been handed to a state
@@ -53,6 +71,8 @@ class PolicyRunner:
 
     async def start(self) -> None:
         self.done = self.dispatched = await self._log.load_cursor(CURSOR_NAME)
+        if self.projection is not None:
+            self.projection.start_at(self.done)
         self._log.add_listener(self._on_commit)
         self.head = max(self.head, await self._log.last_seq())
         if self.head > self.done:
@@ -74,6 +94,8 @@ class PolicyRunner:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
+        if self.projection is not None:
+            self.projection.close()
         self._log.save_cursor(CURSOR_NAME, self.done)
 
     def lag_events(self) -> int:
@@ -162,17 +184,37 @@ class PolicyRunner:
 
     def _run_in_state(self, state: "LuaState", batch: "list[Event]") -> None:
         """Runs in a worker thread with the state locked: one Lua call per event."""
+        projection = self.projection
+        if projection is not None:
+            projection.check_retention()
+        set_running_projection(projection)
+        try:
+            self._run_events(state, batch, projection)
+        finally:
+            set_running_projection(None)
+            state.as_of_seq = None
+        if state.report_fn is not None:
+            self._host.metrics.lua_calls("report", len(batch))
+
+    def _run_events(self, state: "LuaState", batch: "list[Event]",
+                    projection: WindowProjection | None) -> None:
         fn = state.report_fn
-        if fn is None:
-            return
-        runner = tuple_runner(state)
+        runner = tuple_runner(state) if fn is not None else None
         for event in batch:
-            state.as_of_seq = event.seq
+            if projection is not None:
+                projection.begin(event)
             try:
-                ok, error = call_with_tuple(state, runner, fn, event)
-            except Exception as exc:  # a conversion fault must not stop the batch
-                ok, error = False, f"{type(exc).__name__}: {exc}"
-            if not ok:
-                self._host.lua_error("report", str(error))
-        state.as_of_seq = None
-        self._host.metrics.lua_calls("report", len(batch))
+                if fn is not None:
+                    self._judge(state, runner, fn, event)
+            finally:
+                if projection is not None:
+                    projection.finish(event)
+
+    def _judge(self, state: "LuaState", runner: object, fn: object, event: "Event") -> None:
+        state.as_of_seq = event.seq
+        try:
+            ok, error = call_with_tuple(state, runner, fn, event)
+        except Exception as exc:  # a conversion fault must not stop the batch
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+        if not ok:
+            self._host.lua_error("report", str(error))
