@@ -12,13 +12,16 @@ import asyncio
 import ipaddress
 import json
 import random
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
+from test_console_server import KEY, connect, control_ports
 from trackalert.clock import VirtualClock
+from trackalert.console.protocol import encode_key
 from trackalert.eventlog.base import Event, event_fields
 from trackalert.eventlog.filters import AsOf, Field, Filter, parse_field, parse_filter
 from trackalert.eventlog.sqlite import SQLiteEventLog
@@ -145,7 +148,11 @@ async def test_event_fields_are_the_stored_row(log) -> None:
     """The head (events in memory) and the tail (rows read back) see the same values."""
     eventlog, clock = log
     events = await fill(eventlog, clock, random.Random(3), 300)
-    assert [event_fields(e) for e in events] == eventlog.read_fields(0, 1000)
+    def maps_parsed(row: tuple) -> tuple:
+        return row[:9] + tuple(json.loads(m) if isinstance(m, str) else (m or {}) for m in row[9:])
+
+    stored = [maps_parsed(row) for row in eventlog.read_fields(0, 1000)]
+    assert [maps_parsed(event_fields(e)) for e in events] == stored
     # the seek on received: the first event received at/after a time, and nothing after
     middle = events[150]
     first = next(e for e in events if e.received >= middle.received)
@@ -346,15 +353,17 @@ async def test_alerts_are_identical_with_the_projection_on_and_off(tmp_path: Pat
 # ------------------------------------------------------------------------ a real daemon
 
 
-DAEMON_POLICY = listener_config() + """
+DAEMON_POLICY = listener_config() + f"""
+controlSocket("127.0.0.1:0")
+setKey("{encode_key(KEY)}")
 setNumLuaStates(2)
 function report(lt)
-  local fail = {login=lt.login, success=false, window="1h"}
-  local line = table.concat({string.format("%.0f", lt.t), lt.login,
-    countReports({login=lt.login, success=true, window="180d"}),
+  local fail = {{login=lt.login, success=false, window="1h"}}
+  local line = table.concat({{string.format("%.0f", lt.t), lt.login,
+    countReports({{login=lt.login, success=true, window="180d"}}),
     countDistinct("remote", fail),
-    countDistinct("login", {remote=lt.remote:tostring(), success=false, window="1h"}),
-    countDistinct("login", {pwhash=lt.pwhash, success=false, window="1d"})}, "|")
+    countDistinct("login", {{remote=lt.remote:tostring(), success=false, window="1h"}}),
+    countDistinct("login", {{pwhash=lt.pwhash, success=false, window="1d"}})}}, "|")
   local f = io.open("answers.txt", "a")
   f:write(line .. "\\n")
   f:close()
@@ -415,6 +424,12 @@ def answer_lines(directory: Path) -> dict[str, set[str]]:
     return lines
 
 
+def show_event_log(process: DaemonProcess) -> str:
+    """On the restarted daemon's console (the output holds both runs: its port is the last)."""
+    with connect(process, port=control_ports(process)[-1]) as connection:
+        return connection.command("showEventLog()")
+
+
 async def test_kill_9_and_restart_keep_answers_exact(tmp_path: Path) -> None:
     """Every stored report runs at least once across kill -9, and every run answers as SQL."""
     rng = random.Random(4)
@@ -422,7 +437,7 @@ async def test_kill_9_and_restart_keep_answers_exact(tmp_path: Path) -> None:
     process = DaemonProcess(tmp_path, DAEMON_POLICY).start()
     assert await post_reports(process, 1_000_000, 3000, rng, kill_after=1500) >= 1500
     assert process.process is not None and process.process.returncode == -9
-    with DaemonProcess(tmp_path, DAEMON_POLICY):
+    with DaemonProcess(tmp_path, DAEMON_POLICY) as process:
         await post_reports(process, 2_000_000, 500, rng)
 
         def all_ran() -> bool:
@@ -431,6 +446,9 @@ async def test_kill_9_and_restart_keep_answers_exact(tmp_path: Path) -> None:
             return stored <= set(answer_lines(tmp_path))
 
         assert await wait_for(all_ran, timeout=120)
+        shown = await asyncio.to_thread(show_event_log, process)
+    line = re.search(r"^Projection: +(\d+) shapes .*countDistinct (\d+) from it", shown, re.M)
+    assert line and int(line[1]) == 4 and int(line[2]) > 0, shown
     expected = await daemon_expected(db)
     ran = answer_lines(tmp_path)
     assert set(ran) == set(expected), "every stored report ran at least once, and only those"

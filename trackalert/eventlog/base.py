@@ -126,7 +126,8 @@ def event_fields(event: Event) -> tuple:
     """The `FIELDS_ROW` of an event in memory, with the values the log stores for it.
 
     The same values as a stored row (address as its `ip_key`, unknown enrichment as None,
-    success as a bool), so that counts built from memory and from the log agree.
+    success as a bool), so that counts built from memory and from the log agree; the maps are
+    mappings here, JSON text (or None when empty) in what `read_fields` returns.
     """
     r = event.report
     geo = r.geo

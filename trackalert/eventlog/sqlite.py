@@ -916,7 +916,8 @@ class SQLiteEventLog(EventLog):
 
     def read_fields(self, after_seq: int, limit: int, received_from: float | None = None) -> list[tuple]:
         """Narrow rows on the helpers' own per-thread read-only connection (no event loop hop):
-        a rowid range, whose start a `received_from` finds in one seek of ix_events_received."""
+        a rowid range, whose start a `received_from` finds in one seek of ix_events_received.
+        The maps stay JSON text (or None), parsed only by whoever looks inside."""
         self._check_open()
         conn = self._queries._conn()
         if received_from is None:
@@ -925,8 +926,7 @@ class SQLiteEventLog(EventLog):
             rows = conn.execute(_READ_FIELDS + _FROM_RECEIVED + "ORDER BY seq LIMIT ?",
                                 (after_seq, received_from, limit))
         return [(seq, received, login, success == 1, ip, pwhash, country, protocol, asn,
-                 json.loads(device_attrs) if device_attrs else {},
-                 json.loads(attrs) if attrs else {})
+                 device_attrs, attrs)
                 for (seq, received, login, success, ip, pwhash, country, protocol, asn,
                      device_attrs, attrs) in rows]
 

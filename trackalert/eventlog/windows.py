@@ -34,7 +34,9 @@ from __future__ import annotations
 import collections
 import functools
 import ipaddress
+import json
 import logging
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,7 +54,7 @@ logger = logging.getLogger("trackalert")
 #: Positions in an `event_fields` row.
 SEQ, RECEIVED, LOGIN, SUCCESS, IP, PWHASH, COUNTRY, PROTOCOL, ASN, DEVICE_ATTRS, ATTRS = range(11)
 #: Rows read from the log at a time by a cursor.
-CHUNK = 2000
+CHUNK = 5000
 #: A building shape this close to the runner is handed over to the runner thread to finish.
 NEAR = 1000
 #: Shapes kept at most (a policy building windows from data must not grow memory without end).
@@ -114,13 +116,16 @@ def _masked(ip: bytes, tag: bytes, bits: int) -> bytes | None:
     return tag + value.to_bytes(width, "big")
 
 
+def _column(spec: str) -> int | None:
+    """The row position a key spec reads as it is, or None when it is computed."""
+    return IP if spec == "remote" else _COLUMN_KEYS.get(spec)
+
+
 def _extractor(spec: str) -> Callable[[Row], Any]:
     """The value of one key spec in a row (None: the event cannot match that key)."""
-    if spec in _COLUMN_KEYS:
-        index = _COLUMN_KEYS[spec]
-        return lambda row: row[index]
-    if spec == "remote":
-        return lambda row: row[IP]
+    index = _column(spec)
+    if index is not None:
+        return operator.itemgetter(index)
     if spec.startswith("net"):
         tag = V4 if spec[3] == "4" else V6
         bits = int(spec.split("/")[1])
@@ -129,7 +134,12 @@ def _extractor(spec: str) -> Callable[[Row], Any]:
     key = spec[2:]
 
     def map_value(row: Row) -> str | None:
-        value = row[index].get(key) if row[index] else None
+        mapping = row[index]
+        if not mapping:
+            return None
+        if type(mapping) is str:  # as stored: parsed only for the shapes that look inside
+            mapping = json.loads(mapping)
+        value = mapping.get(key)
         return value if type(value) is str else None  # json_extract of a number never = text
 
     return map_value
@@ -144,13 +154,30 @@ def _counted(name: str) -> Callable[[Row], Any]:
 
 
 def _key_function(specs: tuple[str, ...]) -> Callable[[Row], tuple | None]:
+    """The key tuple of a row for `specs`, None when one of them is NULL (hot: every event and
+    shape, so plain columns are one itemgetter)."""
+    if not specs:
+        return lambda row: ()
+    columns = [_column(spec) for spec in specs]
+    if None not in columns:
+        get = operator.itemgetter(*columns)
+        if len(columns) == 1:
+            def one(row: Row) -> tuple | None:
+                value = get(row)
+                return None if value is None else (value,)
+            return one
+
+        def several(row: Row) -> tuple | None:
+            values = get(row)
+            return None if None in values else values
+        return several
     parts = [_extractor(spec) for spec in specs]
 
-    def key(row: Row) -> tuple | None:
-        values = tuple(part(row) for part in parts)
+    def computed(row: Row) -> tuple | None:
+        values = tuple([part(row) for part in parts])
         return None if None in values else values
 
-    return key
+    return computed
 
 
 # ------------------------------------------------------------------------ one shape
@@ -166,13 +193,10 @@ class Shape:
         self._value = _counted(counted) if counted else None
         self.counts: dict[tuple, Any] = {}
 
-    def _matching_key(self, row: Row) -> tuple | None:
-        if self._success is not None and row[SUCCESS] != self._success:
-            return None
-        return self._key(row)
-
     def add(self, row: Row) -> None:
-        key = self._matching_key(row)
+        if self._success is not None and row[SUCCESS] != self._success:
+            return
+        key = self._key(row)
         if key is None:
             return
         if self._value is None:
@@ -188,7 +212,9 @@ class Shape:
             seen[value] = seen.get(value, 0) + 1
 
     def remove(self, row: Row) -> None:
-        key = self._matching_key(row)
+        if self._success is not None and row[SUCCESS] != self._success:
+            return
+        key = self._key(row)
         if key is None:
             return
         if self._value is None:
@@ -345,9 +371,10 @@ class WindowProjection:
         for window in list(self._windows.values()):
             tail = window.tail
             threshold = event.received - window.seconds
+            removes = [shape.remove for shape in window.shapes]
             for row in tail.take_while_before(threshold, self.position):
-                for shape in window.shapes:
-                    shape.remove(row)
+                for remove in removes:
+                    remove(row)
             if tail.gap:
                 self._invalidate(window)
 
@@ -536,15 +563,17 @@ class WindowProjection:
         shapes = [Shape(shape_id) for shape_id in ids]
         build = _Build(seconds, shapes, Cursor(self._read, start), Cursor(self._read, start),
                        generation, started)
+        adds = [shape.add for shape in shapes]
+        removes = [shape.remove for shape in shapes]
         while not self._stopping and generation == self._generation:
             position, received = self._at
             for row in build.head.take_upto(position):
-                for shape in shapes:
-                    shape.add(row)
+                for add in adds:
+                    add(row)
             if received is not None:
                 for row in build.tail.take_while_before(received - seconds, build.head.after):
-                    for shape in shapes:
-                        shape.remove(row)
+                    for remove in removes:
+                        remove(row)
             if build.head.gap or build.tail.gap:
                 return None
             if self._at[0] - build.head.after <= NEAR:

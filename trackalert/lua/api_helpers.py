@@ -29,8 +29,15 @@ _FILTER_DOC = """`filter` is a table; every key given must match: `login`, `remo
 ComboAddress), `netmask` (`"192.0.2.0/24"`), `success` (boolean), `protocol`, `pwhash`, `country`
 (ISO code from enrichment), `asn`, `["device_attrs.<key>"]`, `["attrs.<key>"]`, and a time window:
 `window` (`"30d"`, `"1h"`, or seconds) and/or `since`/`until` (epoch seconds, compared with the
-time each report was received). Fast paths: anything with `login`; `remote`, `netmask` or `pwhash`
-with `success=false` (attacks); otherwise a scan of the window, so give a short `window`.
+time each report was received). Fastest: inside `report(lt)`, `countReports` and `countDistinct`
+(of `login`, `remote`, `remote/<bits>`, `pwhash`, `country`, `protocol` or `asn`) whose filter
+has only equal-to keys, `success` and a `window` (no `since`/`until`) answer in O(1) from window
+counts kept in memory in step with the policy runner, exactly as the query would; the first call
+of a new such filter shape starts building it from the log (a query answers meanwhile; about a
+minute per million events a long window holds), and `showEventLog()` shows the shapes and the
+calls each way answered. Other calls are indexed queries: anything with `login`; `remote`,
+`netmask` or `pwhash` with `success=false` (attacks); otherwise a scan of the window, so give a
+short `window`.
 Inside `report(lt)` only events logged before `lt` are seen
 (windows end when `lt` was received); elsewhere (background and custom functions, the console)
 events received up to now. An unknown key or a value of the wrong type raises a Lua error naming

@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 
 CURSOR_NAME = "report"
 #: Events kept in memory for the runner when it lags (beyond that they are read back from the
-#: log). An Event with its Report costs about 2 KiB of RSS (bench/policy_helpers_bench.py
-#: --buffer measures it), so 10,000 is ~20 MiB; 100,000 was ~200 MiB for no gain: reading back
-#: a batch of 256 takes a few ms, far less than running the policy on it.
+#: log). An Event with its Report costs about 1.5 KiB of RSS (bench/policy_helpers_bench.py
+#: --buffer 100000 measured +146 MiB), so 10,000 is ~15 MiB; 100,000 cost ~150 MiB for no gain:
+#: reading a batch of 256 back takes a few ms, far less than running the policy on it.
 BUFFER_MAX = 10_000
 
 
