@@ -40,14 +40,11 @@ import operator
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
-from trackalert.eventlog.base import Event, EventQueries, event_fields
+from trackalert.eventlog.base import Event, EventLog, EventQueries, event_fields
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.ipkey import V4, V6, ip_key
-
-if TYPE_CHECKING:
-    from trackalert.eventlog.base import EventLog
 
 logger = logging.getLogger("trackalert")
 
@@ -317,7 +314,7 @@ class _Build:
 class WindowProjection:
     """All shapes, the runner's position in the log, and the builder thread."""
 
-    def __init__(self, log: "EventLog") -> None:
+    def __init__(self, log: EventLog) -> None:
         self._log = log
         self._read = log.read_fields
         self.position = 0  # every event with seq <= position is applied
@@ -341,6 +338,11 @@ class WindowProjection:
         #: (helper, "projection" | "sql") -> calls inside report(lt)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
         self.builds: list[tuple[float, int, float]] = []  # (window, shapes, seconds)
+
+    @staticmethod
+    def supports(log: EventLog) -> bool:
+        """Whether `log`'s backend has the narrow read this projection is built from."""
+        return type(log).read_fields is not EventLog.read_fields
 
     # -- the runner's side (its thread)
 

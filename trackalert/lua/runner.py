@@ -22,8 +22,6 @@ from trackalert import log
 from trackalert.eventlog.windows import WindowProjection, set_running_projection
 from trackalert.lua.convert import call_with_tuple, tuple_runner
 
-from trackalert.eventlog.base import EventLog as EventLogBase
-
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event, EventLog
     from trackalert.lua.host import Host
@@ -36,6 +34,8 @@ CURSOR_NAME = "report"
 #: --buffer 100000 measured +146 MiB), so 10,000 is ~15 MiB; 100,000 cost ~150 MiB for no gain:
 #: reading a batch of 256 back takes a few ms, far less than running the policy on it.
 BUFFER_MAX = 10_000
+#: How often (seconds) the runner looks whether the running batch is stuck.
+STUCK_POLL = 0.25
 
 
 class PolicyRunner:
@@ -57,11 +57,14 @@ class PolicyRunner:
         self._wake = asyncio.Event()
         self._inflight: dict[int, tuple[int, float]] = {}  # first seq -> (last seq, received)
         self._tasks: set[asyncio.Task[None]] = set()
-        # One batch at a time, in log order (the projection judges as of each event).
-        self._slots = asyncio.Semaphore(1)
+        # One batch at a time, in log order (the projection judges as of each event); a batch
+        # stuck in one report is left behind (`_wait_turn`).
+        self._running: asyncio.Task[None] | None = None
+        self._stuck: set[asyncio.Task[None]] = set()
+        self._progress = 0.0  # clock.monotonic() when the running batch last finished an event
         #: The helpers' counters, or None to answer everything with SQL.
         self.projection: WindowProjection | None = None
-        if projection and type(eventlog).read_fields is not EventLogBase.read_fields:
+        if projection and WindowProjection.supports(eventlog):
             self.projection = WindowProjection(eventlog)
         self._loop_task: asyncio.Task[None] | None = None
         self.done = 0  # every seq <= done has run through report
@@ -128,18 +131,35 @@ class PolicyRunner:
             await self._wake.wait()
             self._wake.clear()
             while self.dispatched < self.head:
-                await self._slots.acquire()
+                await self._wait_turn()
                 try:
                     batch = await self._next_batch()
                 except Exception as exc:  # the log is unreadable for now: retry shortly
-                    self._slots.release()
                     log.logger.error("Policy runner cannot read the event log: %s", exc)
                     await asyncio.sleep(1.0)
                     continue
                 if not batch:
-                    self._slots.release()
                     break
                 self._dispatch(batch)
+
+    async def _wait_turn(self) -> None:
+        """Until the running batch is done, or stuck: one report running longer than the slow
+        call limit (LuaJIT cannot interrupt a runaway loop). A stuck batch is left to finish on
+        its own state, and the batches after it run on the others, answered by SQL until it is
+        done (the projection is its until then); the cursor waits for it, as before."""
+        while self._running is not None:
+            task = self._running
+            await asyncio.wait({task}, timeout=STUCK_POLL)
+            if task.done():
+                break
+            if self._host.clock.monotonic() - self._progress > self._host.settings.slow_call_seconds:
+                log.logger.warning("Policy runner: a report call on events %d-%d is stuck; the "
+                                   "next reports run in other states meanwhile",
+                                   min(self._inflight), self.dispatched)
+                self._stuck.add(task)
+                task.add_done_callback(self._stuck.discard)
+                break
+        self._running = None
 
     async def _next_batch(self) -> "list[Event]":
         buffer = self._buffer
@@ -162,17 +182,19 @@ class PolicyRunner:
         first, last = batch[0].seq, batch[-1].seq
         self.dispatched = last
         self._inflight[first] = (last, batch[0].received)
-        task = asyncio.create_task(self._run_batch(batch))
+        self._progress = self._host.clock.monotonic()
+        projection = None if self._stuck else self.projection
+        task = asyncio.create_task(self._run_batch(batch, projection))
+        self._running = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_batch(self, batch: "list[Event]") -> None:
+    async def _run_batch(self, batch: "list[Event]", projection: WindowProjection | None) -> None:
         try:
-            await self._pool.run("report", lambda state: self._run_in_state(state, batch))
+            await self._pool.run("report", lambda state: self._run_in_state(state, batch, projection))
         except Exception as exc:  # the crash boundary is per event; this is a daemon fault
             log.logger.error("Policy runner failed on events %d-%d: %s", batch[0].seq, batch[-1].seq, exc)
         finally:
-            self._slots.release()
             self._complete(batch[0].seq)
 
     def _complete(self, first: int) -> None:
@@ -182,9 +204,9 @@ class PolicyRunner:
             self.done = done
             self._log.save_cursor(CURSOR_NAME, done)
 
-    def _run_in_state(self, state: "LuaState", batch: "list[Event]") -> None:
+    def _run_in_state(self, state: "LuaState", batch: "list[Event]",
+                      projection: WindowProjection | None) -> None:
         """Runs in a worker thread with the state locked: one Lua call per event."""
-        projection = self.projection
         if projection is not None:
             projection.check_retention()
         set_running_projection(projection)
@@ -209,6 +231,7 @@ class PolicyRunner:
             finally:
                 if projection is not None:
                     projection.finish(event)
+                self._progress = self._host.clock.monotonic()
 
     def _judge(self, state: "LuaState", runner: object, fn: object, event: "Event") -> None:
         state.as_of_seq = event.seq
