@@ -190,10 +190,13 @@ class Shape:
         self._value = _counted(counted) if counted else None
         self.counts: dict[tuple, Any] = {}
 
-    def add(self, row: Row) -> None:
+    def _key_of(self, row: Row) -> tuple | None:
         if self._success is not None and row[SUCCESS] != self._success:
-            return
-        key = self._key(row)
+            return None
+        return self._key(row)
+
+    def add(self, row: Row) -> None:
+        key = self._key_of(row)
         if key is None:
             return
         if self._value is None:
@@ -209,9 +212,7 @@ class Shape:
             seen[value] = seen.get(value, 0) + 1
 
     def remove(self, row: Row) -> None:
-        if self._success is not None and row[SUCCESS] != self._success:
-            return
-        key = self._key(row)
+        key = self._key_of(row)
         if key is None:
             return
         if self._value is None:
