@@ -24,9 +24,13 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
   handed to the runner thread, which catches it up the last few events and switches it on
   between two events. Until then SQL answers. Nothing is persisted: after a restart shapes
   rebuild from the log.
-* Retention: should events that a window still counts be pruned (a gap in the tail's read, or
-  the oldest stored event beyond the tail), the window's shapes are dropped and rebuilt from what
-  the log still holds (SQL answers meanwhile), so pruned events are never counted.
+* Retention: before every batch the runner looks at the oldest stored event; should pruning
+  have removed events a window still counts (the oldest is beyond its tail), the window's
+  shapes are dropped and rebuilt from what the log still holds (SQL answers meanwhile), so
+  pruned events are never counted. A prune landing inside a batch is seen at the next one;
+  the SQL answer itself depends on which side of that prune it ran.
+* Memory: per shape, the keys and distinct values present in its window (`describe`), at most
+  MAX_SHAPES shapes; the tails hold one chunk of narrow rows each.
 """
 
 from __future__ import annotations
@@ -253,20 +257,16 @@ class Shape:
 
 
 class Cursor:
-    """Reads the log forward from a seq, in chunks, and notices when rows were pruned under it."""
+    """Reads the log forward from a seq, in chunks (pruning under it is `check_retention`'s)."""
 
     def __init__(self, read: Callable[[int, int], list[Row]], after: int) -> None:
         self._read = read
         self.after = after  # the last row taken
         self._rows: collections.deque[Row] = collections.deque()
-        self.gap = False
 
     def peek(self) -> Row | None:
         if not self._rows:
-            rows = self._read(self.after, CHUNK)
-            if rows and rows[0][SEQ] != self.after + 1:
-                self.gap = True  # events we still needed were pruned
-            self._rows.extend(rows)
+            self._rows.extend(self._read(self.after, CHUNK))
         return self._rows[0] if self._rows else None
 
     def take(self) -> Row:
@@ -316,10 +316,8 @@ class WindowProjection:
     """All shapes, the runner's position in the log, and the builder thread."""
 
     def __init__(self, log: EventLog) -> None:
-        self._log = log
         self._read = log.read_fields
         self.position = 0  # every event with seq <= position is applied
-        self._position_received: float | None = None
         self._at: tuple[int, float | None] = (0, None)  # (position, its received): one read
         #: seq of the event whose report is running (helpers answer only for it), or None
         self.judging: int | None = None
@@ -338,7 +336,8 @@ class WindowProjection:
         self._queries: ProjectedQueries | None = None
         #: (helper, "projection" | "sql") -> calls inside report(lt)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.builds: list[tuple[float, int, float]] = []  # (window, shapes, seconds)
+        #: The latest builds switched on: (window, shapes, seconds it took)
+        self.builds: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=32)
 
     @staticmethod
     def supports(log: EventLog) -> bool:
@@ -350,7 +349,6 @@ class WindowProjection:
     def start_at(self, position: int) -> None:
         """Where the runner resumes: every event up to `position` has been judged."""
         self.position = position
-        self._position_received = None
         self._at = (position, None)
 
     def begin(self, event: Event) -> None:
@@ -378,8 +376,6 @@ class WindowProjection:
             for row in tail.take_while_before(threshold, self.position):
                 for remove in removes:
                     remove(row)
-            if tail.gap:
-                self._invalidate(window)
 
     def finish(self, event: Event) -> None:
         """After `report` on `event`: the head adds it."""
@@ -390,7 +386,6 @@ class WindowProjection:
                 for shape in window.shapes:
                     shape.add(row)
         self.position = event.seq
-        self._position_received = event.received
         self._at = (event.seq, event.received)
 
     def check_retention(self) -> None:
@@ -490,13 +485,13 @@ class WindowProjection:
                 for row in build.head.take_upto(self.position):
                     for shape in build.shapes:
                         shape.add(row)
-                ok = build.head.after == self.position and not build.head.gap
+                ok = build.head.after == self.position
             window = self._windows.get(build.seconds)
             if ok and window is not None:
                 for row in build.tail.take_upto(window.tail.after):
                     for shape in build.shapes:
                         shape.remove(row)
-                ok = build.tail.after == window.tail.after and not build.tail.gap
+                ok = build.tail.after == window.tail.after
             with self._lock:
                 for shape in build.shapes:
                     self._building.discard(shape.id)
@@ -577,8 +572,6 @@ class WindowProjection:
                 for row in build.tail.take_while_before(received - seconds, build.head.after):
                     for remove in removes:
                         remove(row)
-            if build.head.gap or build.tail.gap:
-                return None
             if self._at[0] - build.head.after <= NEAR:
                 return build
         return None
