@@ -125,9 +125,10 @@ FIELDS_ROW = ("seq", "received", "login", "success", "ip", "pwhash", "country", 
 def event_fields(event: Event) -> tuple:
     """The `FIELDS_ROW` of an event in memory, with the values the log stores for it.
 
-    The same values as a stored row (address as its `ip_key`, unknown enrichment as None,
-    success as a bool), so that counts built from memory and from the log agree; the maps are
-    mappings here, JSON text (or None when empty) in what `read_fields` returns.
+    The same values as a stored row (address as its `ip_key`, unknown enrichment as None), so
+    that counts built from memory and from the log agree; success is a bool here and the stored
+    0/1 (equal to it) from `read_fields`, the maps are mappings here and JSON text (or None when
+    empty) from `read_fields`.
     """
     r = event.report
     geo = r.geo

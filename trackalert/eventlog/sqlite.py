@@ -917,18 +917,14 @@ class SQLiteEventLog(EventLog):
     def read_fields(self, after_seq: int, limit: int, received_from: float | None = None) -> list[tuple]:
         """Narrow rows on the helpers' own per-thread read-only connection (no event loop hop):
         a rowid range, whose start a `received_from` finds in one seek of ix_events_received.
-        The maps stay JSON text (or None), parsed only by whoever looks inside."""
+        The maps stay JSON text (or None), parsed only by whoever looks inside; success is the
+        stored 0/1 (equal to False/True)."""
         self._check_open()
         conn = self._queries._conn()
         if received_from is None:
-            rows = conn.execute(_READ_FIELDS + "ORDER BY seq LIMIT ?", (after_seq, limit))
-        else:
-            rows = conn.execute(_READ_FIELDS + _FROM_RECEIVED + "ORDER BY seq LIMIT ?",
-                                (after_seq, received_from, limit))
-        return [(seq, received, login, success == 1, ip, pwhash, country, protocol, asn,
-                 device_attrs, attrs)
-                for (seq, received, login, success, ip, pwhash, country, protocol, asn,
-                     device_attrs, attrs) in rows]
+            return conn.execute(_READ_FIELDS + "ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        return conn.execute(_READ_FIELDS + _FROM_RECEIVED + "ORDER BY seq LIMIT ?",
+                            (after_seq, received_from, limit)).fetchall()
 
     async def last_seq(self) -> int:
         """From memory: the writer is the only writer, so the last commit it reported is the end."""

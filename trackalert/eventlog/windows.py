@@ -35,6 +35,7 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import ipaddress
@@ -44,7 +45,7 @@ import operator
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from trackalert.eventlog.base import Event, EventLog, EventQueries, event_fields
 from trackalert.eventlog.filters import AsOf, Field, Filter
@@ -139,11 +140,15 @@ def _extractor(spec: str) -> Callable[[Row], Any]:
         if not mapping:
             return None
         if type(mapping) is str:  # as stored: parsed only for the shapes that look inside
-            mapping = json.loads(mapping)
+            mapping = _parsed_map(mapping)
         value = mapping.get(key)
         return value if type(value) is str else None  # json_extract of a number never = text
 
     return map_value
+
+
+#: Stored maps repeat (a few browsers, a few sites): parse each text once. Read only.
+_parsed_map = functools.lru_cache(maxsize=8192)(json.loads)
 
 
 def _counted(name: str) -> Callable[[Row], Any]:
@@ -194,49 +199,54 @@ class Shape:
         self._value = _counted(counted) if counted else None
         self.counts: dict[tuple, Any] = {}
 
-    def _key_of(self, row: Row) -> tuple | None:
-        if self._success is not None and row[SUCCESS] != self._success:
-            return None
-        return self._key(row)
+    def _keyed(self, rows: Iterable[Row]) -> Iterator[tuple[tuple, Row]]:
+        """(key tuple, row) of the rows this shape counts (a tight loop: builds see millions)."""
+        success, key_of = self._success, self._key
+        for row in rows:
+            if success is not None and row[SUCCESS] != success:
+                continue
+            key = key_of(row)
+            if key is not None:
+                yield key, row
 
-    def add(self, row: Row) -> None:
-        key = self._key_of(row)
-        if key is None:
+    def add_all(self, rows: Iterable[Row]) -> None:
+        counts, value_of = self.counts, self._value
+        if value_of is None:
+            for key, _ in self._keyed(rows):
+                counts[key] = counts.get(key, 0) + 1
             return
-        if self._value is None:
-            self.counts[key] = self.counts.get(key, 0) + 1
-            return
-        value = self._value(row)
-        if value is None:  # count(DISTINCT x) ignores NULL
-            return
-        seen = self.counts.get(key)
-        if seen is None:
-            self.counts[key] = {value: 1}
-        else:
-            seen[value] = seen.get(value, 0) + 1
-
-    def remove(self, row: Row) -> None:
-        key = self._key_of(row)
-        if key is None:
-            return
-        if self._value is None:
-            left = self.counts[key] - 1
-            if left:
-                self.counts[key] = left
+        for key, row in self._keyed(rows):
+            value = value_of(row)
+            if value is None:  # count(DISTINCT x) ignores NULL
+                continue
+            seen = counts.get(key)
+            if seen is None:
+                counts[key] = {value: 1}
             else:
-                del self.counts[key]
+                seen[value] = seen.get(value, 0) + 1
+
+    def remove_all(self, rows: Iterable[Row]) -> None:
+        counts, value_of = self.counts, self._value
+        if value_of is None:
+            for key, _ in self._keyed(rows):
+                left = counts[key] - 1
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
             return
-        value = self._value(row)
-        if value is None:
-            return
-        seen = self.counts[key]
-        left = seen[value] - 1
-        if left:
-            seen[value] = left
-        elif len(seen) > 1:
-            del seen[value]
-        else:
-            del self.counts[key]
+        for key, row in self._keyed(rows):
+            value = value_of(row)
+            if value is None:
+                continue
+            seen = counts[key]
+            left = seen[value] - 1
+            if left:
+                seen[value] = left
+            elif len(seen) > 1:
+                del seen[value]
+            else:
+                del counts[key]
 
     def answer(self, key: tuple) -> int:
         if None in key:
@@ -257,37 +267,56 @@ class Shape:
 
 
 class Cursor:
-    """Reads the log forward from a seq, in chunks (pruning under it is `check_retention`'s)."""
+    """Reads the log forward from a seq, in chunks (pruning under it is `check_retention`'s).
+
+    Hands rows out in runs (lists), found by bisection: the builder goes through millions of
+    rows, the runner's tails through a few per event.
+    """
 
     def __init__(self, read: Callable[[int, int], list[Row]], after: int) -> None:
         self._read = read
         self.after = after  # the last row taken
-        self._rows: collections.deque[Row] = collections.deque()
+        self._rows: list[Row] = []
+        self._next = 0  # index in _rows of the first row not taken
 
-    def peek(self) -> Row | None:
-        if not self._rows:
-            self._rows.extend(self._read(self.after, CHUNK))
-        return self._rows[0] if self._rows else None
+    def _ready(self) -> bool:
+        if self._next >= len(self._rows):
+            self._rows, self._next = self._read(self.after, CHUNK), 0
+        return self._next < len(self._rows)
 
-    def take(self) -> Row:
-        row = self._rows.popleft()
-        self.after = row[SEQ]
-        return row
+    def _take(self, end: int) -> list[Row]:
+        run = self._rows[self._next:end]
+        if run:
+            self._next = end
+            self.after = run[-1][SEQ]
+        return run
 
-    def take_while_before(self, threshold: float, upto: int) -> Iterable[Row]:
-        """Rows received before `threshold` with seq <= `upto`, in seq order."""
-        while True:
-            row = self.peek()
-            if row is None or row[RECEIVED] >= threshold or row[SEQ] > upto:
+    def take_while_before(self, threshold: float, upto: int) -> Iterator[list[Row]]:
+        """Runs of the rows received before `threshold` with seq <= `upto`, in seq order."""
+        while self.after < upto and self._ready():
+            rows, start = self._rows, self._next
+            end = min(bisect.bisect_left(rows, threshold, start, key=_received),
+                      bisect.bisect_right(rows, upto, start, key=_seq))
+            run = self._take(end)
+            if run:
+                yield run
+            if end < len(rows):
                 return
-            yield self.take()
 
-    def take_upto(self, upto: int) -> Iterable[Row]:
-        while self.after < upto:
-            row = self.peek()
-            if row is None or row[SEQ] > upto:
+    def take_upto(self, upto: int) -> Iterator[list[Row]]:
+        """Runs of the rows with seq <= `upto`."""
+        while self.after < upto and self._ready():
+            rows = self._rows
+            end = bisect.bisect_right(rows, upto, self._next, key=_seq)
+            run = self._take(end)
+            if run:
+                yield run
+            if end < len(rows):
                 return
-            yield self.take()
+
+
+_seq = operator.itemgetter(SEQ)
+_received = operator.itemgetter(RECEIVED)
 
 
 @dataclass
@@ -372,10 +401,9 @@ class WindowProjection:
         for window in list(self._windows.values()):
             tail = window.tail
             threshold = event.received - window.seconds
-            removes = [shape.remove for shape in window.shapes]
-            for row in tail.take_while_before(threshold, self.position):
-                for remove in removes:
-                    remove(row)
+            for run in tail.take_while_before(threshold, self.position):
+                for shape in window.shapes:
+                    shape.remove_all(run)
 
     def finish(self, event: Event) -> None:
         """After `report` on `event`: the head adds it."""
@@ -384,7 +412,7 @@ class WindowProjection:
             row = event_fields(event)
             for window in self._windows.values():
                 for shape in window.shapes:
-                    shape.add(row)
+                    shape.add_all((row,))
         self.position = event.seq
         self._at = (event.seq, event.received)
 
@@ -482,15 +510,15 @@ class WindowProjection:
         for build in builds:
             ok = build.generation == self._generation
             if ok:
-                for row in build.head.take_upto(self.position):
+                for run in build.head.take_upto(self.position):
                     for shape in build.shapes:
-                        shape.add(row)
+                        shape.add_all(run)
                 ok = build.head.after == self.position
             window = self._windows.get(build.seconds)
             if ok and window is not None:
-                for row in build.tail.take_upto(window.tail.after):
+                for run in build.tail.take_upto(window.tail.after):
                     for shape in build.shapes:
-                        shape.remove(row)
+                        shape.remove_all(run)
                 ok = build.tail.after == window.tail.after
             with self._lock:
                 for shape in build.shapes:
@@ -561,17 +589,15 @@ class WindowProjection:
         shapes = [Shape(shape_id) for shape_id in ids]
         build = _Build(seconds, shapes, Cursor(self._read, start), Cursor(self._read, start),
                        generation, started)
-        adds = [shape.add for shape in shapes]
-        removes = [shape.remove for shape in shapes]
         while not self._stopping and generation == self._generation:
             position, received = self._at
-            for row in build.head.take_upto(position):
-                for add in adds:
-                    add(row)
+            for run in build.head.take_upto(position):
+                for shape in shapes:
+                    shape.add_all(run)
             if received is not None:
-                for row in build.tail.take_while_before(received - seconds, build.head.after):
-                    for remove in removes:
-                        remove(row)
+                for run in build.tail.take_while_before(received - seconds, build.head.after):
+                    for shape in shapes:
+                        shape.remove_all(run)
             if self._at[0] - build.head.after <= NEAR:
                 return build
         return None
