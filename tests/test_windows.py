@@ -23,10 +23,10 @@ import pytest
 from test_console_server import KEY, connect, control_ports
 from trackalert.clock import VirtualClock
 from trackalert.console.protocol import encode_key
-from trackalert.eventlog.base import Event, event_fields
+from trackalert.eventlog.base import Event
 from trackalert.eventlog.filters import AsOf, Field, Filter, parse_field, parse_filter
 from trackalert.eventlog.sqlite import SQLiteEventLog
-from trackalert.eventlog.windows import WindowProjection, cover
+from trackalert.eventlog.windows import WindowProjection, cover, event_fields
 from trackalert.lua.host import Host
 from trackalert.lua.pool import LuaPool
 from trackalert.lua.runner import PolicyRunner

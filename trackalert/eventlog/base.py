@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from trackalert.eventlog.ipkey import ip_key
 from trackalert.report import Report, fingerprint, parse_delivery_id
 
 if TYPE_CHECKING:
@@ -117,24 +116,9 @@ def delivery_key(
     return delivery_id, body_fingerprint
 
 
-#: What `EventLog.read_fields` returns per event, and `event_fields` builds from an Event.
+#: What `EventLog.read_fields` returns per event (windows.event_fields builds it from an Event).
 FIELDS_ROW = ("seq", "received", "login", "success", "ip", "pwhash", "country", "protocol", "asn",
               "device_attrs", "attrs")
-
-
-def event_fields(event: Event) -> tuple:
-    """The `FIELDS_ROW` of an event in memory, with the values the log stores for it.
-
-    The same values as a stored row (address as its `ip_key`, unknown enrichment as None), so
-    that counts built from memory and from the log agree; success is a bool here and the stored
-    0/1 (equal to it) from `read_fields`, the maps are mappings here and JSON text (or None when
-    empty) from `read_fields`.
-    """
-    r = event.report
-    geo = r.geo
-    return (event.seq, event.received, r.login, bool(r.success), ip_key(r.remote), r.pwhash,
-            (geo.country or None) if geo else None, r.protocol, geo.asn if geo else None,
-            r.device_attrs, r.attrs)
 
 
 class EventQueries(abc.ABC):

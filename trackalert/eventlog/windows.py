@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from trackalert.eventlog.base import Event, EventLog, EventQueries, event_fields
+from trackalert.eventlog.base import Event, EventLog, EventQueries
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.ipkey import V4, V6, ip_key
 
@@ -70,6 +70,21 @@ _COLUMN_KEYS = {"login": LOGIN, "pwhash": PWHASH, "country": COUNTRY, "protocol"
                 "asn": ASN}
 _COUNTED_COLUMNS = {"login": LOGIN, "remote": IP, "pwhash": PWHASH, "country": COUNTRY,
                     "protocol": PROTOCOL, "asn": ASN}
+
+
+def event_fields(event: Event) -> Row:
+    """The `FIELDS_ROW` (eventlog/base.py) of an event in memory, with the values the log stores.
+
+    The same values as a stored row (address as its `ip_key`, unknown enrichment as None), so
+    that counts built from memory and from the log agree; success is a bool here and the stored
+    0/1 (equal to it) from `read_fields`, the maps are mappings here and JSON text (or None when
+    empty) from `read_fields`.
+    """
+    r = event.report
+    geo = r.geo
+    return (event.seq, event.received, r.login, bool(r.success), ip_key(r.remote), r.pwhash,
+            (geo.country or None) if geo else None, r.protocol, geo.asn if geo else None,
+            r.device_attrs, r.attrs)
 
 
 # ------------------------------------------------------------------------ filters -> shapes
@@ -365,8 +380,6 @@ class WindowProjection:
         self._queries: ProjectedQueries | None = None
         #: (helper, "projection" | "sql") -> calls inside report(lt)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
-        #: The latest builds switched on: (window, shapes, seconds it took)
-        self.builds: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=32)
 
     @staticmethod
     def supports(log: EventLog) -> bool:
@@ -479,8 +492,8 @@ class WindowProjection:
         self._wake.set()
 
     def _invalidate(self, window: _Window) -> None:
-        logger.info("projection: events of the %gs window were pruned; rebuilding its %d shapes",
-                    window.seconds, len(window.shapes))
+        logger.info("projection: the %gs window's %d shapes are dropped (events it counts were "
+                    "pruned, or skipped); rebuilding them", window.seconds, len(window.shapes))
         del self._windows[window.seconds]
         with self._lock:
             for shape in window.shapes:
@@ -534,10 +547,8 @@ class WindowProjection:
             window.shapes.extend(build.shapes)
             for shape in build.shapes:
                 self._active[shape.id] = shape
-            seconds = time.monotonic() - build.started
-            self.builds.append((build.seconds, len(build.shapes), seconds))
             logger.info("projection: %d shape(s) of the %gs window on after %.1f s",
-                        len(build.shapes), build.seconds, seconds)
+                        len(build.shapes), build.seconds, time.monotonic() - build.started)
         self.check_retention()  # a prune while they were building
 
     # -- the builder thread

@@ -33,8 +33,8 @@ time each report was received). Fastest: inside `report(lt)`, `countReports` and
 (of `login`, `remote`, `remote/<bits>`, `pwhash`, `country`, `protocol` or `asn`) whose filter
 has only equal-to keys, `success` and a `window` (no `since`/`until`) answer in O(1) from window
 counts kept in memory in step with the policy runner, exactly as the query would; the first call
-of a new such filter shape starts building it from the log (a query answers meanwhile; about a
-minute per million events a long window holds), and `showEventLog()` shows the shapes and the
+of a new such filter shape starts building it from the log (a query answers meanwhile; some
+seconds per million events its window holds), and `showEventLog()` shows the shapes and the
 calls each way answered. Other calls are indexed queries: anything with `login`; `remote`,
 `netmask` or `pwhash` with `success=false` (attacks); otherwise a scan of the window, so give a
 short `window`.
