@@ -1,12 +1,20 @@
 """Every helper shape the starter policies call, timed from Lua on a big log, as of the report.
 
     .venv/bin/python bench/policy_helpers_bench.py [--events 1000000] [--logins 10000]
-                                                   [--samples 2000] [--keep FILE]
+                                                   [--samples 2000] [--keep FILE] [--buffer N]
 
 Fills a log as bench/helpers_bench.py does (its `prefill`), opens it with the real backend, then
 for `--samples` events near the end of the log calls each helper the way the starter policies do
 for that event (its login, address, /24, pwhash, country), inside report(lt) (as of that event),
-from a Lua worker state. Prints p50/p99/max per shape.
+from a Lua worker state, on both paths:
+
+* SQL: the plain query path (what answers outside the runner, and while a shape builds);
+* projection: as the policy runner does it, the window projection (eventlog/windows.py) walks
+  the last 10,000 events in order (begin/finish around each), its shapes registered by the
+  first event and built from the log (the build time and the memory it took are printed).
+
+Prints p50/p99/max per shape and path, the projection's per-event cost and its sizes; with
+`--buffer N`, the RSS that N Events in memory cost (the policy runner's buffer).
 Prints figures; asserts nothing.
 """
 
@@ -29,6 +37,7 @@ from helpers_bench import percentiles, prefill  # noqa: E402
 
 from trackalert.clock import RealClock  # noqa: E402
 from trackalert.eventlog.sqlite import SQLiteEventLog  # noqa: E402
+from trackalert.eventlog.windows import WindowProjection, set_running_projection  # noqa: E402
 from trackalert.lua.host import Host  # noqa: E402
 from trackalert.lua.state import LuaState, StateKind  # noqa: E402
 
@@ -54,6 +63,18 @@ SHAPES = [
 ]
 
 
+#: The events the projection walks (and the samples are drawn from).
+WALK = 10_000
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def events_near_end(path: Path, events: int, samples: int) -> list[tuple]:
     """(seq, login, remote, /24, pwhash, country, browser) of random events in the last 10,000."""
     rng = random.Random(1)
@@ -70,7 +91,7 @@ def events_near_end(path: Path, events: int, samples: int) -> list[tuple]:
     return out
 
 
-def time_shapes(path: Path, events: int, samples: int) -> None:
+def time_shapes(path: Path, events: int, samples: int, buffer: int) -> None:
     loop = asyncio.new_event_loop()
     log = SQLiteEventLog(path, RealClock())
     started = time.perf_counter()
@@ -82,28 +103,100 @@ def time_shapes(path: Path, events: int, samples: int) -> None:
         state = LuaState(StateKind.WORKER, host)
         state.execute("shapes = {}\n" + "\n".join(
             f"shapes[{i + 1}] = function(lt) {body} end" for i, (_, _, body) in enumerate(SHAPES)))
-        shapes = state.lua.globals().shapes
+        shapes = [state.lua.globals().shapes[i + 1] for i in range(len(SHAPES))]
         make_lt = state.lua.eval(
             "function(login, remote, netmask, pwhash, country, browser) return {login=login, "
             "remote=remote, netmask=netmask, pwhash=pwhash, country=country, "
             "device_attrs={['browser.family']=browser}} end")
         picks = events_near_end(path, events, samples)
-        timings: list[list[float]] = [[] for _ in SHAPES]
-        for seq, *fields in picks:
-            lt = make_lt(*fields)
-            state.as_of_seq = seq
-            for i in range(len(SHAPES)):
-                fn = shapes[i + 1]
-                t0 = time.perf_counter()
-                fn(lt)
-                timings[i].append(time.perf_counter() - t0)
-        state.as_of_seq = None
-        print(f"\n  inside report(lt), {samples:,} events among the last 10,000, from Lua:")
-        for (name, users, _), samples_ in zip(SHAPES, timings):
-            print(f"    {name:42s} {percentiles(samples_)}   ({users})")
+        sql = time_sql(state, shapes, make_lt, picks)
+        projected = time_projection(loop, log, state, shapes, make_lt, picks, events)
+        print(f"\n  inside report(lt), {samples:,} events among the last {WALK:,}, from Lua "
+              f"(SQL path / projection path):")
+        for (name, users, _), on_sql, on_projection in zip(SHAPES, sql, projected):
+            print(f"    {name:42s} SQL        {percentiles(on_sql)}   ({users})")
+            print(f"    {'':42s} projection {percentiles(on_projection)}")
+        if buffer:
+            measure_buffer(loop, log, buffer)
     finally:
         loop.run_until_complete(log.close())
         loop.close()
+
+
+def time_sql(state: LuaState, shapes: list, make_lt, picks: list[tuple]) -> list[list[float]]:
+    timings: list[list[float]] = [[] for _ in SHAPES]
+    for seq, *fields in picks:
+        lt = make_lt(*fields)
+        state.as_of_seq = seq
+        for fn, samples in zip(shapes, timings):
+            t0 = time.perf_counter()
+            fn(lt)
+            samples.append(time.perf_counter() - t0)
+    state.as_of_seq = None
+    return timings
+
+
+def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state: LuaState,
+                    shapes: list, make_lt, picks: list[tuple], events: int) -> list[list[float]]:
+    """The runner's way: walk the last WALK events in order, helpers inside each report."""
+    first = events - WALK
+    walk = []
+    while len(walk) < WALK:
+        walk += loop.run_until_complete(log.read(first + len(walk), WALK - len(walk)))
+    by_seq: dict[int, list[tuple]] = {}
+    for seq, *fields in picks:
+        by_seq.setdefault(seq, []).append(tuple(fields))
+    projection = WindowProjection(log)
+    projection.start_at(first)
+    timings: list[list[float]] = [[] for _ in SHAPES]
+    steps: list[float] = []
+    rss_before = rss_mib()
+    set_running_projection(projection)
+    try:
+        for i, event in enumerate(walk):
+            t0 = time.perf_counter()
+            projection.begin(event)
+            steps.append(time.perf_counter() - t0)
+            state.as_of_seq = event.seq
+            if i == 0:  # the first report registers every shape; they build in the background
+                lt = make_lt(*next(iter(by_seq.values()))[0])
+                for fn in shapes:
+                    fn(lt)
+                built = time.perf_counter()
+                projection.wait_built(3600)
+                print(f"  projection: shapes built from the log in {time.perf_counter() - built:.1f} s, "
+                      f"RSS +{rss_mib() - rss_before:.0f} MiB")
+            for fields in by_seq.get(event.seq, ()):
+                lt = make_lt(*fields)
+                for fn, samples in zip(shapes, timings):
+                    t0 = time.perf_counter()
+                    fn(lt)
+                    samples.append(time.perf_counter() - t0)
+            state.as_of_seq = None
+            t0 = time.perf_counter()
+            projection.finish(event)
+            steps[-1] += time.perf_counter() - t0
+    finally:
+        set_running_projection(None)
+        projection.close()
+    described = projection.describe()
+    print(f"  projection: per event (begin + finish) {percentiles(steps)}; calls {described['calls']}")
+    for shape in described["shapes"]:
+        print(f"    shape {'+'.join(shape['keys'])} success={shape['success']} "
+              f"window={shape['window']:g}s field={shape['field']}: {shape['key_tuples']:,} keys, "
+              f"{shape['distinct_pairs']:,} distinct pairs")
+    return timings
+
+
+def measure_buffer(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, n: int) -> None:
+    """What the policy runner's in-memory buffer costs per Event."""
+    before = rss_mib()
+    held = []
+    while len(held) < n:
+        held += loop.run_until_complete(log.read(len(held), min(10_000, n - len(held))))
+    grown = rss_mib() - before
+    print(f"\n  runner buffer: {len(held):,} Events in memory: RSS +{grown:.0f} MiB "
+          f"({grown * 1024 * 1024 / max(1, len(held)):.0f} bytes per event)")
 
 
 def main() -> None:
@@ -113,6 +206,8 @@ def main() -> None:
     parser.add_argument("--logins", type=int, default=10_000)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--keep", metavar="FILE", help="reuse/keep the filled log at FILE")
+    parser.add_argument("--buffer", type=int, default=0, metavar="N",
+                        help="also measure the RSS of N Events in memory")
     args = parser.parse_args()
     print(f"== starter-policy helper shapes on a log of {args.events:,} events, "
           f"{args.logins:,} logins")
@@ -121,7 +216,7 @@ def main() -> None:
         if not path.exists():
             seconds = prefill(path, args.events, args.logins)
             print(f"  prefilled in {seconds:.0f} s ({path.stat().st_size / 2**30:.2f} GiB)")
-        time_shapes(path, args.events, args.samples)
+        time_shapes(path, args.events, args.samples, args.buffer)
 
 
 if __name__ == "__main__":

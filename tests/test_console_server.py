@@ -312,7 +312,8 @@ async def test_show_event_log(daemon) -> None:
     assert await wait_for(lambda: ran(daemon, "v1 eventlogged"))
     text = await asyncio.to_thread(run, daemon, "showEventLog()")
     labels = [line.split(":")[0] for line in text.splitlines()]
-    assert labels == ["Backend", "Location", "Events", "Size", "Oldest event", "Newest event", "Retention", "Policy lag"]
+    assert labels == ["Backend", "Location", "Events", "Size", "Oldest event", "Newest event", "Retention", "Policy lag",
+                      "Projection"]
     assert "Backend:      sqlite\n" in text
     assert f"Location:     {daemon.directory / 'trackalert-events.db'}\n" in text
     assert re.search(r"^Events:       [1-9]\d* \(seq 1 to [1-9]\d*\)$", text, re.M)

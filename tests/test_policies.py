@@ -393,7 +393,7 @@ async def store_copies(path: Path) -> int:
     return count
 
 
-async def replay(stored: Path, directory: Path) -> tuple[list[str], float]:
+async def replay(stored: Path, directory: Path, projection: bool = True) -> tuple[list[str], float]:
     """Run the starter policies over a copy of the stored log with the daemon's policy runner
     (one Lua state): the alerts in order, and the Lua errors counted."""
     import shutil
@@ -415,7 +415,7 @@ async def replay(stored: Path, directory: Path) -> tuple[list[str], float]:
     state = LuaState(StateKind.WORKER, host)
     state.execute(REPLAY_SETUP)
     pool = LuaPool([state], clock)
-    runner = PolicyRunner(log, pool, host)
+    runner = PolicyRunner(log, pool, host, projection=projection)
     await runner.start()
     head = await log.last_seq()
     assert await wait_for(lambda: runner.done >= head, timeout=120)

@@ -142,7 +142,8 @@ class Daemon:
         front = await self._start_web(ingest)
         # the local console only for a foreground daemon (it checks for a terminal itself)
         console = ConsoleService(
-            self.host, self.config_state, pool, eventlog, lambda: (runner.lag_events(), runner.lag_seconds())
+            self.host, self.config_state, pool, eventlog, lambda: (runner.lag_events(), runner.lag_seconds()),
+            runner.projection.describe if runner.projection else None,
         )
         await console.start(self.control_sockets, local_console=self.options.mode == "foreground")
         tasks = self._background_tasks(eventlog, pool)

@@ -38,12 +38,14 @@ class ConsoleService:
         pool: "LuaPool",
         eventlog: "EventLog",
         lag: Callable[[], tuple[int, float]],
+        projection: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.host = host
         self.executor = CommandExecutor(host, config_state, pool)
         self.server = ControlServer(host, self.executor)
         self._eventlog = eventlog
         self._lag = lag
+        self._projection = projection
         self._loop: asyncio.AbstractEventLoop | None = None
         self._local: asyncio.Task[None] | None = None
 
@@ -96,6 +98,8 @@ class ConsoleService:
         info = dict(await self._eventlog.describe())
         info["lag_events"], info["lag_seconds"] = self._lag()
         info["retention_seconds"] = self.host.settings.retention_seconds
+        if self._projection is not None:
+            info["projection"] = self._projection()
         return info
 
 

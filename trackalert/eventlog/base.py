@@ -140,6 +140,11 @@ def _json_text(mapping: Any) -> str | None:
     return json.dumps(dict(mapping)) if mapping else None
 
 
+#: What `EventLog.read_fields` returns per event (windows.event_fields builds it from an Event).
+FIELDS_ROW = ("seq", "received", "login", "success", "ip", "pwhash", "country", "protocol", "asn",
+              "device_attrs", "attrs")
+
+
 class EventQueries(abc.ABC):
     """The long-term helpers' questions (DESIGN §5), answered by a backend.
 
@@ -254,6 +259,16 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def read(self, after_seq: int, limit: int) -> list[Event]:
         """Up to `limit` events with ``seq > after_seq``, ascending (catch-up after a restart)."""
+
+    def read_fields(self, after_seq: int, limit: int, received_from: float | None = None) -> list[tuple]:
+        """Up to `limit` events with ``seq > after_seq`` (and, with `received_from`, received at
+        or after it), ascending, as `FIELDS_ROW` tuples.
+
+        Synchronous and narrow on purpose: the window projection (eventlog/windows.py) reads
+        the log in chunks from the policy runner's thread, between two Lua calls, and only
+        needs the columns the helpers filter on.
+        """
+        raise NotImplementedError(f"the {self.backend} event log has no narrow read")
 
     @abc.abstractmethod
     async def last_seq(self) -> int:

@@ -906,6 +906,18 @@ class SQLiteEventLog(EventLog):
             rows = (await conn.execute(statement)).all()
         return [decode_row(row) for row in rows]
 
+    def read_fields(self, after_seq: int, limit: int, received_from: float | None = None) -> list[tuple]:
+        """Narrow rows on the helpers' own per-thread read-only connection (no event loop hop):
+        a rowid range, whose start a `received_from` finds in one seek of ix_events_received.
+        The maps stay JSON text (or None), parsed only by whoever looks inside; success is the
+        stored 0/1 (equal to False/True)."""
+        self._check_open()
+        conn = self._queries._conn()
+        if received_from is None:
+            return conn.execute(_READ_FIELDS + "ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        return conn.execute(_READ_FIELDS + _FROM_RECEIVED + "ORDER BY seq LIMIT ?",
+                            (after_seq, received_from, limit)).fetchall()
+
     async def last_seq(self) -> int:
         """From memory: the writer is the only writer, so the last commit it reported is the end."""
         self._check_open()
@@ -942,6 +954,12 @@ class SQLiteEventLog(EventLog):
             "newest_received": last[1] if last else None,
             "size_bytes": _file_sizes(self.path, ("", "-wal")),
         }
+
+
+_READ_FIELDS = ("SELECT seq, received, login, success, ip, pwhash, country, protocol, asn, "
+                "device_attrs, attrs FROM events WHERE seq > ? ")
+_FROM_RECEIVED = ("AND seq >= coalesce((SELECT seq FROM events INDEXED BY ix_events_received "
+                  "WHERE received >= ? ORDER BY received, seq LIMIT 1), 9223372036854775807) ")
 
 
 def _file_sizes(path: str, suffixes: Iterable[str]) -> int:

@@ -178,14 +178,28 @@ def format_eventlog_summary(info: dict[str, Any]) -> str:
         ("Retention", _span(info.get("retention_seconds"))),
         ("Policy lag", f"{info.get('lag_events', 0)} events, {info.get('lag_seconds', 0.0):.1f} s"),
     ]
+    if "projection" in info:
+        rows.append(("Projection", _projection(info["projection"])))
     return "".join(f"{label + ':':<14}{value}\n" for label, value in rows)
+
+
+def _projection(summary: dict[str, Any]) -> str:
+    """Shapes and their sizes, then per helper the report calls answered by it vs by SQL."""
+    shapes = summary.get("shapes", [])
+    keys = sum(s["key_tuples"] for s in shapes)
+    pairs = sum(s["distinct_pairs"] for s in shapes)
+    calls = "; ".join(f"{helper} {n['projection']} from it, {n['sql']} by SQL"
+                      for helper, n in summary.get("calls", {}).items())
+    return (f"{len(shapes)} shapes ({keys} keys, {pairs} distinct values), "
+            f"{summary.get('building', 0)} building" + (f"; {calls}" if calls else ""))
 
 
 @lua_global(
     "showEventLog", Where.CONFIG, "showEventLog()",
     """Console output: the event log's backend and location, how many events it holds (and
-    their seq range), its size on disk, the oldest and newest event (UTC), the retention, and
-    how far the report policy lags behind (events and seconds).""",
+    their seq range), its size on disk, the oldest and newest event (UTC), the retention, how
+    far the report policy lags behind (events and seconds), and the window projection: its
+    shapes and their sizes, and how many helper calls in `report` it answered vs SQL.""",
     topic="console",
 )
 def _show_event_log(state: "LuaState") -> Callable[[], None]:

@@ -15,6 +15,7 @@ import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
+from trackalert.eventlog.windows import running_projection
 from trackalert.lua.convert import AS_OF, counted_table, describe, filter_pairs, is_table, report_tables
 from trackalert.lua.registry import Where, lua_global
 
@@ -29,8 +30,15 @@ _FILTER_DOC = """`filter` is a table; every key given must match: `login`, `remo
 ComboAddress), `netmask` (`"192.0.2.0/24"`), `success` (boolean), `protocol`, `pwhash`, `country`
 (ISO code from enrichment), `asn`, `["device_attrs.<key>"]`, `["attrs.<key>"]`, and a time window:
 `window` (`"30d"`, `"1h"`, or seconds) and/or `since`/`until` (epoch seconds, compared with the
-time each report was received). Fast paths: anything with `login`; `remote`, `netmask` or `pwhash`
-with `success=false` (attacks); otherwise a scan of the window, so give a short `window`.
+time each report was received). Fastest: inside `report(lt)`, `countReports` and `countDistinct`
+(of `login`, `remote`, `remote/<bits>`, `pwhash`, `country`, `protocol` or `asn`) whose filter
+has only equal-to keys, `success` and a `window` (no `since`/`until`) answer in O(1) from window
+counts kept in memory in step with the policy runner, exactly as the query would; the first call
+of a new such filter shape starts building it from the log (a query answers meanwhile; some
+seconds per million events its window holds), and `showEventLog()` shows the shapes and the
+calls each way answered. Other calls are indexed queries: anything with `login`; `remote`,
+`netmask` or `pwhash` with `success=false` (attacks); otherwise a scan of the window, so give a
+short `window`.
 Inside `report(lt)` only events logged before `lt` are seen
 (windows end when `lt` was received); elsewhere (background and custom functions, the console)
 events received up to now. An unknown key or a value of the wrong type raises a Lua error naming
@@ -38,10 +46,15 @@ it."""
 
 
 def _queries(state: "LuaState") -> "EventQueries":
+    """Inside the runner's report call, the window projection (falling back to SQL itself);
+    everywhere else (console, background, custom functions, replays without it) SQL."""
     log = state.host.eventlog
     if log is None:
         raise RuntimeError("the event log is not open yet (helpers answer in the report, background "
                            "and custom functions and on the console of a running daemon)")
+    projection = running_projection()
+    if projection is not None and state.as_of_seq is not None:
+        return projection.queries(log.queries())
     return log.queries()
 
 

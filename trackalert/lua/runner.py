@@ -5,6 +5,11 @@ through `report`. Right after a commit the log hands the new events over in memo
 or when the runner falls behind and its buffer is full, it reads them back from the log instead. So
 a slow policy never slows ingestion (the HTTP answer only waits for the append), and memory stays
 bounded whatever the lag.
+
+Batches run one at a time, strictly in log order, and the window projection
+(eventlog/windows.py) advances after each event in the same thread: that is what lets the
+starter helpers answer from counters exactly as of the report being judged. The other worker
+states stay free for custom endpoints and the console.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import collections
 from typing import TYPE_CHECKING
 
 from trackalert import log
+from trackalert.eventlog.windows import WindowProjection, set_running_projection
 from trackalert.lua.convert import call_with_tuple, tuple_runner
 
 if TYPE_CHECKING:
@@ -23,6 +29,13 @@ if TYPE_CHECKING:
     from trackalert.lua.state import LuaState
 
 CURSOR_NAME = "report"
+#: Events kept in memory for the runner when it lags (beyond that they are read back from the
+#: log). An Event with its Report costs about 1.5 KiB of RSS (bench/policy_helpers_bench.py
+#: --buffer 100000 measured +146 MiB), so 10,000 is ~15 MiB; 100,000 cost ~150 MiB for no gain:
+#: reading a batch of 256 back takes a few ms, far less than running the policy on it.
+BUFFER_MAX = 10_000
+#: How often (seconds) the runner looks whether the running batch is stuck.
+STUCK_POLL = 0.25
 
 
 class PolicyRunner:
@@ -32,7 +45,8 @@ class PolicyRunner:
         pool: "LuaPool",
         host: "Host",
         batch_max: int = 256,
-        buffer_max: int = 100_000,
+        buffer_max: int = BUFFER_MAX,
+        projection: bool = True,
     ) -> None:
         self._log = eventlog
         self._pool = pool
@@ -43,8 +57,15 @@ class PolicyRunner:
         self._wake = asyncio.Event()
         self._inflight: dict[int, tuple[int, float]] = {}  # first seq -> (last seq, received)
         self._tasks: set[asyncio.Task[None]] = set()
-        # Leave one state free for custom endpoints whenever there is more than one.
-        self._slots = asyncio.Semaphore(max(1, len(pool) - 1))
+        # One batch at a time, in log order (the projection judges as of each event); a batch
+        # stuck in one report is left behind (`_wait_turn`).
+        self._running: asyncio.Task[None] | None = None
+        self._stuck: set[asyncio.Task[None]] = set()
+        self._progress = 0.0  # clock.monotonic() when the running batch last finished an event
+        #: The helpers' counters, or None to answer everything with SQL.
+        self.projection: WindowProjection | None = None
+        if projection and WindowProjection.supports(eventlog):
+            self.projection = WindowProjection(eventlog)
         self._loop_task: asyncio.Task[None] | None = None
         self.done = 0  # every seq <= done has run through report
         self.dispatched = 0  # every seq <= dispatched has been handed to a state
@@ -53,6 +74,8 @@ class PolicyRunner:
 
     async def start(self) -> None:
         self.done = self.dispatched = await self._log.load_cursor(CURSOR_NAME)
+        if self.projection is not None:
+            self.projection.start_at(self.done)
         self._log.add_listener(self._on_commit)
         self.head = max(self.head, await self._log.last_seq())
         if self.head > self.done:
@@ -74,6 +97,8 @@ class PolicyRunner:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
+        if self.projection is not None:
+            self.projection.close()
         self._log.save_cursor(CURSOR_NAME, self.done)
 
     def lag_events(self) -> int:
@@ -106,18 +131,35 @@ class PolicyRunner:
             await self._wake.wait()
             self._wake.clear()
             while self.dispatched < self.head:
-                await self._slots.acquire()
+                await self._wait_turn()
                 try:
                     batch = await self._next_batch()
                 except Exception as exc:  # the log is unreadable for now: retry shortly
-                    self._slots.release()
                     log.logger.error("Policy runner cannot read the event log: %s", exc)
                     await asyncio.sleep(1.0)
                     continue
                 if not batch:
-                    self._slots.release()
                     break
                 self._dispatch(batch)
+
+    async def _wait_turn(self) -> None:
+        """Until the running batch is done, or stuck: one report running longer than the slow
+        call limit (LuaJIT cannot interrupt a runaway loop). A stuck batch is left to finish on
+        its own state, and the batches after it run on the others, answered by SQL until it is
+        done (the projection is its until then); the cursor waits for it, as before."""
+        while self._running is not None:
+            task = self._running
+            await asyncio.wait({task}, timeout=STUCK_POLL)
+            if task.done():
+                break
+            if self._host.clock.monotonic() - self._progress > self._host.settings.slow_call_seconds:
+                log.logger.warning("Policy runner: a report call on events %d-%d is stuck; the "
+                                   "next reports run in other states meanwhile",
+                                   min(self._inflight), self.dispatched)
+                self._stuck.add(task)
+                task.add_done_callback(self._stuck.discard)
+                break
+        self._running = None
 
     async def _next_batch(self) -> "list[Event]":
         buffer = self._buffer
@@ -140,17 +182,19 @@ class PolicyRunner:
         first, last = batch[0].seq, batch[-1].seq
         self.dispatched = last
         self._inflight[first] = (last, batch[0].received)
-        task = asyncio.create_task(self._run_batch(batch))
+        self._progress = self._host.clock.monotonic()
+        projection = None if self._stuck else self.projection
+        task = asyncio.create_task(self._run_batch(batch, projection))
+        self._running = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_batch(self, batch: "list[Event]") -> None:
+    async def _run_batch(self, batch: "list[Event]", projection: WindowProjection | None) -> None:
         try:
-            await self._pool.run("report", lambda state: self._run_in_state(state, batch))
+            await self._pool.run("report", lambda state: self._run_in_state(state, batch, projection))
         except Exception as exc:  # the crash boundary is per event; this is a daemon fault
             log.logger.error("Policy runner failed on events %d-%d: %s", batch[0].seq, batch[-1].seq, exc)
         finally:
-            self._slots.release()
             self._complete(batch[0].seq)
 
     def _complete(self, first: int) -> None:
@@ -160,19 +204,40 @@ class PolicyRunner:
             self.done = done
             self._log.save_cursor(CURSOR_NAME, done)
 
-    def _run_in_state(self, state: "LuaState", batch: "list[Event]") -> None:
+    def _run_in_state(self, state: "LuaState", batch: "list[Event]",
+                      projection: WindowProjection | None) -> None:
         """Runs in a worker thread with the state locked: one Lua call per event."""
+        if projection is not None:
+            projection.check_retention()
+        set_running_projection(projection)
+        try:
+            self._run_events(state, batch, projection)
+        finally:
+            set_running_projection(None)
+            state.as_of_seq = None
+        if state.report_fn is not None:
+            self._host.metrics.lua_calls("report", len(batch))
+
+    def _run_events(self, state: "LuaState", batch: "list[Event]",
+                    projection: WindowProjection | None) -> None:
         fn = state.report_fn
-        if fn is None:
-            return
-        runner = tuple_runner(state)
+        runner = tuple_runner(state) if fn is not None else None
         for event in batch:
-            state.as_of_seq = event.seq
+            if projection is not None:
+                projection.begin(event)
             try:
-                ok, error = call_with_tuple(state, runner, fn, event)
-            except Exception as exc:  # a conversion fault must not stop the batch
-                ok, error = False, f"{type(exc).__name__}: {exc}"
-            if not ok:
-                self._host.lua_error("report", str(error))
-        state.as_of_seq = None
-        self._host.metrics.lua_calls("report", len(batch))
+                if fn is not None:
+                    self._judge(state, runner, fn, event)
+            finally:
+                if projection is not None:
+                    projection.finish(event)
+                self._progress = self._host.clock.monotonic()
+
+    def _judge(self, state: "LuaState", runner: object, fn: object, event: "Event") -> None:
+        state.as_of_seq = event.seq
+        try:
+            ok, error = call_with_tuple(state, runner, fn, event)
+        except Exception as exc:  # a conversion fault must not stop the batch
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+        if not ok:
+            self._host.lua_error("report", str(error))

@@ -1,0 +1,443 @@
+"""The window projection answers exactly what the SQL helpers answer, as of every event.
+
+Real SQLite logs with seeded random histories (logins, IPv4 and IPv6 addresses and networks,
+pwhashes, countries, device attributes, ties in `received`, bursts and quiet hours), driven
+event by event the way the policy runner drives it, through the real runner and Lua states, and
+through a real daemon killed with -9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import random
+import re
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from test_console_server import KEY, connect, control_ports
+from trackalert.clock import VirtualClock
+from trackalert.console.protocol import encode_key
+from trackalert.eventlog.base import Event
+from trackalert.eventlog.filters import AsOf, Field, Filter, parse_field, parse_filter
+from trackalert.eventlog.sqlite import SQLiteEventLog
+from trackalert.eventlog.windows import WindowProjection, cover, event_fields
+from trackalert.lua.host import Host
+from trackalert.lua.pool import LuaPool
+from trackalert.lua.runner import PolicyRunner
+from trackalert.lua.state import LuaState, StateKind
+from trackalert.report import Enrichment, Report
+from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+
+START = 1_700_000_000.0
+HOUR, DAY = 3600.0, 86400.0
+LOGINS = [f"user{i}@example.org" for i in range(9)] + ["User0@example.org", ""]
+REMOTES = ["192.0.2.1", "192.0.2.77", "192.0.3.5", "198.51.100.5", "198.51.100.6",
+           "2001:db8::1", "2001:db8::2:1", "2001:db9::7"]
+GEOS = [None, Enrichment("DE", "Berlin", 52.5, 13.4, 3320, "DTAG"),
+        Enrichment("FR", "Paris", 48.9, 2.35, 3215, "Orange"), Enrichment("", "", None, None, None, "")]
+BROWSERS = ["Chrome", "Firefox", None]
+
+
+def history(rng: random.Random, n: int) -> list[tuple[float, Report]]:
+    """(seconds to advance the clock before, report): bursts sharing one `received`, quiet hours."""
+    out = []
+    for i in range(n):
+        gap = rng.choice([0.0, 0.0, 0.0, 1.0, 30.0, 600.0, HOUR, 5 * HOUR, 2 * DAY])
+        browser = rng.choice(BROWSERS)
+        out.append((gap, Report(
+            t=START + i, login=rng.choice(LOGINS), remote=rng.choice(REMOTES),
+            pwhash=rng.choice(["aaaa", "bbbb", ""]), success=rng.random() < 0.4,
+            protocol=rng.choice(["imap", "http"]),
+            attrs={"site": rng.choice(["a", "b"])} if rng.random() < 0.5 else {},
+            device_attrs={"browser.family": browser} if browser else {},
+            geo=rng.choice(GEOS))))
+    return out
+
+
+async def fill(log: SQLiteEventLog, clock: VirtualClock, rng: random.Random, n: int) -> list[Event]:
+    """Append a random history; events committed together share their `received`."""
+    first = await log.last_seq()
+    pending: list[Report] = []
+    for gap, report in history(rng, n):
+        if gap and pending:
+            await asyncio.gather(*(log.append(r) for r in pending))
+            pending = []
+            await clock.advance(gap)
+        pending.append(report)
+    await asyncio.gather(*(log.append(r) for r in pending))
+    return await log.read(first, n + 1)
+
+
+def network(remote: str, bits: int) -> str:
+    return str(ipaddress.ip_network(f"{remote}/{bits}", strict=False))
+
+
+def starter_calls(event: Event) -> list[tuple[str | None, dict[str, Any]]]:
+    """Every (counted field or None for countReports, filter) the starter policies ask for
+    `event`, plus the other covered keys, with the windows shrunk to fit the history."""
+    r = event.report
+    fail = {"success": False, "window": HOUR}
+    calls: list[tuple[str | None, dict[str, Any]]] = [
+        (None, {"login": r.login, "success": True, "window": 180 * DAY}),
+        (None, {"login": r.login, "success": True, "window": 7 * DAY,
+                "country": r.geo.country if r.geo else "XX"}),
+        (None, {"login": r.login, "success": True, "window": 7 * DAY,
+                "device_attrs.browser.family": r.device_attrs.get("browser.family", "Chrome")}),
+        ("remote", {"login": r.login, **fail}),
+        ("remote/24", {"login": r.login, **fail}),
+        (None, {"login": r.login, "remote": r.remote, **fail}),
+        (None, {"login": r.login, "netmask": network(r.remote, 24), **fail}),
+        ("login", {"remote": r.remote, **fail}),
+        ("login", {"netmask": network(r.remote, 24), **fail}),
+        ("login", {"pwhash": r.pwhash, "success": False, "window": DAY}),
+        (None, {"pwhash": r.pwhash, "login": r.login, "success": False, "window": DAY}),
+        ("login", {"netmask": network(r.remote, 9), "window": 600.0}),
+        ("pwhash", {"attrs.site": "a", "protocol": r.protocol, "window": 2 * HOUR}),
+        ("asn", {"country": "DE", "window": 3 * DAY}),
+        (None, {"asn": 3215, "success": True, "window": 1.0}),
+        ("country", {"window": 5 * HOUR}),
+    ]
+    return calls
+
+
+def parsed(calls: list[tuple[str | None, dict[str, Any]]]) -> list[tuple[Field | None, Filter]]:
+    return [(parse_field(name) if name else None, parse_filter(flt.items())) for name, flt in calls]
+
+
+def sql_answer(log: SQLiteEventLog, counted: Field | None, flt: Filter, seq: int) -> int:
+    queries = log.queries()
+    if counted is None:
+        return queries.count_reports(flt, AsOf(before_seq=seq))
+    return queries.count_distinct(counted, flt, AsOf(before_seq=seq))
+
+
+def projection_answer(projection: WindowProjection, counted: Field | None, flt: Filter,
+                      seq: int) -> int | None:
+    helper = "countReports" if counted is None else "countDistinct"
+    return projection.answer(helper, flt, counted, AsOf(before_seq=seq))
+
+
+@pytest.fixture
+async def log(tmp_path: Path) -> AsyncIterator[tuple[SQLiteEventLog, VirtualClock]]:
+    clock = VirtualClock(start=START)
+    log = SQLiteEventLog(tmp_path / "events.db", clock)
+    await log.open()
+    try:
+        yield log, clock
+    finally:
+        await log.close()
+
+
+def register_all(projection: WindowProjection, events: list[Event]) -> None:
+    """Every shape the history will ask for (IPv4 and IPv6 networks are distinct shapes)."""
+    for event in events:
+        for counted, flt in parsed(starter_calls(event)):
+            assert projection.register(flt, counted)
+    assert projection.wait_built(30)
+
+
+# ------------------------------------------------------------------------ the unit level
+
+
+async def test_event_fields_are_the_stored_row(log) -> None:
+    """The head (events in memory) and the tail (rows read back) see the same values."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(3), 300)
+    def maps_parsed(row: tuple) -> tuple:
+        return row[:9] + tuple(json.loads(m) if isinstance(m, str) else (m or {}) for m in row[9:])
+
+    stored = [maps_parsed(row) for row in eventlog.read_fields(0, 1000)]
+    assert [maps_parsed(event_fields(e)) for e in events] == stored
+    # the seek on received: the first event received at/after a time, and nothing after
+    middle = events[150]
+    first = next(e for e in events if e.received >= middle.received)
+    assert eventlog.read_fields(0, 1, middle.received)[0][0] == first.seq
+    assert eventlog.read_fields(0, 5, events[-1].received + 1) == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_every_shape_equals_sql_at_every_event(log, seed: int) -> None:
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(seed), 1500)
+    projection = WindowProjection(eventlog)
+    projection.start_at(0)
+    register_all(projection, events)
+    compared = 0
+    for event in events:
+        projection.begin(event)
+        for counted, flt in parsed(starter_calls(event)):
+            expected = sql_answer(eventlog, counted, flt, event.seq)
+            assert projection_answer(projection, counted, flt, event.seq) == expected, (
+                event.seq, counted, flt)
+            compared += 1
+        projection.finish(event)
+    projection.close()
+    assert compared == 16 * len(events)
+    sizes = projection.describe()["shapes"]
+    assert len(sizes) == 19 and any(s["distinct_pairs"] for s in sizes)
+
+
+async def test_a_shape_registered_mid_stream_equals_sql_once_on(log) -> None:
+    """Built in the background while the runner goes on, then switched on between events."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(11), 3000)
+    projection = WindowProjection(eventlog)
+    projection.start_at(0)
+    late = [(parse_field("login"), parse_filter({"netmask": "192.0.2.0/23", "success": False,
+                                                 "window": "1d"}.items())),
+            (None, parse_filter({"login": LOGINS[1], "window": "2d"}.items()))]
+    answered = 0
+    for event in events:
+        projection.begin(event)
+        if event.seq == 1200:
+            for counted, flt in late:
+                projection.register(flt, counted)
+        for counted, flt in late:
+            found = projection_answer(projection, counted, flt, event.seq)
+            if found is not None:
+                assert found == sql_answer(eventlog, counted, flt, event.seq), event.seq
+                answered += 1
+        projection.finish(event)
+        if event.seq == 2000:
+            assert projection.wait_built(30)  # the rest of the stream runs with them on
+    projection.close()
+    assert answered >= 2 * 1000
+    assert projection.calls["countDistinct", "sql"] >= 1, "SQL answered until it was built"
+
+
+async def test_retention_pruning_keeps_answers_equal_to_sql(log) -> None:
+    """Pruning events a window still counts: the window falls back to SQL and is rebuilt."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(5), 2000)
+    projection = WindowProjection(eventlog)
+    projection.start_at(0)
+    register_all(projection, events)
+    answered = after_prune = 0
+    prunes = {600: events[300].received, 1400: events[1300].received}
+    for event in events:
+        if event.seq in prunes:
+            assert await eventlog.prune(prunes[event.seq]) > 0
+            projection.check_retention()  # the runner does this before every batch
+        projection.begin(event)
+        for counted, flt in parsed(starter_calls(event)):
+            found = projection_answer(projection, counted, flt, event.seq)
+            if found is not None:
+                assert found == sql_answer(eventlog, counted, flt, event.seq), (event.seq, flt)
+                answered += 1
+                after_prune += event.seq > 1400
+        projection.finish(event)
+        if event.seq in (700, 1500):
+            assert projection.wait_built(30)
+    projection.close()
+    assert answered > 0 and after_prune > 0, "rebuilt after each prune"
+    assert projection.calls["countReports", "sql"] > 0
+
+
+def test_uncovered_filters_are_left_to_sql() -> None:
+    assert cover(parse_filter({"login": "a"}.items()), None) is None  # no window
+    assert cover(parse_filter({"login": "a", "since": 5, "window": 60}.items()), None) is None
+    assert cover(parse_filter({"window": 60}.items()), parse_field("city")) is None
+    assert cover(parse_filter({"window": 60}.items()), parse_field("remote/16")) is not None
+
+
+# ------------------------------------------------------------------------ the real runner
+
+
+RECORDING = """
+RESULTS = {}
+function report(lt)
+  local remote = lt.remote:tostring()
+  local net = newNetmaskFromCA(lt.remote, 24):toStringNetwork()
+  local fail = {success=false, window="1h"}
+  local function with(t, k, v) local c = {} for a, b in pairs(t) do c[a] = b end c[k] = v return c end
+  RESULTS[#RESULTS + 1] = table.concat({
+    lt.login,
+    countReports({login=lt.login, success=true, window="180d"}),
+    countReports({login=lt.login, success=true, country=lt.country, window="7d"}),
+    countDistinct("remote", with(fail, "login", lt.login)),
+    countDistinct("remote/24", with(fail, "login", lt.login)),
+    countDistinct("login", with(fail, "remote", remote)),
+    countDistinct("login", with(fail, "netmask", net)),
+    countDistinct("login", {pwhash=lt.pwhash, success=false, window="1d"}),
+    countReports(with(with(fail, "login", lt.login), "remote", remote)),
+  }, "|")
+end
+setReport(report)
+"""
+
+
+def expected_line(log: SQLiteEventLog, event: Event) -> str:
+    r = event.report
+    fail = {"success": False, "window": "1h"}
+    net = network(r.remote, 24)
+    country = r.geo.country if r.geo else ""  # lt.country: "" when unknown
+    calls: list[tuple[str | None, dict[str, Any]]] = [
+        (None, {"login": r.login, "success": True, "window": "180d"}),
+        (None, {"login": r.login, "success": True, "window": "7d", "country": country}),
+        ("remote", {**fail, "login": r.login}), ("remote/24", {**fail, "login": r.login}),
+        ("login", {**fail, "remote": r.remote}), ("login", {**fail, "netmask": net}),
+        ("login", {"pwhash": r.pwhash, "success": False, "window": "1d"}),
+        (None, {**fail, "login": r.login, "remote": r.remote}),
+    ]
+    answers = [sql_answer(log, counted, flt, event.seq) for counted, flt in parsed(calls)]
+    return "|".join([r.login] + [str(a) for a in answers])
+
+
+def recorded(workers: list[LuaState]) -> list[str]:
+    """Every state's RESULTS (batches may have run in either state)."""
+    lines = []
+    for state in workers:
+        (results,) = state.execute("return RESULTS")
+        lines += [results[i] for i in range(1, len(results) + 1)]
+    return lines
+
+
+async def test_the_runner_answers_from_the_projection_exactly_as_sql(log) -> None:
+    """Through the real runner and Lua states, while events keep arriving."""
+    eventlog, clock = log
+    host = Host(clock=clock, eventlog=eventlog)
+    workers = [LuaState(StateKind.WORKER, host, index=i) for i in range(2)]
+    for state in workers:
+        state.execute(RECORDING)
+    pool = LuaPool(workers, clock)
+    runner = PolicyRunner(eventlog, pool, host, batch_max=32)
+    await runner.start()
+    rng = random.Random(21)
+    for _ in range(8):  # arrives in rounds, so shapes build while the runner goes on
+        await fill(eventlog, clock, rng, 400)
+        await asyncio.sleep(0)
+    head = await eventlog.last_seq()
+    assert await wait_for(lambda: runner.done >= head, timeout=120)
+    await runner.stop()
+    pool.close()
+    lines = recorded(workers)
+    events = await eventlog.read(0, 10_000)
+    assert len(lines) == len(events) == 3200, "one run per event"
+    assert Counter(lines) == Counter(expected_line(eventlog, e) for e in events)
+    assert runner.projection is not None
+    calls = runner.projection.calls
+    assert calls["countDistinct", "projection"] > 5 * 3200 // 2, calls
+
+
+async def test_alerts_are_identical_with_the_projection_on_and_off(tmp_path: Path) -> None:
+    """The starter policies over a stored log (test_policies' scenario, three copies)."""
+    from test_policies import replay, store_copies
+
+    stored = tmp_path / "stored.db"
+    await store_copies(stored)
+    on, on_errors = await replay(stored, tmp_path / "on", projection=True)
+    off, off_errors = await replay(stored, tmp_path / "off", projection=False)
+    assert on_errors == off_errors == 0
+    assert on == off and len(on) > 0
+
+
+# ------------------------------------------------------------------------ a real daemon
+
+
+DAEMON_POLICY = listener_config() + f"""
+controlSocket("127.0.0.1:0")
+setKey("{encode_key(KEY)}")
+setNumLuaStates(2)
+function report(lt)
+  local fail = {{login=lt.login, success=false, window="1h"}}
+  local line = table.concat({{string.format("%.0f", lt.t), lt.login,
+    countReports({{login=lt.login, success=true, window="180d"}}),
+    countDistinct("remote", fail),
+    countDistinct("login", {{remote=lt.remote:tostring(), success=false, window="1h"}}),
+    countDistinct("login", {{pwhash=lt.pwhash, success=false, window="1d"}})}}, "|")
+  local f = io.open("answers.txt", "a")
+  f:write(line .. "\\n")
+  f:close()
+end
+setReport(report)
+"""
+
+
+async def daemon_expected(path: Path) -> dict[str, str]:
+    """The SQL answers as of every stored event (keyed by its unique `t`), from the log file."""
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT seq, t, login, remote, pwhash FROM events ORDER BY seq").fetchall()
+    log = SQLiteEventLog(path, VirtualClock(start=START))
+    await log.open()
+    out = {}
+    try:
+        for seq, t, login, remote, pwhash in rows:
+            calls = parsed([
+                (None, {"login": login, "success": True, "window": "180d"}),
+                ("remote", {"login": login, "success": False, "window": "1h"}),
+                ("login", {"remote": remote, "success": False, "window": "1h"}),
+                ("login", {"pwhash": pwhash, "success": False, "window": "1d"})])
+            key = f"{t:.0f}"
+            out[key] = "|".join([key, login] + [str(sql_answer(log, c, f, seq)) for c, f in calls])
+    finally:
+        await log.close()
+    return out
+
+
+async def post_reports(process: DaemonProcess, first_t: int, n: int, rng: random.Random,
+                       kill_after: int | None = None) -> int:
+    """Reports with a unique `t` each (the answers are keyed by it); logins and addresses repeat."""
+    import aiohttp
+
+    acked = 0
+    async with aiohttp.ClientSession() as session:
+        for i in range(n):
+            body = {"login": rng.choice(["alice", "bob", "carol", "dave"]), "t": first_t + i,
+                    "remote": rng.choice(REMOTES[:6]), "pwhash": rng.choice(["aa", "bb"]),
+                    "success": rng.random() < 0.3}
+            try:
+                async with session.post(process.url("/command/report"), data=json.dumps(body),
+                                        headers=basic_auth()) as resp:
+                    acked += resp.status == 200
+            except aiohttp.ClientError:
+                break
+            if kill_after is not None and acked >= kill_after:
+                process.kill()
+                break
+    return acked
+
+
+def answer_lines(directory: Path) -> dict[str, set[str]]:
+    lines: dict[str, set[str]] = {}
+    path = directory / "answers.txt"
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        lines.setdefault(line.split("|", 1)[0], set()).add(line)
+    return lines
+
+
+def show_event_log(process: DaemonProcess) -> str:
+    """On the restarted daemon's console (the output holds both runs: its port is the last)."""
+    with connect(process, port=control_ports(process)[-1]) as connection:
+        return connection.command("showEventLog()")
+
+
+async def test_kill_9_and_restart_keep_answers_exact(tmp_path: Path) -> None:
+    """Every stored report runs at least once across kill -9, and every run answers as SQL."""
+    rng = random.Random(4)
+    db = tmp_path / "trackalert-events.db"
+    process = DaemonProcess(tmp_path, DAEMON_POLICY).start()
+    assert await post_reports(process, 1_000_000, 3000, rng, kill_after=1500) >= 1500
+    assert process.process is not None and process.process.returncode == -9
+    with DaemonProcess(tmp_path, DAEMON_POLICY) as process:
+        await post_reports(process, 2_000_000, 500, rng)
+
+        def all_ran() -> bool:
+            with sqlite3.connect(db) as conn:
+                stored = {f"{row[0]:.0f}" for row in conn.execute("SELECT t FROM events")}
+            return stored <= set(answer_lines(tmp_path))
+
+        assert await wait_for(all_ran, timeout=120)
+        shown = await asyncio.to_thread(show_event_log, process)
+    line = re.search(r"^Projection: +(\d+) shapes .*countDistinct (\d+) from it", shown, re.M)
+    assert line and int(line[1]) == 4 and int(line[2]) > 0, shown
+    expected = await daemon_expected(db)
+    ran = answer_lines(tmp_path)
+    assert set(ran) == set(expected), "every stored report ran at least once, and only those"
+    for key, lines in ran.items():
+        assert lines == {expected[key]}, key

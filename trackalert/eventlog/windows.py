@@ -1,0 +1,701 @@
+"""Sliding-window counts kept in lockstep with the policy runner: the starter helpers in O(1).
+
+Why it exists: the starter policies ask, on every report, questions such as "how many distinct
+logins failed from this address in the last hour?". On a busy log the SQL answer scans every
+matching row of the window (10^4..10^6 rows for one attacking address), so a policy ran tens of
+events per second. This projection answers the same questions from counters.
+
+How it stays exact (the SQL path, eventlog/queries.py, is the reference):
+
+* A *shape* is a helper call's filter made only of equality keys (login, remote, netmask,
+  pwhash, country, protocol, asn, device_attrs.<k>, attrs.<k>), `success` and `window`, plus the
+  counted field for countDistinct. Per shape and per key tuple (the values of those keys in an
+  event) it keeps a count, or the occurrences of each counted value (distinct = their number).
+  Values are compared as the SQL does: addresses by their `ip` key, a netmask as the address
+  masked to its bits (and of its family), NULL never equal, map values only when JSON strings.
+* Two cursors per window W, no memory per event: the *head* adds each event right after the
+  runner ran `report` on it; the *tail* reads the log in seq order (a narrow read, in chunks)
+  and subtracts every event received before ``now - W``, now being the received time of the
+  event being judged: exactly the SQL's seq range, ties included.
+* As of: the runner judges one event at a time, in log order, in one thread; a helper answers
+  from here only inside that report call (`judging` is its seq, all events before it applied,
+  none after). Anything else goes to SQL.
+* A shape is registered on first use and built by a background thread from the log, then
+  handed to the runner thread, which catches it up the last few events and switches it on
+  between two events. Until then SQL answers. Nothing is persisted: after a restart shapes
+  rebuild from the log.
+* Retention: before every batch the runner looks at the oldest stored event; should pruning
+  have removed events a window still counts (the oldest is beyond its tail), the window's
+  shapes are dropped and rebuilt from what the log still holds (SQL answers meanwhile), so
+  pruned events are never counted. A prune landing inside a batch is seen at the next one;
+  the SQL answer itself depends on which side of that prune it ran.
+* Memory: per shape, the keys and distinct values present in its window (`describe`), at most
+  MAX_SHAPES shapes; the tails hold one chunk of narrow rows each.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import functools
+import ipaddress
+import json
+import logging
+import operator
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from trackalert.eventlog.base import Event, EventLog, EventQueries
+from trackalert.eventlog.filters import AsOf, Field, Filter
+from trackalert.eventlog.ipkey import V4, V6, ip_key
+
+logger = logging.getLogger("trackalert")
+
+#: Positions in an `event_fields` row.
+SEQ, RECEIVED, LOGIN, SUCCESS, IP, PWHASH, COUNTRY, PROTOCOL, ASN, DEVICE_ATTRS, ATTRS = range(11)
+#: Rows read from the log at a time by a cursor.
+CHUNK = 5000
+#: A building shape this close to the runner is handed over to the runner thread to finish.
+NEAR = 1000
+#: Shapes kept at most (a policy building windows from data must not grow memory without end).
+MAX_SHAPES = 64
+
+Row = tuple
+#: (equality key specs, success, window seconds, counted field or None for countReports)
+ShapeId = tuple[tuple[str, ...], "bool | None", float, "str | None"]
+
+_COLUMN_KEYS = {"login": LOGIN, "pwhash": PWHASH, "country": COUNTRY, "protocol": PROTOCOL,
+                "asn": ASN}
+_COUNTED_COLUMNS = {"login": LOGIN, "remote": IP, "pwhash": PWHASH, "country": COUNTRY,
+                    "protocol": PROTOCOL, "asn": ASN}
+
+
+def event_fields(event: Event) -> Row:
+    """The `FIELDS_ROW` (eventlog/base.py) of an event in memory, with the values the log stores.
+
+    The same values as a stored row (address as its `ip_key`, unknown enrichment as None), so
+    that counts built from memory and from the log agree; success is a bool here and the stored
+    0/1 (equal to it) from `read_fields`, the maps are mappings here and JSON text (or None when
+    empty) from `read_fields`.
+    """
+    r = event.report
+    geo = r.geo
+    return (event.seq, event.received, r.login, bool(r.success), ip_key(r.remote), r.pwhash,
+            (geo.country or None) if geo else None, r.protocol, geo.asn if geo else None,
+            r.device_attrs, r.attrs)
+
+
+# ------------------------------------------------------------------------ filters -> shapes
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(text: str) -> tuple[str, bytes]:
+    """(key spec, key value) of a filter's netmask: family and bits, and the masked address."""
+    network = ipaddress.ip_network(text, strict=False)
+    tag = V4 if network.version == 4 else V6
+    return f"net{network.version}/{network.prefixlen}", tag + network.network_address.packed
+
+
+def cover(flt: Filter, counted: Field | None) -> tuple[ShapeId, tuple] | None:
+    """The shape answering `flt` and the key tuple to look up, or None when it is not covered."""
+    if flt.window is None or flt.since is not None or flt.until is not None:
+        return None
+    if counted is not None and counted.name not in _COUNTED_COLUMNS and counted.kind != "prefix":
+        return None
+    specs: list[str] = []
+    values: list[Any] = []
+    for name in ("login", "remote", "netmask", "pwhash", "country", "protocol", "asn"):
+        value = getattr(flt, name)
+        if value is None:
+            continue
+        if name == "remote":
+            value = ip_key(value)  # None: SQL's `ip = NULL`, which matches nothing
+        elif name == "netmask":
+            name, value = _network(value)
+        specs.append(name)
+        values.append(value)
+    for prefix, pairs in (("d:", flt.device_attrs), ("a:", flt.attrs)):
+        for key, value in pairs:
+            specs.append(prefix + key)
+            values.append(value)
+    shape = (tuple(specs), flt.success, flt.window, counted.name if counted else None)
+    return shape, tuple(values)
+
+
+@functools.lru_cache(maxsize=65536)
+def _masked(ip: bytes, tag: bytes, bits: int) -> bytes | None:
+    if ip[:1] != tag:
+        return None
+    width = len(ip) - 1
+    value = int.from_bytes(ip[1:], "big") >> (width * 8 - bits) << (width * 8 - bits)
+    return tag + value.to_bytes(width, "big")
+
+
+def _column(spec: str) -> int | None:
+    """The row position a key spec reads as it is, or None when it is computed."""
+    return IP if spec == "remote" else _COLUMN_KEYS.get(spec)
+
+
+def _extractor(spec: str) -> Callable[[Row], Any]:
+    """The value of one key spec in a row (None: the event cannot match that key)."""
+    index = _column(spec)
+    if index is not None:
+        return operator.itemgetter(index)
+    if spec.startswith("net"):
+        tag = V4 if spec[3] == "4" else V6
+        bits = int(spec.split("/")[1])
+        return lambda row: _masked(row[IP], tag, bits) if row[IP] is not None else None
+    index = DEVICE_ATTRS if spec.startswith("d:") else ATTRS
+    key = spec[2:]
+
+    def map_value(row: Row) -> str | None:
+        mapping = row[index]
+        if not mapping:
+            return None
+        if type(mapping) is str:  # as stored: parsed only for the shapes that look inside
+            mapping = _parsed_map(mapping)
+        value = mapping.get(key)
+        return value if type(value) is str else None  # json_extract of a number never = text
+
+    return map_value
+
+
+#: Stored maps repeat (a few browsers, a few sites): parse each text once. Read only.
+_parsed_map = functools.lru_cache(maxsize=8192)(json.loads)
+
+
+def _counted(name: str) -> Callable[[Row], Any]:
+    if name.startswith("remote/"):
+        size = 1 + int(name[len("remote/"):]) // 8  # SQL: substr(ip, 1, 1 + bits / 8)
+        return lambda row: row[IP][:size] if row[IP] is not None else None
+    index = _COUNTED_COLUMNS[name]
+    return lambda row: row[index]
+
+
+def _key_function(specs: tuple[str, ...]) -> Callable[[Row], tuple | None]:
+    """The key tuple of a row for `specs`, None when one of them is NULL (hot: every event and
+    shape, so plain columns are one itemgetter)."""
+    if not specs:
+        return lambda row: ()
+    columns = [_column(spec) for spec in specs]
+    if None not in columns:
+        get = operator.itemgetter(*columns)
+        if len(columns) == 1:
+            def one(row: Row) -> tuple | None:
+                value = get(row)
+                return None if value is None else (value,)
+            return one
+
+        def several(row: Row) -> tuple | None:
+            values = get(row)
+            return None if None in values else values
+        return several
+    parts = [_extractor(spec) for spec in specs]
+
+    def computed(row: Row) -> tuple | None:
+        values = tuple([part(row) for part in parts])
+        return None if None in values else values
+
+    return computed
+
+
+# ------------------------------------------------------------------------ one shape
+
+
+class Shape:
+    """The counts of one shape over the events of its window (added minus expired)."""
+
+    def __init__(self, shape_id: ShapeId) -> None:
+        self.id = shape_id
+        specs, self._success, self.window, counted = shape_id
+        self._key = _key_function(specs)
+        self._value = _counted(counted) if counted else None
+        self.counts: dict[tuple, Any] = {}
+
+    def _keyed(self, rows: Iterable[Row]) -> Iterator[tuple[tuple, Row]]:
+        """(key tuple, row) of the rows this shape counts (a tight loop: builds see millions)."""
+        success, key_of = self._success, self._key
+        for row in rows:
+            if success is not None and row[SUCCESS] != success:
+                continue
+            key = key_of(row)
+            if key is not None:
+                yield key, row
+
+    def add_all(self, rows: Iterable[Row]) -> None:
+        counts, value_of = self.counts, self._value
+        if value_of is None:
+            for key, _ in self._keyed(rows):
+                counts[key] = counts.get(key, 0) + 1
+            return
+        for key, row in self._keyed(rows):
+            value = value_of(row)
+            if value is None:  # count(DISTINCT x) ignores NULL
+                continue
+            seen = counts.get(key)
+            if seen is None:
+                counts[key] = {value: 1}
+            else:
+                seen[value] = seen.get(value, 0) + 1
+
+    def remove_all(self, rows: Iterable[Row]) -> None:
+        counts, value_of = self.counts, self._value
+        if value_of is None:
+            for key, _ in self._keyed(rows):
+                left = counts[key] - 1
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
+            return
+        for key, row in self._keyed(rows):
+            value = value_of(row)
+            if value is None:
+                continue
+            seen = counts[key]
+            left = seen[value] - 1
+            if left:
+                seen[value] = left
+            elif len(seen) > 1:
+                del seen[value]
+            else:
+                del counts[key]
+
+    def answer(self, key: tuple) -> int:
+        if None in key:
+            return 0
+        found = self.counts.get(key)
+        if found is None:
+            return 0
+        return found if self._value is None else len(found)
+
+    def size(self) -> tuple[int, int]:
+        """(key tuples, distinct pairs) held: what the memory of this shape grows with."""
+        if self._value is None:
+            return len(self.counts), 0
+        return len(self.counts), sum(len(seen) for seen in self.counts.values())
+
+
+# ------------------------------------------------------------------------ reading the log
+
+
+class Cursor:
+    """Reads the log forward from a seq, in chunks (pruning under it is `check_retention`'s).
+
+    Hands rows out in runs (lists), found by bisection: the builder goes through millions of
+    rows, the runner's tails through a few per event.
+    """
+
+    def __init__(self, read: Callable[[int, int], list[Row]], after: int) -> None:
+        self._read = read
+        self.after = after  # the last row taken
+        self._rows: list[Row] = []
+        self._next = 0  # index in _rows of the first row not taken
+
+    def _ready(self) -> bool:
+        if self._next >= len(self._rows):
+            self._rows, self._next = self._read(self.after, CHUNK), 0
+        return self._next < len(self._rows)
+
+    def _take(self, end: int) -> list[Row]:
+        run = self._rows[self._next:end]
+        if run:
+            self._next = end
+            self.after = run[-1][SEQ]
+        return run
+
+    def take_while_before(self, threshold: float, upto: int) -> Iterator[list[Row]]:
+        """Runs of the rows received before `threshold` with seq <= `upto`, in seq order."""
+        while self.after < upto and self._ready():
+            rows, start = self._rows, self._next
+            end = min(bisect.bisect_left(rows, threshold, start, key=_received),
+                      bisect.bisect_right(rows, upto, start, key=_seq))
+            run = self._take(end)
+            if run:
+                yield run
+            if end < len(rows):
+                return
+
+    def take_upto(self, upto: int) -> Iterator[list[Row]]:
+        """Runs of the rows with seq <= `upto`."""
+        while self.after < upto and self._ready():
+            rows = self._rows
+            end = bisect.bisect_right(rows, upto, self._next, key=_seq)
+            run = self._take(end)
+            if run:
+                yield run
+            if end < len(rows):
+                return
+
+
+_seq = operator.itemgetter(SEQ)
+_received = operator.itemgetter(RECEIVED)
+
+
+@dataclass
+class _Window:
+    seconds: float
+    tail: Cursor
+    shapes: list[Shape] = field(default_factory=list)
+
+
+@dataclass
+class _Build:
+    """Shapes being built by the builder thread, with their own head and tail cursors."""
+
+    seconds: float
+    shapes: list[Shape]
+    head: Cursor
+    tail: Cursor
+    generation: int
+    started: float
+
+
+# ------------------------------------------------------------------------ the projection
+
+
+class WindowProjection:
+    """All shapes, the runner's position in the log, and the builder thread."""
+
+    def __init__(self, log: EventLog) -> None:
+        self._read = log.read_fields
+        self.position = 0  # every event with seq <= position is applied
+        self._at: tuple[int, float | None] = (0, None)  # (position, its received): one read
+        #: seq of the event whose report is running (helpers answer only for it), or None
+        self.judging: int | None = None
+        self._windows: dict[float, _Window] = {}
+        self._active: dict[ShapeId, Shape] = {}
+        self._pending: dict[ShapeId, None] = {}
+        self._building: set[ShapeId] = set()
+        self._near: list[_Build] = []
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._settled = threading.Event()  # nothing left for the builder thread to do
+        self._settled.set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._queries: ProjectedQueries | None = None
+        #: (helper, "projection" | "sql") -> calls inside report(lt)
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    @staticmethod
+    def supports(log: EventLog) -> bool:
+        """Whether `log`'s backend has the narrow read this projection is built from."""
+        return type(log).read_fields is not EventLog.read_fields
+
+    # -- the runner's side (its thread)
+
+    def start_at(self, position: int) -> None:
+        """Where the runner resumes: every event up to `position` has been judged."""
+        self.position = position
+        self._at = (position, None)
+
+    def begin(self, event: Event) -> None:
+        """Before `report` on `event`: shapes switched on, tails expired to its window.
+
+        Should the log be unreadable here, every shape is dropped (SQL answers, and will say
+        what is wrong) and rebuilt later: a half-expired window must never answer.
+        """
+        try:
+            self._begin(event)
+        except Exception:
+            logger.exception("projection: reading the event log failed; rebuilding every shape")
+            self._reset(event.seq - 1)
+        self.judging = event.seq
+
+    def _begin(self, event: Event) -> None:
+        if event.seq != self.position + 1:
+            self._reset(event.seq - 1)
+        if self._near:
+            self._install_near(event)
+        for window in list(self._windows.values()):
+            tail = window.tail
+            threshold = event.received - window.seconds
+            for run in tail.take_while_before(threshold, self.position):
+                for shape in window.shapes:
+                    shape.remove_all(run)
+
+    def finish(self, event: Event) -> None:
+        """After `report` on `event`: the head adds it."""
+        self.judging = None
+        if self._windows:
+            row = event_fields(event)
+            for window in self._windows.values():
+                for shape in window.shapes:
+                    shape.add_all((row,))
+        self.position = event.seq
+        self._at = (event.seq, event.received)
+
+    def check_retention(self) -> None:
+        """Drop windows that count events the log no longer holds (once per batch)."""
+        if not self._windows:
+            return
+        try:
+            rows = self._read(0, 1)
+        except Exception:
+            logger.exception("projection: reading the event log failed; rebuilding every shape")
+            self._reset(self.position)
+            return
+        oldest = rows[0][SEQ] if rows else self.position + 1
+        for window in list(self._windows.values()):
+            if oldest > window.tail.after + 1 and window.tail.after < self.position:
+                self._invalidate(window)
+
+    def answer(self, helper: str, flt: Filter, counted: Field | None, as_of: AsOf) -> int | None:
+        """The projection's answer, or None when SQL must answer (counted in `calls`)."""
+        if as_of.before_seq is None or as_of.before_seq != self.judging:
+            return None
+        covered = cover(flt, counted)
+        if covered is None:
+            self.calls[helper, "sql"] += 1
+            return None
+        shape_id, key = covered
+        shape = self._active.get(shape_id)
+        if shape is None:
+            self._register(shape_id)
+            self.calls[helper, "sql"] += 1
+            return None
+        self.calls[helper, "projection"] += 1
+        return shape.answer(key)
+
+    # -- shapes on and off
+
+    def register(self, flt: Filter, counted: Field | None = None) -> bool:
+        """Ask for the shape answering `flt` before a policy does (benchmarks, tests, warm-up);
+        False when no shape covers it."""
+        covered = cover(flt, counted)
+        if covered is None:
+            return False
+        if covered[0] not in self._active:
+            self._register(covered[0])
+        return True
+
+    def wait_built(self, timeout: float) -> bool:
+        """Wait until every registered shape is built (they switch on at the runner's next event)."""
+        return self._settled.wait(timeout)
+
+    def _register(self, shape_id: ShapeId) -> None:
+        with self._lock:
+            if shape_id in self._pending or shape_id in self._building:
+                return
+            if len(self._active) + len(self._pending) + len(self._building) >= MAX_SHAPES:
+                return
+            self._pending[shape_id] = None
+            self._settled.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._builder, name="projection-build",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _invalidate(self, window: _Window) -> None:
+        logger.info("projection: the %gs window's %d shapes are dropped (events it counts were "
+                    "pruned, or skipped); rebuilding them", window.seconds, len(window.shapes))
+        del self._windows[window.seconds]
+        with self._lock:
+            for shape in window.shapes:
+                del self._active[shape.id]
+                self._pending[shape.id] = None
+            self._settled.clear()
+        self._wake.set()
+
+    def _reset(self, position: int) -> None:
+        """The runner skipped events (pruned before it judged them): rebuild everything."""
+        for window in list(self._windows.values()):
+            self._invalidate(window)
+        with self._lock:
+            self._generation += 1
+            for build in self._near:
+                for shape in build.shapes:
+                    self._building.discard(shape.id)
+                    self._pending[shape.id] = None
+                self._settled.clear()
+            self._near.clear()
+        self.start_at(position)
+
+    def _install_near(self, event: Event) -> None:
+        """Finish the builds close to the runner and switch them on (before judging `event`)."""
+        with self._lock:
+            builds, self._near = self._near, []
+        for build in builds:
+            ok = build.generation == self._generation
+            if ok:
+                for run in build.head.take_upto(self.position):
+                    for shape in build.shapes:
+                        shape.add_all(run)
+                ok = build.head.after == self.position
+            window = self._windows.get(build.seconds)
+            if ok and window is not None:
+                for run in build.tail.take_upto(window.tail.after):
+                    for shape in build.shapes:
+                        shape.remove_all(run)
+                ok = build.tail.after == window.tail.after
+            with self._lock:
+                for shape in build.shapes:
+                    self._building.discard(shape.id)
+                    if not ok:
+                        self._pending[shape.id] = None
+                        self._settled.clear()
+            if not ok:
+                self._wake.set()
+                continue
+            if window is None:
+                window = self._windows[build.seconds] = _Window(build.seconds, build.tail)
+            window.shapes.extend(build.shapes)
+            for shape in build.shapes:
+                self._active[shape.id] = shape
+            logger.info("projection: %d shape(s) of the %gs window on after %.1f s",
+                        len(build.shapes), build.seconds, time.monotonic() - build.started)
+        self.check_retention()  # a prune while they were building
+
+    # -- the builder thread
+
+    def _builder(self) -> None:
+        while not self._stopping:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while not self._stopping:
+                with self._lock:
+                    if not self._pending:
+                        self._settled.set()
+                        break
+                    seconds = next(iter(self._pending))[2]
+                    ids = [s for s in self._pending if s[2] == seconds]
+                    for shape_id in ids:
+                        del self._pending[shape_id]
+                        self._building.add(shape_id)
+                    generation = self._generation
+                try:
+                    build = self._build(seconds, ids, generation)
+                except Exception:
+                    logger.exception("projection: building the %gs window failed", seconds)
+                    build = None
+                with self._lock:
+                    if build is not None and build.generation == self._generation:
+                        self._near.append(build)
+                        continue
+                    for shape_id in ids:
+                        self._building.discard(shape_id)
+                        self._pending[shape_id] = None
+                    self._settled.clear()
+                if self._stopping:
+                    return
+                time.sleep(0.5)  # the log is unreadable or moved under us: try again shortly
+
+    def _build(self, seconds: float, ids: list[ShapeId], generation: int) -> _Build | None:
+        """Counts of the window before the runner's position, caught up to NEAR events of it."""
+        started = time.monotonic()
+        position, received = self._at
+        if received is None and position:
+            rows = self._read(position - 1, 1)
+            received = rows[0][RECEIVED] if rows and rows[0][SEQ] == position else None
+        start = position
+        if received is not None:
+            rows = self._read_from(received - seconds)
+            if rows and rows[0][SEQ] <= position:
+                start = rows[0][SEQ] - 1
+        shapes = [Shape(shape_id) for shape_id in ids]
+        build = _Build(seconds, shapes, Cursor(self._read, start), Cursor(self._read, start),
+                       generation, started)
+        while not self._stopping and generation == self._generation:
+            position, received = self._at
+            for run in build.head.take_upto(position):
+                for shape in shapes:
+                    shape.add_all(run)
+            if received is not None:
+                for run in build.tail.take_while_before(received - seconds, build.head.after):
+                    for shape in shapes:
+                        shape.remove_all(run)
+            if self._at[0] - build.head.after <= NEAR:
+                return build
+        return None
+
+    def _read_from(self, received: float) -> list[Row]:
+        return self._read(0, 1, received)
+
+    def queries(self, sql: EventQueries) -> "ProjectedQueries":
+        """The helpers' queries for the report call running now: this projection, else `sql`."""
+        if self._queries is None or self._queries.sql is not sql:
+            self._queries = ProjectedQueries(self, sql)
+        return self._queries
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    # -- what the console shows
+
+    def describe(self) -> dict[str, Any]:
+        """Shapes with their sizes, and the calls answered here vs by SQL, per helper.
+
+        Read from another thread while the runner changes the counts: a dict resized under the
+        walk is simply walked again.
+        """
+        for _ in range(100):
+            try:
+                return self._describe()
+            except RuntimeError:
+                continue
+        return {"position": self.position, "shapes": [], "building": 0, "calls": {}}
+
+    def _describe(self) -> dict[str, Any]:
+        shapes = []
+        for shape in list(self._active.values()):
+            keys, pairs = shape.size()
+            specs, success, window, counted = shape.id
+            shapes.append({"keys": list(specs), "success": success, "window": window,
+                           "field": counted, "key_tuples": keys, "distinct_pairs": pairs})
+        with self._lock:
+            building = len(self._pending) + len(self._building) + sum(
+                len(b.shapes) for b in self._near)
+        calls: dict[str, dict[str, int]] = {}
+        for (helper, path), n in sorted(list(self.calls.items())):
+            calls.setdefault(helper, {"projection": 0, "sql": 0})[path] = n
+        return {"position": self.position, "shapes": shapes, "building": building,
+                "calls": calls}
+
+
+class ProjectedQueries(EventQueries):
+    """The helpers' queries inside the runner's report call: the projection, else SQL."""
+
+    def __init__(self, projection: WindowProjection, sql: EventQueries) -> None:
+        self._projection = projection
+        self.sql = sql
+
+    def count_reports(self, flt: Filter, as_of: AsOf) -> int:
+        found = self._projection.answer("countReports", flt, None, as_of)
+        return self.sql.count_reports(flt, as_of) if found is None else found
+
+    def count_distinct(self, field: Field, flt: Filter, as_of: AsOf) -> int:
+        found = self._projection.answer("countDistinct", flt, field, as_of)
+        return self.sql.count_distinct(field, flt, as_of) if found is None else found
+
+    def top_values(self, field: Field, flt: Filter, n: int, as_of: AsOf) -> list[tuple[Any, int]]:
+        return self.sql.top_values(field, flt, n, as_of)
+
+    def first_seen(self, flt: Filter, as_of: AsOf) -> float | None:
+        return self.sql.first_seen(flt, as_of)
+
+    def last_seen(self, flt: Filter, as_of: AsOf) -> float | None:
+        return self.sql.last_seen(flt, as_of)
+
+    def recent_reports(self, flt: Filter, n: int, as_of: AsOf) -> list[Event]:
+        return self.sql.recent_reports(flt, n, as_of)
+
+    def recent_rows(self, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
+        return self.sql.recent_rows(flt, n, as_of)
+
+
+_running = threading.local()
+
+
+def running_projection() -> WindowProjection | None:
+    """The projection of the report batch running in this thread, if any."""
+    return getattr(_running, "projection", None)
+
+
+def set_running_projection(projection: WindowProjection | None) -> None:
+    _running.projection = projection
