@@ -20,7 +20,7 @@ import itertools
 import signal
 import socket
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import aiohttp
 import yarl
@@ -30,10 +30,12 @@ from trackalert import log
 from trackalert.clock import RealClock
 from trackalert.frontend import ipc
 from trackalert.frontend.accept import ConnectionCounts, SharedAccept
+from trackalert.frontend.lean import LeanServer
 from trackalert.netaddr import NetmaskGroup, endpoint_text, parse_combo
-from trackalert.report import ReportError, parse_report
+from trackalert.report import Report, ReportError, parse_report
 from trackalert.settings import Listener
 from trackalert.web import (
+    DELIVERY_HEADER,
     JSON_TYPE,
     OK_BODY,
     PEER_HEADER,
@@ -48,6 +50,7 @@ from trackalert.web import (
     origin_form,
     request_failed,
     route,
+    signature_problem,
     signature_refusal,
     tls_context,
     unauthorised,
@@ -105,10 +108,12 @@ class CoreLink:
     def append(
         self, fields: tuple[Any, ...], delivery_id: str | None, fingerprint: bytes | None
     ) -> "asyncio.Future[tuple[int, bool]]":
-        if self.closed.is_set():
-            raise ConnectionError("the trackalert core process is gone")
-        request_id = next(self._ids)
+        """The core's answer to come: (seq, duplicate), or the error (also when it is gone)."""
         future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        if self.closed.is_set():
+            future.set_exception(ConnectionError("the trackalert core process is gone"))
+            return future
+        request_id = next(self._ids)
         self._pending[request_id] = future
         self.send((ipc.APPEND, request_id, fields, delivery_id, fingerprint))
         return future
@@ -142,8 +147,23 @@ class CoreLink:
         self._pending.clear()
 
 
+class Append:
+    """A report handed to the core: the answer to come, and since when it is awaited."""
+
+    __slots__ = ("future", "started")
+
+    def __init__(self, future: "asyncio.Future[tuple[int, bool]]", started: float) -> None:
+        self.future = future
+        self.started = started
+
+
 class WorkerWeb:
-    """The request handler of a worker: reports locally, everything else through the core."""
+    """The request handler of a worker: reports locally, everything else through the core.
+
+    Connections start on the lean path (`frontend.lean`, which serves plain reports through
+    the `admits`/`submit`/`answer` methods below); whatever it does not serve itself is handed
+    to aiohttp with `handle` as the handler, as every request was before.
+    """
 
     def __init__(self, link: CoreLink, proxy_path: str, index: int) -> None:
         self._link = link
@@ -156,6 +176,7 @@ class WorkerWeb:
             connector=aiohttp.UnixConnector(path=proxy_path), auto_decompress=False
         )
         self.http: JsonServer | None = None
+        self.lean: LeanServer | None = None
         self.apply_settings()
 
     def apply_settings(self) -> None:
@@ -169,9 +190,10 @@ class WorkerWeb:
         """Serve on the listening sockets the core passed down, with the core's TLS settings,
         taking this worker's share of the connection limit (see `frontend.accept`)."""
         self.http = JsonServer(self.handle, self._body_limit, self._timeouts)
+        self.lean = LeanServer(self, self.http, self._body_limit, self._timeouts)
         counts = ConnectionCounts(self._settings["connections_path"])
         self._accept = SharedAccept(
-            self._index, counts, self._max_conns, self.http, self.http.has_idle, self.http.evict_idle,
+            self._index, counts, self._max_conns, self.lean, self.lean.has_idle, self.lean.evict_idle,
             lambda: self._timeouts()[0],
         )
         for fd, (tls, cert_file, key_file, options) in zip(fds, self._settings["listeners"]):
@@ -192,10 +214,64 @@ class WorkerWeb:
         return int(self._settings["max_conns"])
 
     def stats_delta(self) -> dict[str, Any]:
-        return self._stats.drain(len(self.http.connections) if self.http else 0)
+        return self._stats.drain(len(self.lean.connections) if self.lean else 0)
+
+    async def shutdown(self, timeout: float) -> None:
+        if self.lean is not None:
+            await self.lean.shutdown(timeout)
 
     async def close(self) -> None:
         await self._session.close()
+
+    # ---- the lean path's report service (frontend.lean.ReportService) -------------------
+
+    def now(self) -> float:
+        return self._clock.monotonic()
+
+    def admits(self, target: str, ip: str, authorization: str) -> bool:
+        if self._settings.get("report_shadowed") or not is_report(route(target)):
+            return False
+        return self._acl.match_ip(ip) and check_basic_auth(authorization, self._settings.get("password", ""))
+
+    def submit(self, body: bytes, headers: Mapping[bytes, bytes]) -> "Append | None":
+        signature = headers.get(b"x-wforce-signature")
+        if signature_problem(body, signature.decode("ascii") if signature is not None else None,
+                             self._settings["report_secrets"]):
+            return None
+        delivery_header = headers.get(b"x-wforce-delivery")
+        try:
+            report = parse_report(body, self._clock.time())
+            delivery = delivery_of(delivery_header.decode("ascii") if delivery_header is not None else None, body)
+        except ReportError:
+            return None
+        return self._append(report, delivery)
+
+    def answer(self, stored: "Append", started: float) -> tuple[int, bytes]:
+        response = self._stored(stored)
+        self._count(started)
+        return (200, OK_BODY) if response is None else (response.status, bytes(response.body))
+
+    def timed_out(self, started: float) -> None:
+        self._count(started)
+
+    def _append(self, report: Report, delivery: tuple[str | None, bytes | None]) -> "Append":
+        started = self._clock.monotonic()
+        return Append(self._link.append(report.fields(), *delivery), started)
+
+    def _stored(self, stored: "Append") -> web.Response | None:
+        """None once the core stored the report, else the 500 that says why (logged)."""
+        error = stored.future.exception()
+        if error is not None:
+            log.logger.error("Could not store report: %s", error)
+            return failure(500, f"could not store report: {error}")
+        self._stats.append_durations.append(self._clock.monotonic() - stored.started)
+        return None
+
+    def _count(self, started: float) -> None:
+        self._stats.reports += 1
+        self._stats.durations.append(self._clock.monotonic() - started)
+
+    # ---- aiohttp's path ---------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -221,8 +297,7 @@ class WorkerWeb:
         if not check_basic_auth(request.headers.get("Authorization", ""), self._settings.get("password", "")):
             log_auth_failure(request.path, ip, port)
             return unauthorised()
-        clock = self._clock
-        started = clock.monotonic()
+        started = self._clock.monotonic()
         stats = self._stats
         try:
             body = await request.read()
@@ -231,22 +306,19 @@ class WorkerWeb:
                 stats.reject("signature")
                 return refusal
             try:
-                report = parse_report(body, clock.time())
-                delivery = delivery_of(request, body)
+                report = parse_report(body, self._clock.time())
+                delivery = delivery_of(request.headers.get(DELIVERY_HEADER), body)
             except ReportError as exc:
                 stats.reject(exc.reason)
                 return bad_report(exc)
-            append_started = clock.monotonic()
-            try:
-                await self._link.append(report.fields(), *delivery)
-            except Exception as exc:
-                log.logger.error("Could not store report: %s", exc)
-                return failure(500, f"could not store report: {exc}")
-            stats.append_durations.append(clock.monotonic() - append_started)
+            stored = self._append(report, delivery)
+            await asyncio.wait((stored.future,))
+            refusal = self._stored(stored)
+            if refusal is not None:
+                return refusal
             return web.Response(body=OK_BODY, content_type=JSON_TYPE, charset="utf-8")
         finally:
-            stats.reports += 1
-            stats.durations.append(clock.monotonic() - started)
+            self._count(started)
 
     async def _proxy(self, request: web.BaseRequest, ip: str, port: int) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -294,7 +366,7 @@ async def serve(args: argparse.Namespace) -> int:
         [asyncio.create_task(stop.wait()), link_task], return_when=asyncio.FIRST_COMPLETED
     )
     worker.stop_listening()
-    await worker.http.shutdown(2.0)
+    await worker.shutdown(2.0)
     link.send((ipc.STATS, worker.stats_delta()))
     for task in tasks:
         task.cancel()
