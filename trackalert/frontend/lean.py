@@ -108,6 +108,8 @@ class Head:
 
 def parse_head(data: bytes | bytearray, end: int, body_limit: int) -> Head | None:
     """The head `data[:end]` (through its blank line) if this path can serve it, else None."""
+    if end > MAX_HEAD:
+        return None
     match = _HEAD.fullmatch(data, 0, end)
     if match is None:
         return None
@@ -317,9 +319,9 @@ class LeanConnection(asyncio.Protocol):
             head = self._head
             if head is None:
                 end = buffer.find(b"\r\n\r\n", self._scanned)
-                if end < 0 or end + 4 > MAX_HEAD:
-                    if end >= 0 or len(buffer) > MAX_HEAD:
-                        self._hand_over()
+                if end < 0:
+                    if len(buffer) > MAX_HEAD:
+                        self._hand_over()  # aiohttp's to refuse
                     else:
                         self._scanned = max(0, len(buffer) - 3)
                     return
