@@ -67,12 +67,6 @@ _JSON_TYPE = b"application/json; charset=utf-8"
 _SERVER = SERVER_SOFTWARE.encode()
 
 
-class PendingAppend(Protocol):
-    """A report handed to the core; `future` completes when the core answered."""
-
-    future: "asyncio.Future[Any]"
-
-
 class ReportService(Protocol):
     """What the lean path needs from the worker: the decisions and the append of a report."""
 
@@ -83,10 +77,14 @@ class ReportService(Protocol):
         """Whether a report to `target` from `ip` with these credentials may be served here
         (no side effect: what is refused here is refused, logged and counted by aiohttp's path)."""
 
-    def submit(self, body: bytes, headers: Mapping[bytes, bytes]) -> PendingAppend | None:
-        """The pending append of a valid report, or None (not valid: aiohttp's path answers)."""
+    def submit(
+        self, body: bytes, headers: Mapping[bytes, bytes], done: Callable[[str | None], None]
+    ) -> float | None:
+        """Hand a valid report to the core, which calls `done` (later) with None once it is
+        stored, else why not; the time the append started. None: not valid, nothing done
+        (aiohttp's path answers it)."""
 
-    def answer(self, stored: PendingAppend, started: float) -> tuple[int, bytes]:
+    def answer(self, error: str | None, started: float, appended: float) -> tuple[int, bytes]:
         """Status and JSON body once the core answered (counts the report)."""
 
     def timed_out(self, started: float) -> None:
@@ -96,7 +94,7 @@ class ReportService(Protocol):
 class Head:
     """The parsed head of a report this path serves."""
 
-    __slots__ = ("target", "headers", "length", "close", "started")
+    __slots__ = ("target", "headers", "length", "close", "started", "appended")
 
     def __init__(self, target: str, headers: dict[bytes, bytes], length: int, close: bool) -> None:
         self.target = target
@@ -104,6 +102,7 @@ class Head:
         self.length = length
         self.close = close
         self.started = 0.0
+        self.appended = 0.0
 
 
 def parse_head(data: bytes | bytearray, end: int, body_limit: int) -> Head | None:
@@ -174,8 +173,9 @@ class LeanServer:
         #: Insertion order is age: the oldest idle connection is the first idle one.
         self.connections: dict[LeanConnection, None] = {}
 
-    def __call__(self) -> "LeanConnection":
-        return LeanConnection(self)
+    def __call__(self, released: Callable[[], None]) -> "LeanConnection":
+        """A protocol for a new connection; `released()` when it ends (frontend.accept)."""
+        return LeanConnection(self, released)
 
     def has_idle(self) -> bool:
         return self._oldest_idle() is not None
@@ -212,8 +212,9 @@ class LeanServer:
 class LeanConnection(asyncio.Protocol):
     """One client connection; see the module docstring for what it serves itself."""
 
-    def __init__(self, server: LeanServer) -> None:
+    def __init__(self, server: LeanServer, released: Callable[[], None]) -> None:
         self._server = server
+        self._released = released
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._ip, self._port = "", 0
@@ -221,7 +222,7 @@ class LeanConnection(asyncio.Protocol):
         self._scanned = 0  # how much of the buffer is known not to hold the end of the head
         self._head: Head | None = None
         self._body_start = 0
-        self._pending: PendingAppend | None = None
+        self._pending = False  # a complete request waits for the core
         self._fallback: RequestHandler | None = None
         self._read_paused = False
         # One timer for both deadlines, moved lazily: a request costs no timer of its own.
@@ -253,20 +254,20 @@ class LeanConnection(asyncio.Protocol):
             return
         if not self._buffer:
             self._buffer = data
-            if self._pending is None:  # the first byte of a request
+            if not self._pending:  # the first byte of a request
                 self._request_started = self._loop.time()
                 self._read_deadline()
         else:
             if type(self._buffer) is bytes:
                 self._buffer = bytearray(self._buffer)
             self._buffer += data  # type: ignore[operator]
-        if self._pending is None:
+        if not self._pending:
             self._advance()
         elif len(self._buffer) > READ_AHEAD and not self._read_paused:
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
-        if self._fallback is None and self._buffer and self._pending is None:
+        if self._fallback is None and self._buffer and not self._pending:
             self._hand_over()  # a request cut short: aiohttp says what it says to that
         if self._fallback is not None:
             return self._fallback.eof_received()
@@ -276,8 +277,11 @@ class LeanConnection(asyncio.Protocol):
         self._transport = None
         self._server.connections.pop(self, None)
         self._cancel_timer()
-        if self._fallback is not None:
-            self._fallback.connection_lost(exc)
+        try:
+            if self._fallback is not None:
+                self._fallback.connection_lost(exc)
+        finally:
+            self._released()
 
     def pause_writing(self) -> None:
         if self._fallback is not None:
@@ -297,11 +301,11 @@ class LeanConnection(asyncio.Protocol):
         """Kept alive between requests, with no byte of the next one yet."""
         if self._fallback is not None:
             return isinstance(self._fallback, JsonRequestHandler) and self._fallback.idle()
-        return self._pending is None and not self._buffer and not self._deadline_is_read
+        return not self._pending and not self._buffer and not self._deadline_is_read
 
     def busy(self) -> bool:
         """Waiting for the core to store a report (shutdown lets that finish)."""
-        return self._pending is not None
+        return self._pending
 
     def force_close(self) -> None:
         if self._fallback is not None:
@@ -314,7 +318,7 @@ class LeanConnection(asyncio.Protocol):
     def _advance(self) -> None:
         """Serve the complete requests at the front of the buffer, one at a time."""
         server = self._server
-        while self._buffer and self._pending is None and self._fallback is None:
+        while self._buffer and not self._pending and self._fallback is None:
             buffer = self._buffer
             head = self._head
             if head is None:
@@ -336,14 +340,14 @@ class LeanConnection(asyncio.Protocol):
             stop = self._body_start + head.length
             if len(buffer) < stop:
                 return  # the rest of the body is on its way
-            stored = server.service.submit(bytes(buffer[self._body_start:stop]), head.headers)
-            if stored is None:
+            appended = server.service.submit(bytes(buffer[self._body_start:stop]), head.headers, self._stored)
+            if appended is None:
                 self._hand_over()
                 return
+            head.appended = appended
             self._consume(stop)
-            self._pending = stored
+            self._pending = True
             self._deadline = None  # no read deadline while the core stores it
-            stored.future.add_done_callback(self._stored)
 
     def _consume(self, size: int) -> None:
         buffer = self._buffer
@@ -355,12 +359,12 @@ class LeanConnection(asyncio.Protocol):
             del buffer[:size]  # type: ignore[union-attr]  # cheap at the front of a bytearray
         self._scanned = 0
 
-    def _stored(self, _future: "asyncio.Future[Any]") -> None:
-        head, stored = self._head, self._pending
-        assert head is not None and stored is not None
+    def _stored(self, error: str | None) -> None:
+        head = self._head
+        assert head is not None and self._pending
         self._head = None
-        self._pending = None
-        status, body = self._server.service.answer(stored, head.started)
+        self._pending = False
+        status, body = self._server.service.answer(error, head.started, head.appended)
         if self._transport is None:
             return
         close = head.close or self._server.closing

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import signal
 import socket
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import aiohttp
 import yarl
@@ -62,6 +63,12 @@ _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "ke
 _RELAYED = ("Content-Type", "WWW-Authenticate", "Connection")
 
 
+#: What a report waiting for the core is told when the core process is gone.
+GONE = "the trackalert core process is gone"
+#: Called once the core answered an append: None (stored) or why it could not store it.
+Stored = Callable[[str | None], None]
+
+
 class StatsBuffer:
     """What this worker measured since the last flush; the core merges it into its statistics."""
 
@@ -92,7 +99,7 @@ class CoreLink:
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[tuple[int, bool]]] = {}
+        self._pending: dict[int, Stored] = {}
         self._channel: ipc.Channel | None = None
         self.settings: dict[str, Any] = {}
         self.settings_changed = asyncio.Event()
@@ -106,17 +113,18 @@ class CoreLink:
             self._channel.send(message)
 
     def append(
-        self, fields: tuple[Any, ...], delivery_id: str | None, fingerprint: bytes | None
-    ) -> "asyncio.Future[tuple[int, bool]]":
-        """The core's answer to come: (seq, duplicate), or the error (also when it is gone)."""
-        future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        self, fields: tuple[Any, ...], delivery_id: str | None, fingerprint: bytes | None, done: "Stored"
+    ) -> None:
+        """Have the core store a report; `done(None)` once it did, `done(why)` if it could not
+        (or is gone). A callback, not a future: the answer to a report is written in the very
+        pass that reads the core's acknowledgement, with no task or future per report.
+        `done` is never called from within this call."""
         if self.closed.is_set():
-            future.set_exception(ConnectionError("the trackalert core process is gone"))
-            return future
+            asyncio.get_running_loop().call_soon(done, GONE)
+            return
         request_id = next(self._ids)
-        self._pending[request_id] = future
+        self._pending[request_id] = done
         self.send((ipc.APPEND, request_id, fields, delivery_id, fingerprint))
-        return future
 
     def close(self) -> None:
         """Flush what is queued (the last statistics) and close the channel."""
@@ -125,13 +133,9 @@ class CoreLink:
 
     def _on_message(self, message: tuple[Any, ...]) -> None:
         if message[0] == ipc.APPENDED:
-            _, request_id, seq, duplicate, error = message
-            future = self._pending.pop(request_id, None)
-            if future is not None and not future.done():
-                if error is None:
-                    future.set_result((seq, duplicate))
-                else:
-                    future.set_exception(RuntimeError(error))
+            done = self._pending.pop(message[1], None)
+            if done is not None:
+                done(message[4])
         elif message[0] == ipc.SETTINGS:
             self.settings = message[1]
             self.settings_changed.set()
@@ -141,20 +145,9 @@ class CoreLink:
         assert self._channel is not None
         await self._channel.closed.wait()
         self.closed.set()
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError("the trackalert core process is gone"))
-        self._pending.clear()
-
-
-class Append:
-    """A report handed to the core: the answer to come, and since when it is awaited."""
-
-    __slots__ = ("future", "started")
-
-    def __init__(self, future: "asyncio.Future[tuple[int, bool]]", started: float) -> None:
-        self.future = future
-        self.started = started
+        pending, self._pending = self._pending, {}
+        for done in pending.values():
+            done(GONE)
 
 
 class WorkerWeb:
@@ -181,6 +174,10 @@ class WorkerWeb:
 
     def apply_settings(self) -> None:
         self._acl = NetmaskGroup(self._link.settings.get("acl", ()))
+        # What the lean path decided for the same input under the same settings, which the
+        # lean path asks for every report (one client address, one target, one password).
+        self._admitted_ips: dict[str, bool] = {}
+        self._good_credentials: set[str] = set()
 
     @property
     def _settings(self) -> dict[str, Any]:
@@ -229,11 +226,34 @@ class WorkerWeb:
         return self._clock.monotonic()
 
     def admits(self, target: str, ip: str, authorization: str) -> bool:
-        if self._settings.get("report_shadowed") or not is_report(route(target)):
+        if self._settings.get("report_shadowed") or not _is_report_target(target):
             return False
-        return self._acl.match_ip(ip) and check_basic_auth(authorization, self._settings.get("password", ""))
+        admitted = self._admitted_ips.get(ip)
+        if admitted is None:
+            admitted = self._remember(self._admitted_ips, ip, self._acl.match_ip(ip))
+        return admitted and self._authorised(authorization)
 
-    def submit(self, body: bytes, headers: Mapping[bytes, bytes]) -> "Append | None":
+    def _authorised(self, authorization: str) -> bool:
+        """`check_basic_auth`, remembering the credentials that passed: a set lookup hashes
+        the header (keyed, randomised hash) and compares only on a hash match, so its timing
+        tells a guess nothing about how close it came, as the constant-time check promises."""
+        if authorization in self._good_credentials:
+            return True
+        if not check_basic_auth(authorization, self._settings.get("password", "")):
+            return False
+        if len(self._good_credentials) >= _REMEMBERED:
+            self._good_credentials.clear()
+        self._good_credentials.add(authorization)
+        return True
+
+    @staticmethod
+    def _remember(cache: dict[str, bool], key: str, value: bool) -> bool:
+        if len(cache) >= _REMEMBERED:
+            cache.clear()
+        cache[key] = value
+        return value
+
+    def submit(self, body: bytes, headers: Mapping[bytes, bytes], done: Stored) -> float | None:
         signature = headers.get(b"x-wforce-signature")
         if signature_problem(body, signature.decode("ascii") if signature is not None else None,
                              self._settings["report_secrets"]):
@@ -244,27 +264,28 @@ class WorkerWeb:
             delivery = delivery_of(delivery_header.decode("ascii") if delivery_header is not None else None, body)
         except ReportError:
             return None
-        return self._append(report, delivery)
+        return self._append(report, delivery, done)
 
-    def answer(self, stored: "Append", started: float) -> tuple[int, bytes]:
-        response = self._stored(stored)
+    def answer(self, error: str | None, started: float, appended: float) -> tuple[int, bytes]:
+        response = self._stored(error, appended)
         self._count(started)
         return (200, OK_BODY) if response is None else (response.status, bytes(response.body))
 
     def timed_out(self, started: float) -> None:
         self._count(started)
 
-    def _append(self, report: Report, delivery: tuple[str | None, bytes | None]) -> "Append":
+    def _append(self, report: Report, delivery: tuple[str | None, bytes | None], done: Stored) -> float:
+        """Hand the report to the core; when that started (for the append duration)."""
         started = self._clock.monotonic()
-        return Append(self._link.append(report.fields(), *delivery), started)
+        self._link.append(report.fields(), *delivery, done)
+        return started
 
-    def _stored(self, stored: "Append") -> web.Response | None:
+    def _stored(self, error: str | None, appended: float) -> web.Response | None:
         """None once the core stored the report, else the 500 that says why (logged)."""
-        error = stored.future.exception()
         if error is not None:
             log.logger.error("Could not store report: %s", error)
             return failure(500, f"could not store report: {error}")
-        self._stats.append_durations.append(self._clock.monotonic() - stored.started)
+        self._stats.append_durations.append(self._clock.monotonic() - appended)
         return None
 
     def _count(self, started: float) -> None:
@@ -311,9 +332,9 @@ class WorkerWeb:
             except ReportError as exc:
                 stats.reject(exc.reason)
                 return bad_report(exc)
-            stored = self._append(report, delivery)
-            await asyncio.wait((stored.future,))
-            refusal = self._stored(stored)
+            stored: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            appended = self._append(report, delivery, stored.set_result)
+            refusal = self._stored(await stored, appended)
             if refusal is not None:
                 return refusal
             return web.Response(body=OK_BODY, content_type=JSON_TYPE, charset="utf-8")
@@ -330,6 +351,15 @@ class WorkerWeb:
             payload = await response.read()
             relayed = {k: response.headers[k] for k in _RELAYED if k in response.headers}
             return web.Response(status=response.status, body=payload, headers=relayed)
+
+
+#: How many client addresses, targets and credentials the lean path's decisions remember.
+_REMEMBERED = 1024
+
+
+@functools.lru_cache(maxsize=_REMEMBERED)
+def _is_report_target(target: str) -> bool:
+    return is_report(route(target))
 
 
 def core_url(raw_target: str) -> yarl.URL:
