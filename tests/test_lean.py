@@ -338,6 +338,8 @@ def test_the_head_parser_takes_only_what_aiohttp_reads_the_same() -> None:
         if mine is None:
             continue
         taken += 1
+        again = parse_head(bytearray(head), end, 2**20)  # a head read in several packets
+        assert again is not None and (again.target, again.headers) == (mine.target, mine.headers)
         theirs = aiohttp_reading(head[:end])
         assert theirs is not None, head
         method, target, headers, length = theirs
