@@ -371,7 +371,7 @@ class LeanConnection(asyncio.Protocol):
         self._head = None
         self._pending = False
         status, body = self._server.service.answer(error, head.started, head.appended)
-        if self._transport is None:
+        if self._transport is None or self._transport.is_closing():
             return
         close = head.close or self._server.closing
         self._transport.write(render(status, body, close))

@@ -135,7 +135,10 @@ class CoreLink:
         if message[0] == ipc.APPENDED:
             done = self._pending.pop(message[1], None)
             if done is not None:
-                done(message[4])
+                try:
+                    done(message[4])
+                except Exception:  # one broken answer must not stop the others in this read
+                    log.logger.exception("Answering a stored report failed")
         elif message[0] == ipc.SETTINGS:
             self.settings = message[1]
             self.settings_changed.set()
@@ -333,7 +336,7 @@ class WorkerWeb:
                 stats.reject(exc.reason)
                 return bad_report(exc)
             stored: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-            appended = self._append(report, delivery, stored.set_result)
+            appended = self._append(report, delivery, lambda error: stored.done() or stored.set_result(error))
             refusal = self._stored(await stored, appended)
             if refusal is not None:
                 return refusal
