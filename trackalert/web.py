@@ -415,12 +415,19 @@ class JsonRequestHandler(RequestHandler):
         waiter = self._waiter
         return waiter is not None and not waiter.done() and self._read_timer is None and not self._messages
 
-    def resume_deadline(self, remaining: float) -> None:
+    def resume_deadlines(self, read_at: float | None, idle_at: float | None) -> None:
         """Taking over a connection whose current request started earlier (the lean path of a
-        web worker handed it over): that request keeps its deadline, it does not get a new one."""
+        web worker handed it over): it keeps the deadlines it had (loop times, None for none),
+        rather than new ones from now."""
         self.body_received()
-        if self._read_timeout > 0:
-            self._read_timer = self._loop.call_later(max(0.0, remaining), self._read_timed_out)
+        if read_at is not None:
+            self._read_timer = self._loop.call_at(read_at, self._read_timed_out)
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        if idle_at is not None:
+            self._next_keepalive_close_time = idle_at
+            self._keepalive_handle = self._loop.call_at(idle_at, self._process_keepalive)
 
     def _arm_read_timer(self) -> None:
         if self._read_timer is None and self._read_timeout > 0:

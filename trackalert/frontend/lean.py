@@ -17,14 +17,24 @@ that request, to aiohttp (`JsonRequestHandler`, with the worker's full handler),
 the connection from then on: errors, other commands, chunked bodies, HTTP/1.0 all keep exactly
 today's behaviour, because it is today's code that answers them. Nothing irrevocable (a log
 line, a count, an append) happens here before that decision, so a handed-over request is served
-once, by aiohttp alone. Requests are served one at a time, in order, so pipelined requests are
-answered in order, including across the hand-over (it waits for the answers before it).
+once, by aiohttp alone. A head still arriving goes over as soon as it cannot become one this
+path takes (`may_become_head`), so what aiohttp refuses early is refused as early. Requests are
+served one at a time, in order, so pipelined requests are answered in order, including across
+the hand-over (it waits for the answers before it).
+
+Two deliberate differences, both where aiohttp loses requests: aiohttp answers a parser error
+in one read of the socket in place of every request completed in that read (a report followed,
+in the same packet, by a malformed request got the 400 and was not stored); here each request
+gets its own answer. And after a request with `Connection: close`, further data in the same
+packet made aiohttp refuse that request too; here it is answered and the rest ignored, as RFC
+9112 §9.6 says.
 
 What this path answers itself matches aiohttp's bytes (a test compares them): 200
 `{"status":"ok"}`, 500 when the core could not store the report, and the 408 of the read
 timeout (`setWebserverReadTimeout`: a request must arrive whole within it, counted from its
 first byte, or from the connection for the first one; still in its head, the connection is
-just closed). Kept-alive connections close after the idle timeout, as aiohttp's do.
+just closed). As in aiohttp, the idle timeout (from the connection, or from the last answer)
+closes a connection that has not sent a whole head by then, idle or trickling.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import socket
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_protocol import RequestHandler
@@ -51,13 +61,29 @@ MAX_HEADERS = 100
 #: While a request waits for the core, at most this much of the next ones is read ahead.
 READ_AHEAD = 64 * 1024
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TARGET_CHAR = rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]"
+_FIELD_LINE = _TCHAR + rb"+:[\t\x20-\x7e]*\r\n"
+_REQUEST_LINE = rb"POST (/" + _TARGET_CHAR + rb"*) HTTP/1\.1\r\n"
 #: A report's head as this path takes it: origin-form target of RFC 3986 characters, header
 #: values of visible ASCII, space and tab. Every such head is one aiohttp's parser accepts too.
-_HEAD = re.compile(
-    rb"POST (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1\r\n"
-    rb"(?:" + _TOKEN + rb":[\t\x20-\x7e]*\r\n)*\r\n"
-)
+_HEAD = re.compile(_REQUEST_LINE + rb"(?:" + _FIELD_LINE + rb")*\r\n")
+
+
+def _prefixes(atoms: list[bytes]) -> bytes:
+    """A pattern for every prefix of what the pattern atoms, one after the other, match."""
+    pattern = b""
+    for atom in reversed(atoms):
+        pattern = atom + (b"(?:" + pattern + b")?" if pattern else b"")
+    return b"(?:" + pattern + b")?"
+
+
+#: What a head still arriving may hold: whole lines of a head above, then the start of a line.
+_HEAD_LINES = re.compile(_REQUEST_LINE + rb"(?:" + _FIELD_LINE + rb")*")
+_REQUEST_LINE_START = re.compile(_prefixes(
+    [re.escape(bytes([c])) for c in b"POST /"] + [_TARGET_CHAR + b"*"]
+    + [re.escape(bytes([c])) for c in b" HTTP/1.1\r"]))
+_FIELD_LINE_START = re.compile(_TCHAR + rb"*(?::[\t\x20-\x7e]*)?\r?")
 #: From the end of the target to the first header: " HTTP/1.1\r\n".
 _AFTER_TARGET = 11
 #: Headers whose meaning this path does not implement: a request with one goes to aiohttp.
@@ -131,6 +157,18 @@ def parse_head(data: bytes | bytearray, end: int, body_limit: int) -> Head | Non
     if connection not in (b"keep-alive", b"close"):
         return None
     return Head(match.group(1).decode("ascii"), headers, int(length), connection == b"close")
+
+
+def may_become_head(data: bytes | bytearray) -> bool:
+    """Whether `data`, a head without its blank line yet, may still become one `parse_head`
+    takes. If not, aiohttp gets it at once: its parser may refuse it before the head ends (an
+    unknown method, a control character), and then answers at once, so must we."""
+    first = data.find(b"\r\n")
+    if first < 0:
+        return _REQUEST_LINE_START.fullmatch(data) is not None
+    last = data.rfind(b"\r\n")
+    return (_HEAD_LINES.fullmatch(data, 0, last + 2) is not None
+            and _FIELD_LINE_START.fullmatch(data, last + 2) is not None)
 
 
 class _DateCache:
@@ -231,10 +269,13 @@ class LeanConnection(asyncio.Protocol):
         self._pending = False  # a complete request waits for the core
         self._fallback: RequestHandler | None = None
         self._read_paused = False
-        # One timer for both deadlines, moved lazily: a request costs no timer of its own.
-        self._deadline: float | None = None
-        self._deadline_is_read = True
-        self._request_started = 0.0  # loop time of the first byte of the current request
+        # The two deadlines of aiohttp's connections (loop time; None: not running). The read
+        # deadline: the current request must be whole by then (from its first byte, or from
+        # the connection for the first one). The idle deadline: the next request's head must
+        # be whole by then (from the connection, or from the last answer). One timer serves
+        # both, moved lazily: a request costs no timer of its own.
+        self._read_at: float | None = None
+        self._idle_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         read_timeout, self._idle_timeout = server.timeouts()
@@ -251,8 +292,8 @@ class LeanConnection(asyncio.Protocol):
         if peer:
             self._ip, self._port = peer[0], peer[1]
         self._server.connections[self] = None
-        self._request_started = self._loop.time()
-        self._read_deadline()
+        now = self._loop.time()
+        self._set_deadlines(self._read_deadline(now), now + self._idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._fallback is not None:
@@ -260,9 +301,8 @@ class LeanConnection(asyncio.Protocol):
             return
         if not self._buffer:
             self._buffer = data
-            if not self._pending:  # the first byte of a request
-                self._request_started = self._loop.time()
-                self._read_deadline()
+            if not self._pending and self._read_at is None:  # the first byte of a request
+                self._set_deadlines(self._read_deadline(self._loop.time()), self._idle_at)
         else:
             if type(self._buffer) is bytes:
                 self._buffer = bytearray(self._buffer)
@@ -307,7 +347,7 @@ class LeanConnection(asyncio.Protocol):
         """Kept alive between requests, with no byte of the next one yet."""
         if self._fallback is not None:
             return isinstance(self._fallback, JsonRequestHandler) and self._fallback.idle()
-        return not self._pending and not self._buffer and not self._deadline_is_read
+        return not self._pending and not self._buffer and self._read_at is None
 
     def busy(self) -> bool:
         """Waiting for the core to store a report (shutdown lets that finish)."""
@@ -330,8 +370,8 @@ class LeanConnection(asyncio.Protocol):
             if head is None:
                 end = buffer.find(b"\r\n\r\n", self._scanned)
                 if end < 0:
-                    if len(buffer) > MAX_HEAD:
-                        self._hand_over()  # aiohttp's to refuse
+                    if len(buffer) > MAX_HEAD or not may_become_head(buffer):
+                        self._hand_over()  # aiohttp's to answer, as soon as it would
                     else:
                         self._scanned = max(0, len(buffer) - 3)
                     return
@@ -343,6 +383,7 @@ class LeanConnection(asyncio.Protocol):
                     return
                 head.started = server.service.now()
                 self._head, self._body_start = head, end + 4
+                self._idle_at = None  # a whole head: the connection is not idle any more
             stop = self._body_start + head.length
             if len(buffer) < stop:
                 return  # the rest of the body is on its way
@@ -353,7 +394,7 @@ class LeanConnection(asyncio.Protocol):
             head.appended = appended
             self._consume(stop)
             self._pending = True
-            self._deadline = None  # no read deadline while the core stores it
+            self._read_at = None  # the request is whole: no deadline while the core stores it
 
     def _consume(self, size: int) -> None:
         buffer = self._buffer
@@ -380,25 +421,21 @@ class LeanConnection(asyncio.Protocol):
             return
         if self._read_paused:
             self._resume_reading()
-        if self._buffer:  # pipelined: the next request's deadline counts from now
-            self._request_started = self._loop.time()
-            self._read_deadline()
-            self._advance()
-        else:
-            self._set_deadline(self._loop.time() + self._idle_timeout, read=False)
+        now = self._loop.time()
+        # A pipelined request already begun counts from now, as in aiohttp.
+        self._set_deadlines(self._read_deadline(now) if self._buffer else None, now + self._idle_timeout)
+        self._advance()
 
     def _hand_over(self) -> None:
         """From the first byte of the current request on, the connection is aiohttp's."""
         assert self._transport is not None
         self._cancel_timer()
-        self._deadline = None
         if self._read_paused:
             self._resume_reading()
         handler = self._server.fallback()
         self._fallback = handler
         handler.connection_made(self._transport)
-        if self._read_timeout is not None:
-            handler.resume_deadline(self._request_started + self._read_timeout - self._loop.time())
+        handler.resume_deadlines(self._read_at, self._idle_at)
         data, self._buffer, self._head = self._buffer, b"", None
         handler.data_received(bytes(data))
 
@@ -414,19 +451,16 @@ class LeanConnection(asyncio.Protocol):
 
     # ---- deadlines ----------------------------------------------------------------------
 
-    def _read_deadline(self) -> None:
-        if self._read_timeout is None:
-            self._deadline = None
-            self._deadline_is_read = True
-        else:
-            self._set_deadline(self._request_started + self._read_timeout, read=True)
+    def _read_deadline(self, now: float) -> float | None:
+        return None if self._read_timeout is None else now + self._read_timeout
 
-    def _set_deadline(self, at: float, read: bool) -> None:
-        self._deadline, self._deadline_is_read = at, read
-        if self._timer is None or self._timer_at > at:
+    def _set_deadlines(self, read_at: float | None, idle_at: float | None) -> None:
+        self._read_at, self._idle_at = read_at, idle_at
+        due = read_at if idle_at is None or (read_at is not None and read_at < idle_at) else idle_at
+        if due is not None and (self._timer is None or self._timer_at > due):
             self._cancel_timer()
-            self._timer_at = at
-            self._timer = self._loop.call_at(at, self._on_timer)
+            self._timer_at = due
+            self._timer = self._loop.call_at(due, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -435,17 +469,15 @@ class LeanConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        deadline = self._deadline
-        if deadline is None or self._transport is None:
+        if self._transport is None or self._fallback is not None:
             return
-        if self._loop.time() < deadline:  # moved since this timer was set
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            return
-        if self._deadline_is_read:
+        now = self._loop.time()
+        if self._idle_at is not None and now >= self._idle_at:
+            self._transport.close()  # no whole head in time: aiohttp closes as silently
+        elif self._read_at is not None and now >= self._read_at:
             self._read_timed_out()
-        else:
-            self._transport.close()
+        else:  # moved since this timer was set
+            self._set_deadlines(self._read_at, self._idle_at)
 
     def _read_timed_out(self) -> None:
         """Today's rule, today's words: in the body, a 408; still in the head, just closed."""
