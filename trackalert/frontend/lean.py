@@ -411,7 +411,11 @@ class LeanConnection(asyncio.Protocol):
         assert head is not None and self._pending
         self._head = None
         self._pending = False
-        status, body = self._server.service.answer(error, head.started, head.appended)
+        try:
+            status, body = self._server.service.answer(error, head.started, head.appended)
+        except BaseException:
+            self.force_close()  # no answer to give: do not leave the client waiting for one
+            raise
         if self._transport is None or self._transport.is_closing():
             return
         close = head.close or self._server.closing
