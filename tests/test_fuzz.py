@@ -20,13 +20,14 @@ setReport(function(lt) local r = lt.remote:tostring() end)
 """
 
 
-@pytest.mark.parametrize("web_processes,seed,count", [(0, 1, 2500), (2, 2, 1500)])
+@pytest.mark.parametrize("web_processes,seed,count,keep_alive",
+                         [(0, 1, 2500, False), (2, 2, 1500, False), (2, 3, 1500, True)])
 async def test_hostile_traffic_keeps_every_promise(tmp_path: Path, web_processes: int, seed: int,
-                                                   count: int) -> None:
+                                                   count: int, keep_alive: bool) -> None:
     cases = fuzz.generate(seed, count, DEFAULT_PASSWORD)
     daemon = DaemonProcess(tmp_path, CONFIG.replace("{web_processes}", str(web_processes)))
     with daemon:
-        outcomes = await fuzz.run("127.0.0.1", daemon.port, cases, concurrency=16)
+        outcomes = await fuzz.run("127.0.0.1", daemon.port, cases, concurrency=16, keep_alive=keep_alive)
         assert daemon.stop() == 0
     verdict = fuzz.check(outcomes, await fuzz.markers_in_sqlite(tmp_path / "trackalert-events.db"))
     print(verdict.summary())

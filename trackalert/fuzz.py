@@ -364,21 +364,94 @@ def _parse_answer(answer: bytes) -> tuple[int, str, bytes]:
 
 
 async def run(host: str, port: int, cases: list[Case], concurrency: int = 16,
-              progress: Callable[[int], None] | None = None) -> list[Outcome]:
-    """Send every case over `concurrency` parallel connections; outcomes in case order."""
+              progress: Callable[[int], None] | None = None, keep_alive: bool = False) -> list[Outcome]:
+    """Send every case over `concurrency` parallel clients; outcomes in case order.
+
+    Each case has a connection of its own, unless `keep_alive`: then each client sends its cases
+    one after the other on one connection, without their ``Connection: close``, as wforce's
+    connection pool does, and opens a new one when the daemon closes it (after an error, say).
+    Every kind of request then also arrives after others on the same connection, where a server
+    that misreads where a request ends answers the next one wrongly.
+    """
     outcomes: list[Outcome | None] = [None] * len(cases)
     pending = iter(cases)
 
     async def worker() -> None:
-        for case in pending:
-            status, content_type, body = await send(
-                host, port, case.raw, half_close=case.kind == "short-body")
-            outcomes[case.index] = Outcome(case, status, content_type, body)
-            if progress is not None:
-                progress(case.index)
+        connection = _Connection(host, port)
+        try:
+            for case in pending:
+                if keep_alive and case.kind != "short-body":
+                    status, content_type, body = await connection.exchange(_kept_alive(case.raw))
+                else:
+                    status, content_type, body = await send(
+                        host, port, case.raw, half_close=case.kind == "short-body")
+                outcomes[case.index] = Outcome(case, status, content_type, body)
+                if progress is not None:
+                    progress(case.index)
+        finally:
+            connection.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return [o for o in outcomes if o is not None]
+
+
+def _kept_alive(raw: bytes) -> bytes:
+    return raw.replace(b"\r\nConnection: close\r\n", b"\r\n", 1)
+
+
+class _Connection:
+    """A client connection used for one request after another."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self._host, self._port, self._timeout = host, port, timeout
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def exchange(self, raw: bytes) -> tuple[int, str, bytes]:
+        """(status, content type, body) of the answer to `raw` (status 0: closed without one).
+        A kept connection the daemon closed before this request (idle) is opened anew, once."""
+        for reused in (self._streams is not None, False):
+            if self._streams is None:
+                self._streams = await asyncio.wait_for(
+                    asyncio.open_connection(self._host, self._port), self._timeout)
+            reader, writer = self._streams
+            writer.write(raw)
+            try:
+                await writer.drain()
+            except (ConnectionError, OSError):
+                pass  # answered and closed before taking it all (e.g. 431)
+            answer, closing = await asyncio.wait_for(_read_one(reader), self._timeout)
+            if closing:
+                self.close()
+            if answer or not reused:
+                return _parse_answer(answer)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
+async def _read_one(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """One response (head and Content-Length body) and whether the connection is done with."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial, True
+    except (ConnectionError, OSError, asyncio.LimitOverrunError):
+        return b"", True
+    length, closing = 0, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value.strip())
+        elif name == b"connection":
+            closing = value.strip().lower() == b"close"
+    try:
+        return head + await reader.readexactly(length), closing
+    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        return head, True
 
 
 # --------------------------------------------------------------------------- checking

@@ -44,6 +44,7 @@ JSON_TYPE = "application/json"
 #: Client address of a request proxied by a web worker ("ip port"); trusted on the internal socket only.
 PEER_HEADER = "X-Trackalert-Peer"
 SIGNATURE_HEADER = "X-Wforce-Signature"
+DELIVERY_HEADER = "X-Wforce-Delivery"
 #: Where a request keeps its client's `ip:port` text (for log lines of the handlers).
 PEER_KEY = "trackalert.peer"
 OK_BODY = b'{"status":"ok"}'
@@ -73,9 +74,10 @@ def bad_report(exc: ReportError) -> web.Response:
     return failure(400, str(exc))
 
 
-def delivery_of(request: web.BaseRequest, body: bytes) -> tuple[str | None, bytes | None]:
-    """The delivery id and the body fingerprint that together tell a retry (DESIGN §3)."""
-    delivery = parse_delivery_id(request.headers.get("X-Wforce-Delivery"))
+def delivery_of(header: str | None, body: bytes) -> tuple[str | None, bytes | None]:
+    """The delivery id (from the `X-Wforce-Delivery` header) and the body fingerprint that
+    together tell a retry (DESIGN §3)."""
+    delivery = parse_delivery_id(header)
     return delivery, fingerprint(body) if delivery is not None else None
 
 
@@ -246,7 +248,7 @@ class WebServer:
         try:
             report = parse_report(body, host.clock.time())
             started = host.clock.monotonic()
-            stored = self._ingest.submit(report, *delivery_of(request, body))
+            stored = self._ingest.submit(report, *delivery_of(request.headers.get(DELIVERY_HEADER), body))
         except ReportError as exc:
             host.metrics.report_rejected(exc.reason)
             return bad_report(exc)
@@ -412,6 +414,20 @@ class JsonRequestHandler(RequestHandler):
         """Kept alive between requests, with no byte of the next one yet."""
         waiter = self._waiter
         return waiter is not None and not waiter.done() and self._read_timer is None and not self._messages
+
+    def resume_deadlines(self, read_at: float | None, idle_at: float | None) -> None:
+        """Taking over a connection whose current request started earlier (the lean path of a
+        web worker handed it over): it keeps the deadlines it had (loop times, None for none),
+        rather than new ones from now."""
+        self.body_received()
+        if read_at is not None:
+            self._read_timer = self._loop.call_at(read_at, self._read_timed_out)
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        if idle_at is not None:
+            self._next_keepalive_close_time = idle_at
+            self._keepalive_handle = self._loop.call_at(idle_at, self._process_keepalive)
 
     def _arm_read_timer(self) -> None:
         if self._read_timer is None and self._read_timeout > 0:

@@ -85,7 +85,7 @@ class SharedAccept:
         index: int,
         counts: ConnectionCounts,
         limit: Callable[[], int],
-        protocol_factory: Callable[[], asyncio.Protocol],
+        protocol_factory: Callable[[Callable[[], None]], asyncio.Protocol],
         has_idle: Callable[[], bool],
         evict_idle: Callable[[], bool],
         handshake_timeout: Callable[[], float],
@@ -187,12 +187,13 @@ class SharedAccept:
         return now - self._deferred_since < PAUSE
 
     async def _serve(self, conn: socket.socket, context: ssl.SSLContext | None) -> None:
-        """Hand an accepted socket to aiohttp; the slot is released once, when it ends."""
+        """Hand an accepted socket to a protocol of the factory, which calls its argument when
+        the connection ends: the slot is released once, whatever ends it."""
         conn.setblocking(False)
         release = _Once(self.closed)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: _Counted(self._factory(), release), conn, ssl=context,
+                lambda: self._factory(release), conn, ssl=context,
                 ssl_handshake_timeout=self._handshake_timeout() if context else None,
             )
         except Exception:  # a failed TLS handshake, a reset, ...: the protocol never started
@@ -208,32 +209,3 @@ class _Once:
         action, self._action = self._action, None
         if action is not None:
             action()
-
-
-class _Counted(asyncio.Protocol):
-    """Wraps a connection's protocol to count its end (whatever ends it)."""
-
-    def __init__(self, inner: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_lost = on_lost
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        try:
-            self._inner.connection_lost(exc)
-        finally:
-            self._on_lost()

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import signal
 import socket
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import aiohttp
 import yarl
@@ -30,11 +31,13 @@ from trackalert import log
 from trackalert.clock import RealClock
 from trackalert.frontend import ipc
 from trackalert.frontend.accept import ConnectionCounts, SharedAccept
+from trackalert.frontend.lean import LeanServer
 from trackalert.ingest import Handover
 from trackalert.netaddr import NetmaskGroup, endpoint_text, parse_combo
 from trackalert.report import ReportError, parse_report
 from trackalert.settings import Listener
 from trackalert.web import (
+    DELIVERY_HEADER,
     JSON_TYPE,
     OK_BODY,
     PEER_HEADER,
@@ -49,6 +52,7 @@ from trackalert.web import (
     origin_form,
     request_failed,
     route,
+    signature_problem,
     signature_refusal,
     tls_context,
     unauthorised,
@@ -58,6 +62,12 @@ from trackalert.web import (
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 #: Response headers relayed back to the client.
 _RELAYED = ("Content-Type", "WWW-Authenticate", "Connection")
+
+
+#: What a report waiting for the core is told when the core process is gone.
+GONE = "the trackalert core process is gone"
+#: Called once the core answered an append: None (stored) or why it could not store it.
+Stored = Callable[[str | None], None]
 
 
 class StatsBuffer:
@@ -90,7 +100,7 @@ class CoreLink:
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[tuple[int, bool]]] = {}
+        self._pending: dict[int, Stored] = {}
         self._channel: ipc.Channel | None = None
         self.settings: dict[str, Any] = {}
         self.settings_changed = asyncio.Event()
@@ -104,15 +114,18 @@ class CoreLink:
             self._channel.send(message)
 
     def append(
-        self, fields: tuple[Any, ...], delivery_id: str | None, fingerprint: bytes | None
-    ) -> "asyncio.Future[tuple[int, bool]]":
+        self, fields: tuple[Any, ...], delivery_id: str | None, fingerprint: bytes | None, done: "Stored"
+    ) -> None:
+        """Have the core store a report; `done(None)` once it did, `done(why)` if it could not
+        (or is gone). A callback, not a future: the answer to a report is written in the very
+        pass that reads the core's acknowledgement, with no task or future per report.
+        `done` is never called from within this call."""
         if self.closed.is_set():
-            raise ConnectionError("the trackalert core process is gone")
+            asyncio.get_running_loop().call_soon(done, GONE)
+            return
         request_id = next(self._ids)
-        future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._pending[request_id] = done
         self.send((ipc.APPEND, request_id, fields, delivery_id, fingerprint))
-        return future
 
     def close(self) -> None:
         """Flush what is queued (the last statistics) and close the channel."""
@@ -121,13 +134,12 @@ class CoreLink:
 
     def _on_message(self, message: tuple[Any, ...]) -> None:
         if message[0] == ipc.APPENDED:
-            _, request_id, seq, duplicate, error = message
-            future = self._pending.pop(request_id, None)
-            if future is not None and not future.done():
-                if error is None:
-                    future.set_result((seq, duplicate))
-                else:
-                    future.set_exception(RuntimeError(error))
+            done = self._pending.pop(message[1], None)
+            if done is not None:
+                try:
+                    done(message[4])
+                except Exception:  # one broken answer must not stop the others in this read
+                    log.logger.exception("Answering a stored report failed")
         elif message[0] == ipc.SETTINGS:
             self.settings = message[1]
             self.settings_changed.set()
@@ -137,14 +149,18 @@ class CoreLink:
         assert self._channel is not None
         await self._channel.closed.wait()
         self.closed.set()
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError("the trackalert core process is gone"))
-        self._pending.clear()
+        pending, self._pending = self._pending, {}
+        for done in pending.values():
+            done(GONE)
 
 
 class WorkerWeb:
-    """The request handler of a worker: reports locally, everything else through the core."""
+    """The request handler of a worker: reports locally, everything else through the core.
+
+    Connections start on the lean path (`frontend.lean`, which serves plain reports through
+    the `admits`/`submit`/`answer` methods below); whatever it does not serve itself is handed
+    to aiohttp with `handle` as the handler, as every request was before.
+    """
 
     def __init__(self, link: CoreLink, proxy_path: str, index: int) -> None:
         self._link = link
@@ -158,10 +174,15 @@ class WorkerWeb:
             connector=aiohttp.UnixConnector(path=proxy_path), auto_decompress=False
         )
         self.http: JsonServer | None = None
+        self.lean: LeanServer | None = None
         self.apply_settings()
 
     def apply_settings(self) -> None:
         self._acl = NetmaskGroup(self._link.settings.get("acl", ()))
+        # What the lean path decided for the same input under the same settings, which the
+        # lean path asks for every report (one client address, one target, one password).
+        self._admitted_ips: dict[str, bool] = {}
+        self._good_credentials: set[str] = set()
 
     @property
     def _settings(self) -> dict[str, Any]:
@@ -171,9 +192,10 @@ class WorkerWeb:
         """Serve on the listening sockets the core passed down, with the core's TLS settings,
         taking this worker's share of the connection limit (see `frontend.accept`)."""
         self.http = JsonServer(self.handle, self._body_limit, self._timeouts)
+        self.lean = LeanServer(self, self.http, self._body_limit, self._timeouts)
         counts = ConnectionCounts(self._settings["connections_path"])
         self._accept = SharedAccept(
-            self._index, counts, self._max_conns, self.http, self.http.has_idle, self.http.evict_idle,
+            self._index, counts, self._max_conns, self.lean, self.lean.has_idle, self.lean.evict_idle,
             lambda: self._timeouts()[0],
         )
         for fd, (tls, cert_file, key_file, options) in zip(fds, self._settings["listeners"]):
@@ -194,10 +216,90 @@ class WorkerWeb:
         return int(self._settings["max_conns"])
 
     def stats_delta(self) -> dict[str, Any]:
-        return self._stats.drain(len(self.http.connections) if self.http else 0)
+        return self._stats.drain(len(self.lean.connections) if self.lean else 0)
+
+    async def shutdown(self, timeout: float) -> None:
+        if self.lean is not None:
+            await self.lean.shutdown(timeout)
 
     async def close(self) -> None:
         await self._session.close()
+
+    # ---- the lean path's report service (frontend.lean.ReportService) -------------------
+
+    def now(self) -> float:
+        return self._clock.monotonic()
+
+    def admits(self, target: str, ip: str, authorization: str) -> bool:
+        if self._settings.get("report_shadowed") or not _is_report_target(target):
+            return False
+        admitted = self._admitted_ips.get(ip)
+        if admitted is None:
+            admitted = self._remember(self._admitted_ips, ip, self._acl.match_ip(ip))
+        return admitted and self._authorised(authorization)
+
+    def _authorised(self, authorization: str) -> bool:
+        """`check_basic_auth`, remembering the credentials that passed: a set lookup hashes
+        the header (keyed, randomised hash) and compares only on a hash match, so its timing
+        tells a guess nothing about how close it came, as the constant-time check promises."""
+        if authorization in self._good_credentials:
+            return True
+        if not check_basic_auth(authorization, self._settings.get("password", "")):
+            return False
+        if len(self._good_credentials) >= _REMEMBERED:
+            self._good_credentials.clear()
+        self._good_credentials.add(authorization)
+        return True
+
+    @staticmethod
+    def _remember(cache: dict[str, bool], key: str, value: bool) -> bool:
+        if len(cache) >= _REMEMBERED:
+            cache.clear()
+        cache[key] = value
+        return value
+
+    def submit(self, body: bytes, headers: Mapping[bytes, bytes], done: Stored) -> float | None:
+        signature = headers.get(b"x-wforce-signature")
+        if signature_problem(body, signature.decode("ascii") if signature is not None else None,
+                             self._settings["report_secrets"]):
+            return None
+        delivery_header = headers.get(b"x-wforce-delivery")
+        try:
+            report = parse_report(body, self._clock.time())
+            delivery = delivery_of(delivery_header.decode("ascii") if delivery_header is not None else None, body)
+            handed = self._handover(report, *delivery, self._settings)
+        except ReportError:  # aiohttp's path answers it with its reason
+            return None
+        return self._append(handed, done)
+
+    def answer(self, error: str | None, started: float, appended: float) -> tuple[int, bytes]:
+        response = self._stored(error, appended)
+        self._count(started)
+        return (200, OK_BODY) if response is None else (response.status, bytes(response.body))
+
+    def timed_out(self, started: float) -> None:
+        self._count(started)
+
+    def _append(self, handed: tuple[Any, str | None, bytes | None], done: Stored) -> float:
+        """Hand the enriched, encoded report (`Handover`) to the core; when that started (for
+        the append duration)."""
+        started = self._clock.monotonic()
+        self._link.append(*handed, done)
+        return started
+
+    def _stored(self, error: str | None, appended: float) -> web.Response | None:
+        """None once the core stored the report, else the 500 that says why (logged)."""
+        if error is not None:
+            log.logger.error("Could not store report: %s", error)
+            return failure(500, f"could not store report: {error}")
+        self._stats.append_durations.append(self._clock.monotonic() - appended)
+        return None
+
+    def _count(self, started: float) -> None:
+        self._stats.reports += 1
+        self._stats.durations.append(self._clock.monotonic() - started)
+
+    # ---- aiohttp's path ---------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -223,8 +325,7 @@ class WorkerWeb:
         if not check_basic_auth(request.headers.get("Authorization", ""), self._settings.get("password", "")):
             log_auth_failure(request.path, ip, port)
             return unauthorised()
-        clock = self._clock
-        started = clock.monotonic()
+        started = self._clock.monotonic()
         stats = self._stats
         try:
             body = await request.read()
@@ -233,22 +334,20 @@ class WorkerWeb:
                 stats.reject("signature")
                 return refusal
             try:
-                report = parse_report(body, clock.time())
-                handed = self._handover(report, *delivery_of(request, body), self._settings)
+                report = parse_report(body, self._clock.time())
+                delivery = delivery_of(request.headers.get(DELIVERY_HEADER), body)
+                handed = self._handover(report, *delivery, self._settings)
             except ReportError as exc:
                 stats.reject(exc.reason)
                 return bad_report(exc)
-            append_started = clock.monotonic()
-            try:
-                await self._link.append(*handed)
-            except Exception as exc:
-                log.logger.error("Could not store report: %s", exc)
-                return failure(500, f"could not store report: {exc}")
-            stats.append_durations.append(clock.monotonic() - append_started)
+            stored: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            appended = self._append(handed, lambda error: stored.done() or stored.set_result(error))
+            refusal = self._stored(await stored, appended)
+            if refusal is not None:
+                return refusal
             return web.Response(body=OK_BODY, content_type=JSON_TYPE, charset="utf-8")
         finally:
-            stats.reports += 1
-            stats.durations.append(clock.monotonic() - started)
+            self._count(started)
 
     async def _proxy(self, request: web.BaseRequest, ip: str, port: int) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -260,6 +359,15 @@ class WorkerWeb:
             payload = await response.read()
             relayed = {k: response.headers[k] for k in _RELAYED if k in response.headers}
             return web.Response(status=response.status, body=payload, headers=relayed)
+
+
+#: How many client addresses, targets and credentials the lean path's decisions remember.
+_REMEMBERED = 1024
+
+
+@functools.lru_cache(maxsize=_REMEMBERED)
+def _is_report_target(target: str) -> bool:
+    return is_report(route(target))
 
 
 def core_url(raw_target: str) -> yarl.URL:
@@ -296,7 +404,7 @@ async def serve(args: argparse.Namespace) -> int:
         [asyncio.create_task(stop.wait()), link_task], return_when=asyncio.FIRST_COMPLETED
     )
     worker.stop_listening()
-    await worker.http.shutdown(2.0)
+    await worker.shutdown(2.0)
     link.send((ipc.STATS, worker.stats_delta()))
     for task in tasks:
         task.cancel()
