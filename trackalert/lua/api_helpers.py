@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
 from trackalert.eventlog.windows import running_projection
-from trackalert.lua.convert import AS_OF, counted_table, describe, filter_pairs, is_table, report_tables
+from trackalert.lua.convert import LT_TIME, counted_table, describe, filter_pairs, is_table, report_tables
 from trackalert.lua.registry import Where, lua_global
 
 #: Worker states, and the config state that answers console commands.
@@ -59,12 +59,14 @@ def _queries(state: "LuaState") -> "EventQueries":
 
 
 def _as_of(state: "LuaState") -> AsOf:
-    if state.as_of_seq is not None:
-        known = state.cache.get(AS_OF)  # lt's, with its time, left by call_with_tuple
-        if known is None or known.before_seq != state.as_of_seq:
-            known = state.cache[AS_OF] = AsOf(before_seq=state.as_of_seq)
-        return known
-    return AsOf(now=state.host.clock.time())
+    seq = state.as_of_seq
+    if seq is None:
+        return AsOf(now=state.host.clock.time())
+    known = state.cache.get("as_of")  # one per report(lt), asked by each helper it calls
+    if known is None or known.before_seq != seq:
+        lt_seq, received = state.cache.get(LT_TIME, (None, None))  # left by call_with_tuple
+        known = state.cache["as_of"] = AsOf(before_seq=seq, now=received if lt_seq == seq else None)
+    return known
 
 
 def _filter(state: "LuaState", value: Any) -> Filter:

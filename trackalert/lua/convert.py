@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import lupa.luajit21 as luajit
 
-from trackalert.eventlog.filters import AsOf
 from trackalert.eventlog.base import REPORT_COLUMNS
 from trackalert.lua.values import CHUNK_NAME, address_fields, guarded
 
@@ -215,17 +214,17 @@ def filter_pairs(state: "LuaState", value: Any) -> tuple[Any, ...] | None:
     return (True,) if flat is True else flat
 
 
-#: state.cache key of the as-of point of the report(lt) being run (see call_with_tuple).
-AS_OF = "as_of"
+#: state.cache key of (seq, received) of the report(lt) being run (see call_with_tuple).
+LT_TIME = "lt_time"
 
 
 def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> tuple[bool, Any]:
     """Run `fn(lt)` for one event; returns (ok, error-or-first-result).
 
-    Also leaves the helpers their as-of point for lt, with lt's time: a windowed helper then
-    need not look up when lt was received (a query on each call). They use it while
-    `state.as_of_seq` is lt's seq, as the runner sets it."""
-    state.cache[AS_OF] = AsOf(before_seq=event.seq, now=event.received)
+    Also leaves the helpers lt's time: a windowed helper then need not look up when lt was
+    received (a query on each call). They use it while `state.as_of_seq` is lt's seq, as the
+    runner sets it."""
+    state.cache[LT_TIME] = (event.seq, event.received)
     r = event.report
     table_from = state.lua.table_from
     result = runner(
