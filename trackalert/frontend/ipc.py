@@ -7,9 +7,9 @@ channel is a `socketpair` made by the core for each worker it spawns: there is n
 else could connect to.
 
 The messages sent during one event-loop iteration leave as one frame, `(BATCH, [messages])`:
-one marshal call each way for all of them instead of one per message, which is what a report
-and its acknowledgement cost the core process most. A receiver can take each read's messages
-together (`on_batch`): the core appends all the reports of one read as one group.
+one marshal call each way for all of them instead of one per message and frame. A receiver can
+take each read's messages together (`on_batch`): the core appends all the reports of one read as
+one group, with one callback for all of them instead of futures and callbacks per report.
 """
 
 from __future__ import annotations

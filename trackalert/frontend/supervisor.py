@@ -4,11 +4,10 @@ Each worker gets the listening sockets and its end of a socketpair. Over the soc
 validated reports, already enriched and encoded as rows (`trackalert.ingest.Handover`, with the
 databases the core's settings name); the core appends the reports of each read from a worker as
 one group and answers each with its seq once it is durable, so a worker's 200 means exactly what
-the single-process 200 means. Every half second the
-core pushes the settings a worker needs (ACL, password, body and connection limits) when they have
-changed, e.g. by `setACL` on the console, and merges the workers' statistics into its own, so
-`stats`, `/metrics` and the 5-minute log lines count every process. A worker that dies is logged
-and replaced.
+the single-process 200 means. Every half second the core pushes the settings a worker needs (ACL,
+password, body and connection limits, enrichment) when they have changed, e.g. by `setACL` on
+the console, and merges the workers' statistics into its own, so `stats`, `/metrics` and the
+5-minute log lines count every process. A worker that dies is logged and replaced.
 """
 
 from __future__ import annotations
