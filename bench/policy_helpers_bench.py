@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import sqlite3
 import sys
@@ -109,6 +110,9 @@ def time_shapes(path: Path, events: int, samples: int, buffer: int) -> None:
             "remote=remote, netmask=netmask, pwhash=pwhash, country=country, "
             "device_attrs={['browser.family']=browser}} end")
         picks = events_near_end(path, events, samples)
+        gc.collect()  # the collector tuned as the daemon tunes it (daemon._tune_gc)
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         sql = time_sql(state, shapes, make_lt, picks)
         projected = time_projection(loop, log, state, shapes, make_lt, picks, events)
         print(f"\n  inside report(lt), {samples:,} events among the last {WALK:,}, from Lua "
