@@ -426,7 +426,7 @@ class LeanConnection(asyncio.Protocol):
         if self._read_paused:
             self._resume_reading()
         now = self._loop.time()
-        # A pipelined request already begun counts from now, as in aiohttp.
+        # A pipelined request already begun gets its read time from now.
         self._set_deadlines(self._read_deadline(now) if self._buffer else None, now + self._idle_timeout)
         self._advance()
 
@@ -475,10 +475,10 @@ class LeanConnection(asyncio.Protocol):
         self._timer = None
         if self._transport is None or self._fallback is not None:
             return
-        now = self._loop.time()
-        if self._idle_at is not None and now >= self._idle_at:
+        now, idle_at, read_at = self._loop.time(), self._idle_at, self._read_at
+        if idle_at is not None and now >= idle_at and (read_at is None or idle_at <= read_at):
             self._transport.close()  # no whole head in time: aiohttp closes as silently
-        elif self._read_at is not None and now >= self._read_at:
+        elif read_at is not None and now >= read_at:
             self._read_timed_out()
         else:  # moved since this timer was set
             self._set_deadlines(self._read_at, self._idle_at)
