@@ -30,15 +30,22 @@ _SLOT = 8
 #: new ones to the others (see `SharedAccept._ahead_of_others`).
 BALANCE_SLACK = 1
 #: How long it leaves them at most (the others may be busy on a loaded machine, or being replaced).
-BALANCE_WAIT = 0.01
+#: 10 ms was too short on a loaded 2-core machine: a burst of 128 landed up to 93 to 35 (the other
+#: worker, descheduled for a few ms more, lost its turn); 50 ms is still one short wait per burst.
+BALANCE_WAIT = 0.05
 #: How long it stops watching the socket meanwhile. Short: while both workers were paused for
 #: PAUSE (10 ms) in turn, nobody accepted, and clients that open a connection per request ran
 #: 5.7x slower with two web processes (bench/fuzz.py, 64 connections: 24.3 s against 4.2 s).
 BALANCE_PAUSE = 0.001
+#: How long a full worker with no idle connection leaves a new connection, at the limit, to a
+#: worker that has one to close for it before refusing it. One PAUSE (10 ms) was not enough: the
+#: other worker may itself be paused for a PAUSE, or descheduled, and the connection was refused
+#: (the idle keep-alive test failed 1 run in 3 on a loaded machine).
+DEFER_WAIT = 5 * PAUSE
 #: A deferral not looked at for this long belongs to an earlier connection: a new one starts its
 #: own wait (else, after a quiet spell, a full worker refused at once a connection that a worker
 #: with an idle connection would have taken).
-STALE_WAIT = 10 * PAUSE
+STALE_WAIT = 2 * DEFER_WAIT
 
 
 def create_counts(path: str, workers: int) -> "ConnectionCounts":
@@ -184,7 +191,7 @@ class SharedAccept:
         if self._deferred_since is None or now - self._deferred_seen > STALE_WAIT:
             self._deferred_since = now  # a new connection: the wait of an earlier one is over
         self._deferred_seen = now
-        return now - self._deferred_since < PAUSE
+        return now - self._deferred_since < DEFER_WAIT
 
     async def _serve(self, conn: socket.socket, context: ssl.SSLContext | None) -> None:
         """Hand an accepted socket to a protocol of the factory, which calls its argument when
