@@ -441,3 +441,45 @@ async def test_kill_9_and_restart_keep_answers_exact(tmp_path: Path) -> None:
     assert set(ran) == set(expected), "every stored report ran at least once, and only those"
     for key, lines in ran.items():
         assert lines == {expected[key]}, key
+
+
+async def test_under_concurrent_load_with_web_processes_every_answer_is_sqls(tmp_path: Path) -> None:
+    """64 connections through two web processes (the lean path, the workers' enrichment and
+    encoding), repeated logins and addresses, filled attrs and device_attrs: every report is
+    stored once with what was sent, runs once or more, and every projection answer equals the
+    SQL's as of it."""
+    from test_lua_values import post_all
+
+    rng = random.Random(9)
+    sent = [{"login": rng.choice(["alice", "bob", "carol", "dave", "erin"]), "t": 3_000_000 + i,
+             "remote": rng.choice(REMOTES), "pwhash": rng.choice(["aa", "bb", "cc"]),
+             "success": rng.random() < 0.3, "protocol": "imap",
+             "attrs": {"n": str(i), "client": rng.choice(["x", "y"])},
+             "device_attrs": {"browser.family": rng.choice(["Firefox", "Chrome"]), "i": str(i)}}
+            for i in range(3000)]
+    config = DAEMON_POLICY + "setNumWebProcesses(2)\n"
+    db = tmp_path / "trackalert-events.db"
+    with DaemonProcess(tmp_path, config) as process:
+        statuses = await post_all(process.url("/command/report"), sent, connections=64)
+        assert statuses.count(200) == len(sent)
+
+        def all_ran() -> bool:
+            return len(answer_lines(tmp_path)) >= len(sent)
+
+        assert await wait_for(all_ran, timeout=120)
+        shown = await asyncio.to_thread(show_event_log, process)
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT t, login, remote, attrs, device_attrs FROM events").fetchall()
+    assert len(stored) == len(sent), "each report stored once"
+    by_t = {f"{row[0]:.0f}": row for row in stored}
+    for report in sent:
+        t, login, remote, attrs, device_attrs = by_t[str(report["t"])]
+        assert (login, remote, json.loads(attrs), json.loads(device_attrs)) == (
+            report["login"], report["remote"], report["attrs"], report["device_attrs"]), report
+    line = re.search(r"^Projection: +(\d+) shapes .*countDistinct (\d+) from it", shown, re.M)
+    assert line and int(line[2]) > 0, shown  # the projection did answer, not only SQL
+    expected = await daemon_expected(db)
+    ran = answer_lines(tmp_path)
+    assert set(ran) == set(expected)
+    wrong = [key for key, lines in ran.items() if lines != {expected[key]}]
+    assert not wrong, [(ran[k], expected[k]) for k in wrong[:5]]
