@@ -11,6 +11,10 @@ The file is separate from the event log on purpose: webhooks then work whatever 
 (SQLite or Elasticsearch), and the outbox stays tiny (it only holds what is in flight). It is
 written from Lua worker threads and read by the sender, so one connection is shared behind a
 lock; every statement is its own transaction, durable on return (WAL, `synchronous=FULL`).
+
+Being a file of its own, it keeps its schema version in `PRAGMA user_version` and upgrades itself
+on open (no Alembic: that is the event log's). Version 2 added `seq`, the event whose `report`
+call sent the alert, so that an alert waiting or failing can be traced to its report.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Collection
 
 __all__ = ["Delivery", "Outbox", "OutboxFull", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -38,14 +42,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
     created      REAL    NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL    NOT NULL,
-    last_error   TEXT    NOT NULL DEFAULT ''
+    last_error   TEXT    NOT NULL DEFAULT '',
+    seq          INTEGER
 );
 CREATE INDEX IF NOT EXISTS deliveries_next_attempt ON deliveries (next_attempt, row);
 """
 
 _COLUMNS = (
     "row, delivery_id, hook_id, hook_name, url, body, headers, created, attempts, next_attempt, "
-    "last_error"
+    "last_error, seq"
 )
 
 
@@ -62,7 +67,9 @@ class Delivery:
     """One request to send: everything needed to send it again, identically, after a restart.
 
     `url` is the hook's URL template: date macros are expanded at each attempt, as the original
-    expanded them at send time. `row` is 0 until the delivery is stored.
+    expanded them at send time. `row` is 0 until the delivery is stored. `seq` is the event
+    whose `report(lt)` call sent it; None for background functions, custom endpoints and the
+    console, which judge no single event.
     """
 
     delivery_id: str
@@ -76,6 +83,7 @@ class Delivery:
     next_attempt: float = 0.0
     last_error: str = ""
     row: int = 0
+    seq: int | None = None
 
 
 class Outbox:
@@ -107,8 +115,7 @@ class Outbox:
                         f"outbox {self.path} has schema version {version}, newer than this "
                         f"trackalert understands ({SCHEMA_VERSION})"
                     )
-                db.executescript(_SCHEMA)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                _upgrade(db, version)
                 self._depth = db.execute("SELECT count(*) FROM deliveries").fetchone()[0]
             except BaseException:
                 db.close()
@@ -143,11 +150,12 @@ class Outbox:
                 raise OutboxFull(self._depth)
             cursor = db.execute(
                 "INSERT INTO deliveries (delivery_id, hook_id, hook_name, url, body, headers, "
-                "created, attempts, next_attempt, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created, attempts, next_attempt, last_error, seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     delivery.delivery_id, delivery.hook_id, delivery.hook_name, delivery.url,
                     delivery.body, json.dumps(delivery.headers), delivery.created,
-                    delivery.attempts, delivery.next_attempt, delivery.last_error,
+                    delivery.attempts, delivery.next_attempt, delivery.last_error, delivery.seq,
                 ),
             )
             self._depth += 1
@@ -195,11 +203,12 @@ class Outbox:
                 return float(next_attempt)
         return None
 
-    def pending(self) -> list[Delivery]:
-        """Every stored delivery, oldest first (for inspection and tests)."""
+    def pending(self, limit: int = -1) -> list[Delivery]:
+        """The stored deliveries, oldest first, at most `limit` (-1: all) for the console's
+        listing, which must stay small however deep the outbox is."""
         with self._lock:
             rows = self._connection().execute(
-                f"SELECT {_COLUMNS} FROM deliveries ORDER BY row"
+                f"SELECT {_COLUMNS} FROM deliveries ORDER BY row LIMIT ?", (limit,)
             ).fetchall()
         return [_delivery(r) for r in rows]
 
@@ -213,13 +222,31 @@ class Outbox:
         return self._db
 
 
+def _upgrade(db: sqlite3.Connection, version: int) -> None:
+    """Bring a file of schema `version` (0: new) to SCHEMA_VERSION in one transaction, so a
+    crash mid-upgrade leaves the old version, not half of the new one. Deliveries stored by
+    version 1 keep no seq (NULL: not known)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 1:
+            db.execute("ALTER TABLE deliveries ADD COLUMN seq INTEGER")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def _delivery(row: tuple) -> Delivery:
     (number, delivery_id, hook_id, hook_name, url, body, headers, created, attempts,
-     next_attempt, last_error) = row
+     next_attempt, last_error, seq) = row
     return Delivery(
         delivery_id=delivery_id, hook_id=int(hook_id), hook_name=hook_name, url=url,
         body=bytes(body), headers=json.loads(headers), created=float(created),
         attempts=int(attempts), next_attempt=float(next_attempt), last_error=last_error,
-        row=int(number),
+        row=int(number), seq=None if seq is None else int(seq),
     )
 

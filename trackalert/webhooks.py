@@ -99,7 +99,8 @@ def _base64_sha256(material: bytes) -> str:
     return base64.b64encode(hashlib.sha256(material).digest()).decode("ascii")
 
 
-def build_delivery(hook: CustomWebHook, body: bytes, now: float, cause: str | None = None) -> Delivery:
+def build_delivery(hook: CustomWebHook, body: bytes, now: float, cause: str | None = None,
+                   seq: int | None = None) -> Delivery:
     """The complete request for one `runCustomWebHook` call, ready to be stored and sent."""
     delivery_id = new_delivery_id(now, hook) if cause is None else caused_delivery_id(cause, hook, body)
     headers = {
@@ -117,7 +118,7 @@ def build_delivery(hook: CustomWebHook, body: bytes, now: float, cause: str | No
         headers["X-API-Key"] = hook.api_key
     return Delivery(
         delivery_id=delivery_id, hook_id=hook.id, hook_name=hook.name, url=hook.url, body=body,
-        headers=headers, created=now, next_attempt=now,
+        headers=headers, created=now, next_attempt=now, seq=seq,
     )
 
 
@@ -190,19 +191,19 @@ class WebHooks:
 
     # -- runCustomWebHook (Lua worker threads) ---------------------------------------------------
 
-    def run(self, name: str, body: bytes, cause: str | None = None) -> bool:
+    def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None) -> bool:
         """Store one delivery durably; true once it is on disk, false (and logged) otherwise.
 
         `cause` (what made the policy send it, see `caused_delivery_id`) makes the delivery id
         repeatable; the same alert again while the first still waits in the outbox is stored
-        once."""
+        once. `seq` (the event `report` judged) is stored with it to trace the alert."""
         hook = self.find(name)
         if hook is None:
             log.logger.error(
                 "Attempting to run custom webhook with name %s but no such webhook exists!", name
             )
             return False
-        delivery = build_delivery(hook, body, self._clock.time(), cause)
+        delivery = build_delivery(hook, body, self._clock.time(), cause, seq)
         try:
             self.outbox().enqueue(delivery, self._settings.webhooks.queue_size)
         except OutboxFull as full:

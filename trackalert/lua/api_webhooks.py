@@ -7,6 +7,7 @@ start live in `Settings.webhooks`.
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.durations import format_span, parse_span
@@ -69,8 +70,10 @@ def _add_custom_webhook(state: "LuaState") -> Callable[[Any, Any], None]:
     caused the alert (in `report`: the event's seq; in a background function: its name and
     scheduled time; plus the hook and the body), so the alerts of a policy that runs again
     after a crash carry the same ids as the first time; in a custom endpoint it is unique
-    (random). Returns false, and logs why, when
-    the name is unknown or the outbox is full (`setWebHookQueueSize`;
+    (random). The delivery also records the seq of the event `report(lt)` judged, to trace a
+    live alert to its report (`showWebHookOutbox`); background functions, custom endpoints
+    and the console judge no single event, so their deliveries carry none. Returns false, and
+    logs why, when the name is unknown or the outbox is full (`setWebHookQueueSize`;
     `trackalert_webhook_outbox_full_total`); nothing is dropped silently.""",
     example='runCustomWebHook("alert", \'{"login":"\' .. lt.login .. \'"}\')', topic="webhooks",
 )
@@ -85,7 +88,7 @@ def _run_custom_webhook(state: "LuaState") -> Callable[[Any, Any], bool]:
             body = number_text(data).encode("utf-8")
         else:
             raise TypeError(f"webhook data must be a string, got {describe(data)}")
-        return _webhooks(state).run(name, body, alert_cause(state))
+        return _webhooks(state).run(name, body, alert_cause(state), state.as_of_seq)
 
     return run_custom_webhook
 
@@ -110,6 +113,42 @@ def alert_cause(state: "LuaState") -> str | None:
 )
 def _show_custom_webhooks(state: "LuaState") -> Callable[[], None]:
     return lambda: state.host.console_replace(_webhooks(state).show())
+
+
+@lua_global(
+    "showWebHookOutbox", Where.CONFIG, "showWebHookOutbox([n])",
+    """Console output: the first `n` (default 20) deliveries waiting in the outbox to be sent
+    or retried, oldest first, with their row, hook, `seq`, attempts, next attempt (UTC), last
+    error and delivery id. `seq` is the event whose `report(lt)` sent the alert, the key to its
+    report in the event log (`trackalert export`, `trackalert-replay`); `-` for alerts sent by
+    a background function, a custom endpoint or the console, which judge no single event.""",
+    example="showWebHookOutbox(50)", topic="console",
+)
+def _show_outbox(state: "LuaState") -> Callable[..., None]:
+    def show_outbox(count: Any = None) -> None:
+        limit = 20 if count is None else _positive_int("showWebHookOutbox")(count)
+        state.host.console_replace(_outbox_listing(_webhooks(state), limit))
+
+    return show_outbox
+
+
+def _outbox_listing(webhooks: "WebHooks", limit: int) -> str:
+    """The outbox as a table; a config without webhooks has no outbox file, and looking must
+    not create one."""
+    if not webhooks.hooks and not os.path.exists(webhooks.outbox_path()):
+        return "No webhook outbox (no custom webhook is registered)\n"
+    outbox = webhooks.outbox()
+    fmt = "{:<7} {:<16.16} {:<10} {:<8} {:<19} {:<44} {}\n"
+    lines = [fmt.format("Row", "Hook", "Seq", "Attempts", "Next attempt (UTC)", "Delivery id",
+                        "Last error")]
+    for d in outbox.pending(limit):
+        seq = "-" if d.seq is None else str(d.seq)
+        due = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.next_attempt))
+        lines.append(fmt.format(d.row, d.hook_name, seq, d.attempts, due, d.delivery_id,
+                                d.last_error.replace("\n", " ")))
+    depth = outbox.depth()
+    lines.append(f"{depth} deliveries waiting" + (f", first {limit} shown\n" if depth > limit else "\n"))
+    return "".join(lines)
 
 
 def _positive_int(name: str) -> Callable[[Any], int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from typing import TYPE_CHECKING
 
 from trackalert import log
@@ -240,4 +241,14 @@ class PolicyRunner:
         except Exception as exc:  # a conversion fault must not stop the batch
             ok, error = False, f"{type(exc).__name__}: {exc}"
         if not ok:
-            self._host.lua_error("report", str(error))
+            self._host.lua_error("report", _naming_the_event(str(error), event))
+
+
+def _naming_the_event(error: str, event: "Event") -> str:
+    """The error with the report it failed on, so an operator finds that report in the log (and
+    can replay it). It goes at the end of the first line, before any stack traceback, where a
+    grep for the error finds it. The login is JSON-quoted: it is attacker-controlled, and a
+    newline in it must not forge a log line."""
+    first, newline, rest = error.partition("\n")
+    login = json.dumps(event.report.login, ensure_ascii=False)
+    return f"{first} (event seq {event.seq}, login {login}){newline}{rest}"
