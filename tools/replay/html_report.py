@@ -323,14 +323,14 @@ def _overview(summary: dict) -> str:
 
 
 def _errors(summary: dict) -> str:
-    rows = [[_count(err.get("seq")), f"<pre>{_e(err.get('message', ''))}</pre>"]
+    rows = [[_e(err.get("seq")), f"<pre>{_e(err.get('message', ''))}</pre>"]
             for err in summary.get("errors", [])]
     return _table(["seq", "message"], rows, [True, False])
 
 
 def _body_text(body: Any) -> str:
-    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, indent=1,
-                                                         sort_keys=False)
+    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False,
+                                                         separators=(", ", ": "))
     if len(text) > BODY_CHARS:
         text = text[:BODY_CHARS] + f"… ({len(text) - BODY_CHARS:,} more characters)"
     return text
@@ -339,7 +339,7 @@ def _body_text(body: Any) -> str:
 def _examples(alerts: Sequence[dict], total: int | None = None) -> str:
     """The first EXAMPLES alerts in seq order, whole enough to judge each one."""
     ordered = sorted(alerts, key=lambda a: (a["seq"], a["time"]))[:EXAMPLES]
-    rows = [[_count(a["seq"]), _e(_utc(a["time"])), f'<span class="k">{_e(a["hook"])}</span>',
+    rows = [[_e(a["seq"]), _e(_utc(a["time"])), f'<span class="k">{_e(a["hook"])}</span>',
              f'<span class="k">{_e(_label(_policy(a)))}</span>', f'<span class="k">{_e(a["login"])}</span>',
              f'<span class="k">{_e(a["remote"])}</span>', f"<pre>{_e(_body_text(a['body']))}</pre>"]
             for a in ordered]
