@@ -16,11 +16,16 @@ from pathlib import Path
 
 import aiohttp
 
+from trackalert.clock import VirtualClock
 from trackalert.console.client import ConsoleConnection
 from trackalert.console.protocol import encode_key
+from trackalert.lua.host import Host
+from trackalert.lua.state import LuaState, StateKind
 from trackalert.netaddr import parse_combo
 from trackalert.outbox import Delivery, Outbox
+from trackalert.settings import Settings
 from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+from trackalert.webhooks import WebHooks
 
 KEY = bytes(range(3, 35))
 #: Reports posted at once: two Lua states judge them, so a seq taken from the wrong state or
@@ -151,3 +156,19 @@ def test_a_version_1_outbox_keeps_its_deliveries_and_gains_the_seq(tmp_path: Pat
         outbox.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_looking_at_the_outbox_of_a_config_without_webhooks_creates_no_file(tmp_path: Path) -> None:
+    clock = VirtualClock(1_700_000_000.0)
+    host = Host(settings=Settings(config_dir=str(tmp_path)), clock=clock)
+    host.webhooks = WebHooks(host.settings, host.metrics, clock)
+    state = LuaState(StateKind.CONFIG, host)
+    state.execute("showWebHookOutbox()")
+    assert host.take_console_output() == "No webhook outbox (no custom webhook is registered)\n"
+    assert not (tmp_path / "trackalert-outbox.db").exists()
+    state.execute('addCustomWebHook("alert", {url="http://127.0.0.1:9/"})')
+    state.execute("showWebHookOutbox(5)")
+    lines = host.take_console_output().splitlines()
+    assert lines[0].split() == ["Row", "Hook", "Seq", "Attempts", "Next", "attempt", "(UTC)",
+                                "Delivery", "id", "Last", "error"]
+    assert lines[1:] == ["0 deliveries waiting"]
