@@ -27,11 +27,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from trackalert.eventlog.base import Event, delivery_key
-from trackalert.eventlog.rows import DELIVERY_COLUMN, GEO_COLUMNS, _geo_from_columns, decode_row, encode_row
+from trackalert.eventlog.base import Event
+from trackalert.eventlog.rows import (
+    DELIVERY_COLUMN, GEO_COLUMNS, _geo_from_columns, decode_row, encode_enriched, encode_row,
+)
 from trackalert.eventlog.schema import EVENT_COLUMNS
 from trackalert.eventlog.sqlite import BUSY_TIMEOUT_MS, SQLiteEventLog
-from trackalert.report import Report, ReportError, parse_delivery_id, report_from_dict
+from trackalert.report import Report, ReportError, fingerprint, parse_delivery_id, report_from_dict
 
 #: The enrichment members of an export line, in the order of the log's columns.
 GEO_KEYS = ("country", "city", "latitude", "longitude", "asn", "isp")
@@ -174,21 +176,25 @@ class Parsed:
     report: Report
 
 
-def parse_line(text: str | bytes, line: int,
+def parse_line(text: bytes, line: int,
                enrich: Callable[[Report], Report] | None = None) -> Parsed:
     """An export line, or a plain wforce report (itself, or as an Elasticsearch/Logstash hit's
     `_source`) whose `received` is its `t`. Plain reports are enriched with `enrich`; an export
     line keeps the enrichment it was stored with. Raises ReportError saying why not."""
     try:
-        doc = _decode(text.decode("utf-8") if isinstance(text, bytes) else text)
+        decoded = text.decode("utf-8")
+        doc = _decode(decoded)
     except UnicodeDecodeError as exc:
         raise ReportError(f"not valid UTF-8: {exc.reason}") from None
     except (ValueError, RecursionError) as exc:
         raise ReportError(f"not valid JSON: {exc}") from None
     if type(doc) is not dict:
         raise ReportError("not a JSON object")
+    # Strict UTF-8 and no escapes: every text is valid Unicode (only an escape can smuggle a
+    # lone surrogate in), so encoding the row needs no proof of it.
+    proven = "\\u" not in decoded
     if "report" in doc and "received" in doc:
-        return _parse_export(doc, line)
+        return _parse_export(doc, line, proven)
     source = doc.get("_source")
     body = source if type(source) is dict else doc
     t = body.get("t")
@@ -200,46 +206,57 @@ def parse_line(text: str | bytes, line: int,
     return Parsed(line, float(t), None, encode_row(report, None), None, report)
 
 
-def _parse_export(doc: dict[str, Any], line: int) -> Parsed:
-    unknown = [key for key in doc if key not in EXPORT_KEYS]
-    if unknown:
-        raise ReportError(f"unknown member(s) of an export line: {', '.join(unknown)}")
-    seq, received, report_doc = doc.get("seq"), doc["received"], doc["report"]
+def _parse_export(doc: dict[str, Any], line: int, proven: bool) -> Parsed:
+    if len(doc) != len(EXPORT_KEYS):
+        unknown = [key for key in doc if key not in EXPORT_KEYS]
+        raise ReportError(f"unknown member(s) of an export line: {', '.join(unknown)}"
+                          if unknown else "an export line needs seq, received, delivery_id, "
+                          "report and enrichment")
+    seq, received, report_doc = doc["seq"], doc["received"], doc["report"]
     if type(seq) is not int or seq < 1:
         raise ReportError("'seq' must be a positive integer")
     if type(received) not in (int, float) or not math.isfinite(received):
         raise ReportError("'received' must be a finite number")
     if type(report_doc) is not dict:
         raise ReportError("'report' must be an object")
-    delivery_id = doc.get("delivery_id")
+    delivery_id = doc["delivery_id"]
     if delivery_id is not None and type(delivery_id) is not str:
         raise ReportError("'delivery_id' must be a string or null")
     delivery_id = parse_delivery_id(delivery_id)
-    geo = _enrichment_columns(doc.get("enrichment"))
+    geo = _enrichment_columns(doc["enrichment"])
     report = report_from_dict(report_doc, float(received))
-    row = encode_row(report, delivery_id)
+    row = encode_enriched(report, delivery_id, report.device_attrs, None, None,
+                          text_proven=proven)
     row = row[:GEO_COLUMNS.start] + geo + row[GEO_COLUMNS.stop:]
-    return Parsed(line, float(received), seq, row, delivery_key(report, delivery_id, None), report)
+    # The stored row stands for the body: the same id with the same event is a retry.
+    key = (delivery_id, fingerprint(repr(row).encode())) if delivery_id is not None else None
+    return Parsed(line, float(received), seq, row, key, report)
+
+
+_NO_GEO = (None,) * len(GEO_KEYS)
 
 
 def _enrichment_columns(value: Any) -> tuple:
     """The six columns of an export line's enrichment; "" is stored as NULL, as ingest does."""
     if value is None:
-        return (None,) * len(GEO_KEYS)
+        return _NO_GEO
     if type(value) is not dict:
         raise ReportError("'enrichment' must be an object or null")
-    unknown = [key for key in value if key not in _GEO_TYPES]
-    if unknown:
+    if len(value) > len(GEO_KEYS) or not value.keys() <= _GEO_TYPES.keys():
+        unknown = [key for key in value if key not in _GEO_TYPES]
         raise ReportError(f"unknown member(s) of 'enrichment': {', '.join(unknown)}")
-    columns = []
-    for key in GEO_KEYS:
-        item = value.get(key)
-        if item is not None and (type(item) not in _GEO_TYPES[key] or type(item) is bool):
+    get = value.get
+    columns = (get("country"), get("city"), get("latitude"), get("longitude"), get("asn"),
+               get("isp"))
+    if columns == _NO_GEO:
+        return _NO_GEO
+    for key, item in zip(GEO_KEYS, columns):
+        if item is not None and type(item) not in _GEO_TYPES[key]:
             raise ReportError(f"'enrichment.{key}' has the wrong type")
-        if key in ("latitude", "longitude") and item is not None:
-            item = float(item)
-        columns.append(item if item != "" else None)
-    return tuple(columns)
+    country, city, latitude, longitude, asn, isp = columns
+    return (country or None, city or None,
+            float(latitude) if latitude is not None else None,
+            float(longitude) if longitude is not None else None, asn, isp or None)
 
 
 def read_export(path: str) -> Iterator[Event]:
