@@ -13,8 +13,8 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-import aiohttp
 import pytest
+from test_daemon import hammer
 
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import Event
@@ -24,10 +24,9 @@ from trackalert.eventlog.history import (
 from trackalert.eventlog.rows import encode_row
 from trackalert.eventlog.sqlite import HistoryOrderError, SQLiteEventLog
 from trackalert.report import Enrichment, Report, parse_report
-from trackalert.testing import DaemonProcess, basic_auth, listener_config
+from trackalert.testing import DaemonProcess, listener_config
 
 T0 = 1_795_000_000.0
-AUTH = basic_auth()
 
 # --------------------------------------------------------------------------- a varied log
 
@@ -306,20 +305,7 @@ setReport(function(lt) local n = countReports({login = lt.login}) end)
 async def post_reports(process: DaemonProcess, total: int, concurrency: int) -> list[str]:
     """`total` reports over `concurrency` connections; the acknowledged logins."""
     acked: list[str] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(total):
-        queue.put_nowait(i)
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        while not queue.empty():
-            i = queue.get_nowait()
-            body = json.dumps({"login": f"user{i}", "remote": "192.0.2.1", "success": True})
-            async with session.post(process.url("/command/report"), data=body, headers=AUTH) as resp:
-                if resp.status == 200:
-                    acked.append(f"user{i}")
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    await hammer(process, "user", total, concurrency, acked)
     return acked
 
 
