@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import datetime
 import io
+import math
 import os
 import sys
 from typing import IO, Any, Callable, NoReturn, Sequence
@@ -133,9 +134,13 @@ def _history_parser(name: str, description: str) -> argparse.ArgumentParser:
 def parse_time(text: str) -> float:
     """Epoch seconds, or an ISO 8601 date/time (UTC unless it says otherwise)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a time")
+        return value
     try:
         when = datetime.datetime.fromisoformat(text)
     except ValueError:

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import sqlite3
 import time
 import urllib.parse
@@ -44,8 +45,8 @@ _GEO_TYPES: dict[str, tuple[type, ...]] = {
 #: Where the enrichment sits in a whole `events` row (after seq and received).
 _TABLE_GEO = slice(GEO_COLUMNS.start + 2, GEO_COLUMNS.stop + 2)
 EXPORT_KEYS = ("seq", "received", "delivery_id", "report", "enrichment")
-#: Events per import transaction: large enough that the commit (an fsync) is a small part of
-#: it, small enough that the chunk being parsed and the one being committed fit in cache.
+#: Events per import transaction: enough that its commit (an fsync) is a small part of the cost,
+#: few enough that the writer's two queued chunks stay a small part of the import's memory.
 CHUNK = 10_000
 #: How many bad or out-of-order line numbers an import lists (it counts them all).
 MAX_LISTED = 20
@@ -75,12 +76,13 @@ class ImportRefused(HistoryError):
 # --------------------------------------------------------------------------- export
 
 
-def open_snapshot(log_path: str) -> sqlite3.Connection:
+def open_snapshot(log_path: str | os.PathLike[str]) -> sqlite3.Connection:
     """A read-only connection on a log file, inside one read transaction (a consistent view).
 
     Read-only by URI, so it can never take the write lock of a running daemon's file, and a
     missing file is an error instead of a new empty database.
     """
+    log_path = os.fspath(log_path)
     uri = "file:" + urllib.parse.quote(log_path) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None,
@@ -112,7 +114,7 @@ def export_line(row: Sequence[Any]) -> str:
 
 
 def export_events(
-    log_path: str,
+    log_path: str | os.PathLike[str],
     out: IO[str],
     from_: float | None = None,
     to: float | None = None,
@@ -173,7 +175,8 @@ class Parsed:
     seq: int | None
     row: tuple
     key: tuple | None
-    report: Report
+    #: The report the row stores (an import drops it once encoded: --sort holds every line).
+    report: Report | None
 
 
 def parse_line(text: bytes, line: int,
@@ -259,7 +262,7 @@ def _enrichment_columns(value: Any) -> tuple:
             float(longitude) if longitude is not None else None, asn, isp or None)
 
 
-def read_export(path: str) -> Iterator[Event]:
+def read_export(path: str | os.PathLike[str]) -> Iterator[Event]:
     """The events of an export file, in file order (for replay); a line that is not a valid
     export line raises HistoryError naming it."""
     with open(path, "rb") as source:
@@ -274,6 +277,7 @@ def read_export(path: str) -> Iterator[Event]:
                 raise HistoryError(f"{path}:{number}: a wforce report, not an export line "
                                    "(import it into a log first)")
             row = parsed.row
+            assert parsed.report is not None
             report = dataclasses.replace(parsed.report, geo=_geo_from_columns(*row[GEO_COLUMNS]))
             yield Event(parsed.seq, parsed.received, report, row[DELIVERY_COLUMN])
 
@@ -347,7 +351,7 @@ def _parsed_lines(source: IO[bytes], name: str, enrich: Callable[[Report], Repor
         if not text.strip():
             continue
         try:
-            yield parse_line(text, number, enrich)
+            parsed = parse_line(text, number, enrich)
         except ReportError as exc:
             if on_bad is not None:
                 on_bad(name, number, str(exc))
@@ -356,6 +360,9 @@ def _parsed_lines(source: IO[bytes], name: str, enrich: Callable[[Report], Repor
             result.bad += 1
             if len(result.bad_lines) < MAX_LISTED:
                 result.bad_lines.append(number)
+        else:
+            parsed.report = None
+            yield parsed
 
 
 def _sorted(parsed: list[Parsed], result: ImportResult) -> list[Parsed]:
