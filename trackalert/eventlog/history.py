@@ -353,10 +353,10 @@ def _parsed_lines(source: IO[bytes], name: str, enrich: Callable[[Report], Repor
         try:
             parsed = parse_line(text, number, enrich)
         except ReportError as exc:
-            if on_bad is not None:
-                on_bad(name, number, str(exc))
             if not skip_bad:
                 raise ImportRefused(f"{name}:{number}: {exc}", [number]) from None
+            if on_bad is not None:
+                on_bad(name, number, str(exc))
             result.bad += 1
             if len(result.bad_lines) < MAX_LISTED:
                 result.bad_lines.append(number)
