@@ -3,14 +3,22 @@
 Differences on purpose: `-f` selects the syslog facility for real, `-R` is honoured (device
 parsing), `-d` is a real daemon whose parent waits for readiness, and every start-up failure exits
 non-zero with a message that says what to fix.
+
+New: `trackalert export` and `trackalert import` move a log's history as NDJSON (docs/history.md).
+A first argument that names a subcommand picks it; anything else is the daemon's command line,
+so every C++ option keeps working as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime
+import io
+import math
 import os
 import sys
-from typing import NoReturn, Sequence
+from typing import IO, Any, Callable, NoReturn, Sequence
 
 from trackalert import __version__, log
 
@@ -27,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="trackalert",
         description="Track login reports in a persisted event log and run Lua policies over them.",
+        epilog="subcommands:\n  export    write the event log (or part of it) as NDJSON\n"
+               "  import    load NDJSON exports or wforce report lines into an event log\n"
+               "(`trackalert export --help`, `trackalert import --help`)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-C", "--config", metavar="FILE", help="configuration file")
     parser.add_argument(
@@ -63,7 +75,10 @@ def _log_level(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[arguments[0]](arguments[1:])
+    args = build_parser().parse_args(arguments)
     if not log.valid_facility(args.facility):
         sys.stderr.write("Bad log facility\n")
         return 1
@@ -97,6 +112,211 @@ def main(argv: Sequence[str] | None = None) -> int:
         loglevel=level, facility=args.facility,
     )
     return run_server(options)
+
+
+# --------------------------------------------------------------------------- export / import
+
+#: Exit statuses of the history subcommands (docs/history.md).
+EXIT_OK, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2
+
+
+def _history_parser(name: str, description: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"trackalert {name}", description=description)
+    parser.add_argument("--log", metavar="FILE", help="the SQLite event log file")
+    parser.add_argument("-C", "--config", metavar="FILE",
+                        help="configuration file: its setEventLog (or the default log next to "
+                             "it) when --log is not given" + (
+                                 "; its GeoIP databases (setEnrichment) enrich wforce report "
+                                 "lines" if name == "import" else ""))
+    return parser
+
+
+def parse_time(text: str) -> float:
+    """Epoch seconds, or an ISO 8601 date/time (UTC unless it says otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a time")
+        return value
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither epoch seconds nor an ISO date/time (2026-11-21T10:06:04Z)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+class _Config:
+    """The config file run as the daemon runs it, for its log and its enrichment.
+
+    Relative paths in a config are relative to its directory (the daemon works there), so the
+    config runs there; the caller's own paths are made absolute first."""
+
+    def __init__(self, path: str) -> None:
+        from trackalert.daemon import Daemon, Options, StartupError
+
+        path = os.path.abspath(path)
+        previous = os.getcwd()
+        os.chdir(os.path.dirname(path))
+        try:
+            self.daemon = Daemon(Options(config_file=path, config_dir=os.getcwd()))
+            self.daemon.load_config()
+            settings = self.daemon.host.settings
+            url = settings.eventlog_url or settings.default_eventlog_url()
+            from trackalert.eventlog import sqlite_path
+
+            self.log_path = os.path.abspath(sqlite_path(url))
+        except (StartupError, ValueError) as exc:
+            raise _CliError(str(exc)) from None
+        finally:
+            os.chdir(previous)
+
+    def enrich(self) -> "Callable[[Any], Any] | None":
+        enricher = self.daemon.host.enricher
+        return enricher.enrich if enricher is not None else None
+
+
+class _CliError(Exception):
+    pass
+
+
+def _log_file(args: argparse.Namespace) -> tuple[str, "_Config | None"]:
+    """--log, else the log of -C (or of the default config)."""
+    config = _Config(args.config or default_config()) if args.config or not args.log else None
+    path = os.path.abspath(args.log) if args.log else config.log_path  # type: ignore[union-attr]
+    return path, config
+
+
+def _progress(what: str) -> Any:
+    if not sys.stderr.isatty():
+        return None
+    from trackalert.eventlog.history import Progress
+
+    return Progress(sys.stderr, what)
+
+
+def _quiet_logging() -> None:
+    """Warnings and errors to stderr only: stdout may be the export itself."""
+    log.configure(level=4, console=True, facility=None, stream=sys.stderr)
+
+
+def export_main(argv: Sequence[str]) -> int:
+    parser = _history_parser("export", "Write an event log, or a part of it, as NDJSON: one "
+                             "event per line (seq, received, delivery_id, report, enrichment).")
+    parser.add_argument("--from", dest="from_", metavar="TIME", type=parse_time,
+                        help="only events received at or after TIME (epoch or ISO date/time)")
+    parser.add_argument("--to", metavar="TIME", type=parse_time,
+                        help="only events received before TIME")
+    parser.add_argument("--login", action="append", default=[], metavar="LOGIN",
+                        help="only this login's events (repeat for more)")
+    parser.add_argument("--out", metavar="FILE", help="write here instead of stdout")
+    args = parser.parse_args(argv)
+    _quiet_logging()
+    from trackalert.eventlog.history import HistoryError, export_events
+
+    try:
+        path, _ = _log_file(args)
+        out: IO[str] = (open(args.out, "w", encoding="utf-8", newline="\n") if args.out
+                        else io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n"))
+        progress = _progress("export")
+        try:
+            count = export_events(path, out, args.from_, args.to, args.login, progress)
+        finally:
+            out.flush()
+            if args.out:
+                out.close()
+            else:
+                out.detach()
+            if progress is not None:
+                progress.close()
+    except (_CliError, HistoryError, OSError) as exc:
+        sys.stderr.write(f"trackalert export: {exc}\n")
+        return EXIT_ERROR
+    sys.stderr.write(f"trackalert export: {count} event(s) from {path}\n")
+    return EXIT_OK
+
+
+def import_main(argv: Sequence[str]) -> int:
+    parser = _history_parser("import", "Load NDJSON into an event log: exports (trackalert "
+                             "export) or wforce report lines, bare or as an Elasticsearch "
+                             "hit's _source, whose 't' becomes their received time.")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NDJSON file, or - for stdin")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="go on past bad lines (and count them) instead of refusing the file")
+    parser.add_argument("--sort", action="store_true",
+                        help="sort each file by received (stable) instead of refusing one "
+                             "that is out of order")
+    args = parser.parse_args(argv)
+    _quiet_logging()
+    try:
+        path, config = _log_file(args)
+    except _CliError as exc:
+        sys.stderr.write(f"trackalert import: {exc}\n")
+        return EXIT_ERROR
+    enrich = config.enrich() if config is not None else None
+    return asyncio.run(_import_all(path, args, enrich))
+
+
+async def _import_all(path: str, args: argparse.Namespace,
+                      enrich: "Callable[[Any], Any] | None") -> int:
+    from trackalert.clock import RealClock
+    from trackalert.eventlog.base import EventLogError
+    from trackalert.eventlog.history import MAX_LISTED, ImportRefused, import_file
+    from trackalert.eventlog.sqlite import SQLiteEventLog
+
+    shown = [0]
+
+    def on_bad(name: str, line: int, why: str) -> None:
+        shown[0] += 1
+        if shown[0] <= MAX_LISTED:
+            sys.stderr.write(f"trackalert import: {name}:{line}: {why}\n")
+
+    eventlog = SQLiteEventLog(path, RealClock())
+    try:
+        await eventlog.open()
+    except (EventLogError, OSError) as exc:
+        sys.stderr.write(f"trackalert import: cannot open the event log {path}: {exc}\n")
+        return EXIT_ERROR
+    try:
+        for name in args.inputs:
+            progress = _progress(f"import {name}")
+            try:
+                with _open_input(name) as source:
+                    result = await import_file(
+                        eventlog, source, name, enrich=enrich, skip_bad=args.skip_bad,
+                        sort=args.sort, on_bad=on_bad, progress=progress)
+            except ImportRefused as exc:
+                sys.stderr.write(f"trackalert import: {exc}\ntrackalert import: nothing of "
+                                 f"{name} was imported\n")
+                return EXIT_REFUSED
+            except (EventLogError, OSError) as exc:
+                sys.stderr.write(f"trackalert import: {name}: {exc}\ntrackalert import: "
+                                 f"nothing of {name} was imported\n")
+                return EXIT_ERROR
+            finally:
+                if progress is not None:
+                    progress.close()
+            print(result.summary(), flush=True)
+        return EXIT_OK
+    finally:
+        await eventlog.close()
+
+
+def _open_input(name: str) -> IO[bytes]:
+    if name == "-":
+        return open(sys.stdin.fileno(), "rb", closefd=False)
+    return open(name, "rb")
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "export": export_main, "import": import_main,
+}
 
 
 if __name__ == "__main__":

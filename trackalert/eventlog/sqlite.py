@@ -23,6 +23,7 @@ import os
 import queue
 import sqlite3
 import threading
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable
 
 from sqlalchemy import URL, create_engine, event, select
@@ -167,6 +168,103 @@ class _PruneDeliveries(_Op):
         return deleted, end[0]
 
 
+class HistoryOrderError(EventLogError):
+    """History that would make `received` step back in seq order (the log's searches rely on it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryChunk:
+    """What `SQLiteEventLog.append_history` tells the caller about one chunk."""
+
+    stored: int
+    #: Deliveries (same id, same report) already in the log or earlier in the chunk: not stored.
+    duplicates: int
+    #: Events that could not keep the seq they asked for (it was not above the log's end).
+    renumbered: int
+    first_seq: int
+    #: The log's end after the chunk (its newest seq, or the high-water mark retention left).
+    last_seq: int
+
+
+class _HistoryItem:
+    """Work for the writer that takes a transaction of its own (history import), never a share
+    of an append batch: it moves the writer's position in ways the batch path does not expect."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[Any] | None = None
+
+    def run(self, writer: "_Writer", conn: sqlite3.Connection) -> Any:
+        raise NotImplementedError
+
+
+class _HistoryAppend(_HistoryItem):
+    """Events with their own `received` (and the seq they would keep), in one transaction.
+
+    Items are (row, wanted seq or None, delivery key or None, received): the key third, where
+    `_Writer._known_deliveries` looks for it.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[tuple]) -> None:
+        super().__init__()
+        self.items = items
+
+    def run(self, writer: "_Writer", conn: sqlite3.Connection) -> HistoryChunk:
+        known, _ = writer._known_deliveries(conn, self.items)
+        seq, floor = writer.last_seq, writer.last_received
+        rows: list[tuple] = []
+        new_deliveries: list[tuple] = []
+        duplicates = renumbered = 0
+        for row, wanted, key, received in self.items:
+            if not received >= floor:  # NaN fails too
+                raise HistoryOrderError(
+                    f"an event received at {received!r} would follow one received at {floor!r}: "
+                    "received must not step back in seq order"
+                )
+            if key is not None:
+                if key in known:
+                    duplicates += 1
+                    continue
+            if wanted is not None and wanted > seq:
+                seq = wanted
+            else:
+                seq += 1
+                renumbered += wanted is not None
+            if key is not None:
+                known[key] = seq
+                new_deliveries.append(key + (seq, received))
+            rows.append((seq, received) + row)
+            floor = received
+        conn.executemany(_INSERT_EVENT, rows)
+        if new_deliveries:
+            conn.executemany(_INSERT_DELIVERY, new_deliveries)
+        first = rows[0][0] if rows else 0
+        writer.last_seq, writer.last_received = seq, floor
+        return HistoryChunk(len(rows), duplicates, renumbered, first, seq)
+
+
+class _HistoryDiscard(_HistoryItem):
+    """Remove every event after `upto` and give seqs above it back: an import that failed half
+    way leaves the log as it found it (seqs stay contiguous)."""
+
+    __slots__ = ("upto",)
+
+    def __init__(self, upto: int) -> None:
+        super().__init__()
+        self.upto = upto
+
+    def run(self, writer: "_Writer", conn: sqlite3.Connection) -> int:
+        deleted = conn.execute("DELETE FROM events WHERE seq > ?", (self.upto,)).rowcount
+        conn.execute("DELETE FROM deliveries WHERE seq > ?", (self.upto,))
+        conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq > ?",
+                     (self.upto, self.upto))
+        writer.load_position()
+        return deleted
+
+
 #: An append as the writer sees it: (row without seq/received, report, delivery key or None,
 #: sink, index). The sink is the append's own future (index -1) or the `_Group` of the appends
 #: submitted together (index: the append's place in it). A group is queued as one list.
@@ -253,6 +351,9 @@ class _Writer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._committed: _Committed | None = None
         self._failed: _Failed | None = None
+        #: Set (never cleared) once history is queued: only then do batches need sorting out.
+        self.history_queued = False
+        self._history_done: Callable[[Any, Any, BaseException | None, int], None] | None = None
 
     # -- set-up (runs in a worker thread, before the writer thread starts)
 
@@ -383,8 +484,44 @@ class _Writer:
 
     def _process(self, batch: list[Any]) -> bool:
         """Commit one batch; report the outcomes back. True when told to stop."""
+        if self.history_queued:
+            batch = self._commit_history_apart(batch)
+            if not batch:
+                return False
         self._commit(batch)
         return any(type(item) is _Stop for item in batch)
+
+    def _commit_history_apart(self, batch: list[Any]) -> list[Any]:
+        """Give each history item its own transaction, in queue order; the rest of the batch
+        (what was queued after the last of them) is returned for the ordinary commit."""
+        rest: list[Any] = []
+        for item in batch:
+            if isinstance(item, _HistoryItem):
+                if rest:
+                    self._commit(rest)
+                    rest = []
+                self._commit_history(item)
+            else:
+                rest.append(item)
+        return rest
+
+    def _commit_history(self, item: _HistoryItem) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                value = item.run(self, conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            self._resync()
+            self._call_loop(self._history_done, item.future, None, exc, self.last_seq)
+            return
+        self._call_loop(self._history_done, item.future, value, None, self.last_seq)
 
     def _commit(self, batch: list[Any]) -> None:
         """One transaction for the batch; if it fails because of a row, halve and retry.
@@ -653,7 +790,31 @@ class SQLiteEventLog(EventLog):
             if self._engine is not None:
                 await self._engine.dispose()
             self._queries.close()
+            await asyncio.to_thread(self._checkpoint)
             self._state = _CLOSED
+
+    def _checkpoint(self) -> None:
+        """Fold the write-ahead log into the main file, so that after a graceful stop the file
+        alone (a copy, a backup) holds every acknowledged event.
+
+        SQLite does this by itself only when the last connection closes, and a daemon has
+        connections it does not close (other threads', other processes'); an idle one does not
+        keep TRUNCATE from completing, a reader in the middle of a transaction does (then the
+        -wal file is still needed, and we say so).
+        """
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            logger.warning("event log %s: cannot checkpoint the WAL at close: %s", self.path, exc)
+            return
+        if busy:
+            logger.warning("event log %s: a reader kept the WAL from being checkpointed at close; "
+                           "keep %s-wal with the file", self.path, self.path)
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[AsyncConnection]:
@@ -711,6 +872,49 @@ class SQLiteEventLog(EventLog):
             [(row, report, key, group, index) for index, (row, report, key) in enumerate(appends)]
         )
         self.stats.pending += len(appends)
+
+    # -- history (import): events with their own received, a transaction per chunk
+
+    def submit_history(self, items: list[tuple]) -> "asyncio.Future[HistoryChunk]":
+        """Queue a chunk of history: items are (row from `encode_row`, wanted seq or None,
+        delivery key or None, received), `received` non-decreasing from the log's end on.
+
+        One transaction per chunk instead of one per event (the append path stamps
+        `clock.time()` once per batch, so it cannot write history). An event keeps the seq it
+        asks for when that is above the log's end (an export re-imported keeps its seqs, so a
+        replay of either names the same events); otherwise it takes the next one. Listeners are
+        not told: history is not news for the policy runner. Fails with HistoryOrderError, and
+        stores nothing of the chunk, if `received` would step back.
+        """
+        return self._submit_history(_HistoryAppend(items))
+
+    async def append_history(self, items: list[tuple]) -> HistoryChunk:
+        return await self.submit_history(items)
+
+    async def discard_history(self, upto: int) -> int:
+        """Delete every event after seq `upto` and reuse the seqs above it (undo an import that
+        could not finish); returns how many events were deleted."""
+        return await self._submit_history(_HistoryDiscard(upto))
+
+    def _submit_history(self, item: _HistoryItem) -> "asyncio.Future[Any]":
+        self._check_open()
+        assert self._loop is not None
+        item.future = self._loop.create_future()
+        self._writer._history_done = self._history_done
+        self._writer.history_queued = True
+        self._writer.queue.put(item)
+        return item.future
+
+    def _history_done(self, future: "asyncio.Future[Any]", value: Any,
+                      exc: BaseException | None, last_seq: int) -> None:
+        """On the loop: the writer's position right after the item's transaction, and its outcome."""
+        self._committed_seq = last_seq
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
 
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
