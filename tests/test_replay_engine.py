@@ -185,3 +185,21 @@ def test_outputs_are_byte_identical_whatever_the_speed(tmp_path: Path) -> None:
         del summary["run_seconds"], summary["events_per_second"]
         summaries.append(json.dumps(summary))
     assert len(set(summaries)) == 1
+
+
+def test_a_background_run_does_not_see_the_events_received_at_its_own_time(tmp_path: Path) -> None:
+    """Events received exactly when a run is due come after it (their reports run after it):
+    the run sees the events received before its time only, as the report helpers do."""
+    cron = expected_cron_times(START, START + 3 * DAY)
+    events = [e for e in month_of_events(days=3, step=3600.0)]
+    received = sorted([e.received for e in events] + cron + cron)  # two events at each run time
+    events = [Event(n + 1, when, events[n % len(events)].report) for n, when in enumerate(received)]
+    log = build_log(tmp_path / "ties.db", events)
+    status, alerts, _ = replay(tmp_path, SEEING, log, "--to", str(START + 3 * DAY))
+    assert status == 0
+    nightly = [a for a in alerts if a["policy"] == "nightly"]
+    assert [a["time"] for a in nightly] == cron
+    for alert in nightly:
+        before = [e for e in events if e.received < alert["time"]]
+        assert alert["body"]["count"] == len(before) and alert["seq"] == before[-1].seq
+        assert alert["body"]["last_seq"] == before[-1].seq
