@@ -226,3 +226,18 @@ def test_events_loaded_from_an_export_replay_as_the_original(tmp_path: Path, mon
         del summary["run_seconds"], summary["events_per_second"]
         runs.append((status, alerts, summary))
     assert runs[0] == runs[1] and runs[0][0] == OK and len(runs[0][1]) > 1000
+
+
+def test_the_same_alert_twice_for_one_event_is_recorded_once_as_the_outbox_stores_it(
+        tmp_path: Path, month: Path) -> None:
+    config = """addCustomWebHook("a", {url="http://192.0.2.1/never"})
+setReport(function(lt)
+  runCustomWebHook("a", lt.login)
+  runCustomWebHook("a", lt.login)
+  runCustomWebHook("a", lt.login .. "!")
+end)
+"""
+    status, alerts, summary = replay(tmp_path, config, month)
+    events = month_of_events()
+    assert status == OK and summary["alerts"] == 2 * len(events)
+    assert [a["body"] for a in alerts[:4]] == ["user0", "user0!", "user1", "user1!"]

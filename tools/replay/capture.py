@@ -117,6 +117,8 @@ class AlertCapture(WebHooks):
         self._position = position
         self._findings = findings
         self.state: "LuaState | None" = None
+        self._cause: str | None = None
+        self._sent: set[tuple[str, bytes]] = set()
 
     def run(self, name: str, body: bytes, cause: str | None = None) -> bool:
         state = self.state
@@ -126,6 +128,8 @@ class AlertCapture(WebHooks):
             self._findings.error(seq, f"{lua_location(state)}runCustomWebHook(): no custom webhook "
                                       f"named '{name}' (addCustomWebHook registers them)")
             return False
+        if self._repeated(cause, name, body):
+            return True
         if event is not None:
             record = alert_record(seq, event.received, name, event.report.login,
                                   event.report.remote, body)
@@ -133,6 +137,19 @@ class AlertCapture(WebHooks):
             record = alert_record(seq, self._host_clock.time(), name, "", "", body)
         self._findings.alerts.append(record)
         return True
+
+    def _repeated(self, cause: str | None, name: str, body: bytes) -> bool:
+        """The same alert again for the same cause: the daemon's outbox stores it once (its
+        delivery id derives from cause, hook and body), so the replay records it once."""
+        if cause is None:
+            return False
+        if cause != self._cause:
+            self._cause, self._sent = cause, set()
+        key = (name, body)
+        if key in self._sent:
+            return True
+        self._sent.add(key)
+        return False
 
     async def start(self) -> None:
         """No sender: alerts never leave the replay."""

@@ -17,6 +17,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -150,8 +151,13 @@ class Runtime:
 
     async def stop(self) -> Outcome:
         await self.scheduler.stop()
-        if self.runner.projection is not None:
-            self.runner.projection.close()
+        projection = self.runner.projection
+        if projection is not None:
+            projection.close()
+            # its builder thread reads the log: let it see the stop before the log closes
+            builder = getattr(projection, "_thread", None)
+            if builder is not None:
+                await asyncio.to_thread(builder.join, 10.0)
         self.pool.close()
         await self.log.close()
         return Outcome(
