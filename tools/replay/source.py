@@ -18,11 +18,13 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import sqlite3
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from trackalert.eventlog.base import Event, EventLog
 from trackalert.eventlog.queries import SQLiteQueries
@@ -149,11 +151,18 @@ class ReadOnlyLog(EventLog):
         return {"backend": self.backend, "location": self.location, "last_seq": self.snapshot}
 
 
+@functools.lru_cache(maxsize=65536)
+def _shared_json(text: str) -> Any:
+    """A map column's JSON, parsed once per distinct text: the replay's events are read-only
+    (the runner and the projection only read their maps), so equal texts share one dict."""
+    return json.loads(text)
+
+
 def read_events(conn: sqlite3.Connection, after_seq: int, upto: int, limit: int) -> list[Event]:
     """Up to `limit` events after `after_seq`, never past `upto`, in seq order."""
     rows = conn.execute("SELECT * FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                         (after_seq, upto, limit)).fetchall()
-    return [decode_row(row) for row in rows]
+    return [decode_row(row, _shared_json) for row in rows]
 
 
 class LogSource:

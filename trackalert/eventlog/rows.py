@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import json.encoder
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.ipkey import ip_key
@@ -154,8 +154,12 @@ def report_from_row(
     )
 
 
-def decode_row(row: Any) -> Event:
-    """An `Event` from an `events` row in table column order."""
+def decode_row(row: Any, loads: Callable[[str], Any] = _loads) -> Event:
+    """An `Event` from an `events` row in table column order.
+
+    `loads` parses the JSON maps; the replay passes a memoizing one (most rows repeat a few
+    texts, and nothing it reads is ever changed)."""
+    _loads = loads
     (seq, received, t, login, remote, pwhash, success, policy_reject, protocol, tls, device_id,
      session_id, fail_type, attrs, attrs_mv, device_attrs, extra, delivery_id) = row[:18]
     report = Report(
