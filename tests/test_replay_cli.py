@@ -106,7 +106,7 @@ def test_a_config_that_does_not_load_is_a_policy_error(tmp_path: Path, month: Pa
     conf.write_text("setReport(function(lt)\n  if then end\nend)\n")
     result = run_cli("--config", str(conf), "--log", str(month))
     assert result.returncode == POLICY_ERROR
-    assert "syntax error in configuration: broken.conf:2:" in result.stderr
+    assert "Syntax error in configuration: broken.conf:2:" in result.stderr
 
 
 PRODUCTION = """addListener("127.0.0.1:8085", false, "", "", {})

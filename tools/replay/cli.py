@@ -255,18 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args, sys.stdout, sys.stderr)
-    except UsageError as exc:
+    except (UsageError, SourceError, ConfigError, OSError) as exc:
         sys.stderr.write(f"trackalert-replay: {exc}\n")
-        return BAD_INPUT
-    except SourceError as exc:
-        sys.stderr.write(f"trackalert-replay: {exc}\n")
-        return BAD_INPUT
-    except ConfigError as exc:
-        sys.stderr.write(f"trackalert-replay: {exc}\n")
-        return POLICY_ERROR
-    except OSError as exc:
-        sys.stderr.write(f"trackalert-replay: {exc}\n")
-        return BAD_INPUT
+        return POLICY_ERROR if isinstance(exc, ConfigError) else BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("trackalert-replay: interrupted\n")
         return INTERRUPTED

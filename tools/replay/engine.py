@@ -29,7 +29,8 @@ from trackalert import log
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import Event
 from trackalert.lua.runner import PolicyRunner
-from trackalert.lua.state import LuaError, LuaState, LuaSyntaxError, StateKind
+from trackalert.daemon import StartupError, run_config
+from trackalert.lua.state import LuaState, StateKind
 from trackalert.lua.values import guarded
 from trackalert.replay.capture import (
     AlertCapture, Findings, LogCollector, Position, ReplayHost, ReplayPool,
@@ -113,13 +114,9 @@ class Runtime:
         state = LuaState(kind, self.host)
         self._ignore_calls(state)
         try:
-            state.run_file(config, os.path.basename(config))
-        except OSError as exc:
-            raise ConfigError(f"cannot read the configuration {config}: {exc.strerror}") from exc
-        except LuaSyntaxError as exc:
-            raise ConfigError(f"syntax error in configuration: {exc}") from exc
-        except LuaError as exc:
-            raise ConfigError(f"Lua error in configuration: {exc}") from exc
+            run_config(state, config)
+        except StartupError as exc:
+            raise ConfigError(str(exc)) from exc
         return state
 
     def _ignore_calls(self, state: LuaState) -> None:

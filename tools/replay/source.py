@@ -24,7 +24,7 @@ import os
 import sqlite3
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 from trackalert.eventlog.base import Event, EventLog
 from trackalert.eventlog.queries import SQLiteQueries
@@ -233,11 +233,7 @@ class LogSource:
     def close(self) -> None:
         self._conn.close()
         if self._cleanup is not None:
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    os.unlink(self._cleanup + suffix)
-                except OSError:
-                    pass
+            _remove(self._cleanup)
 
 
 # ------------------------------------------------------------------------ NDJSON exports
@@ -300,12 +296,15 @@ def open_source(path: str, scratch: str | None = None) -> LogSource:
     os.unlink(temporary)
     try:
         load_events(read_export(path), temporary)
-    except SourceError:
-        raise
     except Exception as exc:  # the export's own errors name the line
-        raise SourceError(f"{path}: {exc}") from exc
+        _remove(temporary)
+        raise exc if isinstance(exc, SourceError) else SourceError(f"{path}: {exc}") from exc
     return LogSource(temporary, cleanup=temporary)
 
 
-def selection_of(start: float | None, end: float | None, logins: Sequence[str]) -> Selection:
-    return Selection(start, end, tuple(dict.fromkeys(logins)))
+def _remove(path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except OSError:
+            pass
