@@ -241,3 +241,34 @@ end)
     events = month_of_events()
     assert status == OK and summary["alerts"] == 2 * len(events)
     assert [a["body"] for a in alerts[:4]] == ["user0", "user0!", "user1", "user1!"]
+
+
+def test_a_progress_bar_on_a_terminal_only(tmp_path: Path, month: Path) -> None:
+    import pexpect
+
+    conf = tmp_path / "p.conf"
+    conf.write_text("setReport(function(lt) end)\n")
+    child = pexpect.spawn(sys.executable, ["-m", "trackalert.replay.cli", "--config", str(conf),
+                                           "--log", str(month)], timeout=120, encoding="utf-8",
+                          dimensions=(24, 120))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == OK
+    assert "100%" in child.before and "1.17k/1.17k" in child.before and "events/s" in child.before
+    piped = run_cli("--config", str(conf), "--log", str(month))
+    assert piped.returncode == OK and piped.stderr == ""
+    assert "p.conf: 1,167 events" in piped.stdout and "%|" not in piped.stdout + piped.stderr
+
+
+def test_a_replay_stopped_by_an_error_runs_no_background_function_after_it(
+        tmp_path: Path, month: Path) -> None:
+    config = """addCustomWebHook("a", {url="http://192.0.2.1/never"})
+setReport(function(lt) if lt.login == "user4" and lt.t > 1767600000 then error("late") end end)
+setBackground("b", function() runCustomWebHook("a", jsonEncode({policy="b"})) end)
+intervalScheduleBackgroundFunc("01:00:00", "b")
+"""
+    status, alerts, summary = replay(tmp_path, config, month, "--to", str(START + 30 * DAY))
+    [late] = [e for e in month_of_events() if e.report.login == "user4" and e.report.t > 1767600000][:1]
+    assert status == POLICY_ERROR and summary["events"] == late.seq
+    assert alerts and all(a["time"] <= late.received for a in alerts)
+    assert len(alerts) == int((late.received - START) // 3600)

@@ -166,16 +166,19 @@ class Runtime:
         dues = [job.next_due for job in self.scheduler.jobs if job.next_due is not None]
         return min(dues) if dues else None
 
-    async def feed(self, batch: list[Event]) -> None:
-        """Run `report` over `batch`, firing the background functions due before each event."""
+    async def feed(self, batch: list[Event], halted: Callable[[], bool] = lambda: False) -> None:
+        """Run `report` over `batch`, firing the background functions due before each event;
+        nothing more once `halted()` (a policy error stops the replay)."""
         i = 0
-        while i < len(batch):
+        while i < len(batch) and not halted():
             due = self.next_due()
             j = i
             while j < len(batch) and (due is None or batch[j].received < due):
                 j += 1
             if j == i:  # batch[i] is received at or after `due`: those runs come first
                 await self.advance_to(batch[i].received)
+                if halted():
+                    return
                 j = i + 1
                 due = self.next_due()
                 while j < len(batch) and (due is None or batch[j].received < due):
@@ -221,6 +224,8 @@ class Replay:
     notes: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     span: tuple[float | None, float | None] = (None, None)
+    #: Stopped at a policy error (no --keep-going).
+    stopped: bool = False
 
     async def run(self) -> list[Outcome]:
         first = self.source.first_received(self.selection)
@@ -238,7 +243,7 @@ class Replay:
             for runtime in runtimes:
                 await runtime.start(after)
             events, last = await self._pass(runtimes, collector)
-            if self.selection.end is not None:
+            if self.selection.end is not None and not self.stopped:
                 for runtime in runtimes:
                     collector.target = (runtime.findings, runtime.position, runtime.host)
                     await runtime.advance_to(self.selection.end)
@@ -253,13 +258,17 @@ class Replay:
 
     async def _pass(self, runtimes: list[Runtime], collector: LogCollector) -> tuple[int, float | None]:
         events, last = 0, None
+        def halted() -> bool:
+            return not self.keep_going and any(r.findings.error_count for r in runtimes)
+
         for batch in self.source.batches(self.selection, BATCH):
             for runtime in runtimes:
                 collector.target = (runtime.findings, runtime.position, runtime.host)
-                await runtime.feed(batch)
+                await runtime.feed(batch, halted)
             self.progress(len(batch))
             failed = [e["seq"] for r in runtimes for e in r.findings.errors]
             if failed and not self.keep_going:
+                self.stopped = True
                 count, at = self._stop_at(min(failed), batch, runtimes)
                 return events + count, at if at is not None else last
             events += len(batch)
