@@ -98,15 +98,7 @@ class Daemon:
         self.host.enricher = Enricher(self.host.geoip, settings.enrichment, devices)
 
     def _run_config(self, state: LuaState) -> None:
-        name = self.options.config_file
-        try:
-            state.run_file(name, os.path.basename(name))
-        except OSError as exc:
-            raise StartupError(f"Unable to read configuration from '{name}': {exc.strerror}") from exc
-        except LuaSyntaxError as exc:
-            raise StartupError(f"Syntax error in configuration: {exc}") from exc
-        except LuaError as exc:
-            raise StartupError(f"Fatal Lua error: {exc}") from exc
+        run_config(state, self.options.config_file)
 
     def bind(self) -> None:
         if not self.host.settings.listeners:
@@ -265,6 +257,19 @@ class Daemon:
             await self.host.scheduler.stop()
         if self.host.webhooks is not None:
             await self.host.webhooks.stop()
+
+
+def run_config(state: LuaState, name: str) -> None:
+    """Run the config file `name` in `state`; a StartupError says what is wrong, file:line
+    included (the replay tool loads configs the same way)."""
+    try:
+        state.run_file(name, os.path.basename(name))
+    except OSError as exc:
+        raise StartupError(f"Unable to read configuration from '{name}': {exc.strerror}") from exc
+    except LuaSyntaxError as exc:
+        raise StartupError(f"Syntax error in configuration: {exc}") from exc
+    except LuaError as exc:
+        raise StartupError(f"Fatal Lua error: {exc}") from exc
 
 
 def _tune_gc() -> None:

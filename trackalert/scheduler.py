@@ -156,8 +156,12 @@ class Scheduler:
         metrics: "Metrics",
         max_running: Callable[[], int] = lambda: 4,
         zone: datetime.tzinfo | None = None,
+        max_nap: float = MAX_NAP,
     ) -> None:
         self._clock = clock
+        #: The longest single wait (MAX_NAP); a replay's virtual clock has no step to catch
+        #: and passes infinity, so that a month of virtual time is not a month of naps.
+        self._max_nap = max_nap
         self._metrics = metrics
         self._max_running = max_running
         self.zone = zone
@@ -296,7 +300,7 @@ class Scheduler:
                 return
             job.waiting = True
             try:
-                await self._clock.sleep(min(remaining, MAX_NAP))
+                await self._clock.sleep(min(remaining, self._max_nap))
             finally:
                 job.waiting = False
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import json.encoder
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.ipkey import ip_key
@@ -154,18 +154,21 @@ def report_from_row(
     )
 
 
-def decode_row(row: Any) -> Event:
-    """An `Event` from an `events` row in table column order."""
+def decode_row(row: Any, loads: Callable[[str], Any] = _loads) -> Event:
+    """An `Event` from an `events` row in table column order.
+
+    `loads` parses the JSON maps; the replay passes a memoizing one (most rows repeat a few
+    texts, and nothing it reads is ever changed)."""
     (seq, received, t, login, remote, pwhash, success, policy_reject, protocol, tls, device_id,
      session_id, fail_type, attrs, attrs_mv, device_attrs, extra, delivery_id) = row[:18]
     report = Report(
         t=t, remote=remote, login=login, pwhash=pwhash, success=bool(success),
         policy_reject=bool(policy_reject), protocol=protocol, tls=bool(tls),
         device_id=device_id, session_id=session_id, fail_type=fail_type,
-        attrs=_loads(attrs) if attrs else {},
-        attrs_mv={k: tuple(v) for k, v in _loads(attrs_mv).items()} if attrs_mv else {},
-        device_attrs=_loads(device_attrs) if device_attrs else {},
-        extra=_loads(extra) if extra else {},
+        attrs=loads(attrs) if attrs else {},
+        attrs_mv={k: tuple(v) for k, v in loads(attrs_mv).items()} if attrs_mv else {},
+        device_attrs=loads(device_attrs) if device_attrs else {},
+        extra=loads(extra) if extra else {},
         geo=_geo_from_columns(*row[18:24]) if len(row) >= 24 else None,
     )
     return Event(seq, received, report, delivery_id)

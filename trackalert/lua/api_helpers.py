@@ -61,7 +61,7 @@ def _queries(state: "LuaState") -> "EventQueries":
 def _as_of(state: "LuaState") -> AsOf:
     seq = state.as_of_seq
     if seq is None:
-        return AsOf(now=state.host.clock.time())
+        return AsOf(before_seq=state.host.horizon, now=state.host.clock.time())
     known = state.cache.get("as_of")  # one per report(lt), asked by each helper it calls
     if known is None or known.before_seq != seq:
         lt_seq, received = state.cache.get(LT_TIME, (None, None))  # left by call_with_tuple

@@ -75,6 +75,10 @@ class Host:
     #: enricher built from them (None: reports are stored as parsed).
     geoip: GeoIPRegistry = field(default_factory=GeoIPRegistry)
     enricher: "Enricher | None" = None
+    #: Outside report(lt), the helpers see only events with a seq below this (None: the whole
+    #: log). A replay sets it to the first event received at or after its virtual now, so that a
+    #: background function never sees an event the replayed file holds beyond that time.
+    horizon: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:

@@ -219,6 +219,11 @@ class PolicyRunner:
         if state.report_fn is not None:
             self._host.metrics.lua_calls("report", len(batch))
 
+    def run_events(self, state: "LuaState", batch: "list[Event]") -> None:
+        """Judge `batch` in this thread on `state` (the caller holds it), exactly as a batch of
+        the running daemon: the replay tool drives the runner's own code path this way."""
+        self._run_in_state(state, batch, self.projection)
+
     def _run_events(self, state: "LuaState", batch: "list[Event]",
                     projection: WindowProjection | None) -> None:
         fn = state.report_fn
