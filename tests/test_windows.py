@@ -335,6 +335,7 @@ async def test_alerts_are_identical_with_the_projection_on_and_off(tmp_path: Pat
     off, off_errors = await replay(stored, tmp_path / "off", projection=False)
     assert on_errors == off_errors == 0
     assert on == off and len(on) > 0
+    assert any("impossible_travel" in alert for alert in on), "recentReports' projection too"
 
 
 # ------------------------------------------------------------------------ a real daemon
