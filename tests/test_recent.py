@@ -24,7 +24,7 @@ from test_windows import DAY, HOUR, START, fill, log, network, recorded  # noqa:
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import REPORT_COLUMNS, Event
 from trackalert.eventlog.filters import AsOf, Filter, parse_filter
-from trackalert.eventlog.recent import BOUND, report_columns
+from trackalert.eventlog.recent import BOUND, BUILD_MAX, report_columns
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.eventlog.windows import WindowProjection
 from trackalert.lua.host import Host
@@ -120,34 +120,40 @@ async def test_every_form_equals_sql_at_every_event(log, seed: int) -> None:
     assert found["rows"] > 20_000, "the histories give the forms rows to return"
     assert found["edge"] > 0, "rows received exactly at the window's start are returned"
     calls = projection.calls
-    # n=200 goes to SQL; so does a key asked before its shape was complete (the IPv6 /64's,
-    # first asked at the second event: only the first event's rows can be unknown to it)
-    assert len(events) <= calls["recentReports", "sql"] <= len(events) + 5
-    assert calls["recentReports", "projection"] >= 8 * len(events) - 5
+    assert calls["recentReports", "sql"] == len(events), "only n=200 (over BOUND) is SQL's"
+    assert calls["recentReports", "projection"] == 8 * len(events)
     assert calls["lastSeen", "projection"] == 3 * len(events)
     shapes = projection.describe()["recent"]
     assert len(shapes) == 10, "lastSeen shares the shapes of recentReports' filters"
     assert all(s["complete"] and 0 < s["rows"] <= BOUND * s["key_tuples"] for s in shapes)
 
 
-async def test_shapes_first_asked_mid_stream_and_after_a_restart_equal_sql(log) -> None:
-    """Created while the runner is at event 1200 (keys loaded from SQL the first time they are
-    asked, then kept current), or by a runner resuming at 800: incomplete, yet exact."""
+@pytest.mark.parametrize("build_max", [0, BUILD_MAX])
+async def test_shapes_first_asked_mid_stream_and_after_a_restart_equal_sql(log, build_max: int) -> None:
+    """Created while the runner is at event 1200, or by a runner resuming at 800: either built
+    at once from their window (it holds fewer than BUILD_MAX rows), or, with no build, each key
+    loaded from SQL the first time it is asked and kept current from then on."""
     eventlog, clock = log
     events = await fill(eventlog, clock, random.Random(11), 2000)
     late = WindowProjection(eventlog)
     late.start_at(0)
+    late.recent.build_max = build_max
     walk(late, eventlog, events, asked_from=1200)
     resumed = WindowProjection(eventlog)
     resumed.start_at(800)
+    resumed.recent.build_max = build_max
     walk(resumed, eventlog, events[800:])
     for projection, asked in ((late, 801), (resumed, 1200)):
         projection.close()
         calls = projection.calls
         assert calls["recentReports", "projection"] > 6 * asked, "most from memory"
-        assert calls["recentReports", "sql"] > asked, "keys were loaded (besides n=200)"
-        assert not any(s["complete"] for s in projection.describe()["recent"]
-                       if s["window"] is None)
+        shapes = projection.describe()["recent"]
+        if build_max:
+            assert calls["recentReports", "sql"] == asked, "only n=200: nothing loaded"
+            assert all(s["complete"] for s in shapes)
+        else:
+            assert calls["recentReports", "sql"] > asked, "keys were loaded (besides n=200)"
+            assert not any(s["complete"] for s in shapes if s["window"] is None)
 
 
 async def test_retention_pruning_keeps_answers_equal_to_sql(log) -> None:

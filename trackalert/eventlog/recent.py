@@ -18,7 +18,9 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
   window, are never asked for again.
 * A shape is *complete* (every key's rows are in memory, an absent key has none) when nothing
   before its creation can be in the window: the log was empty then, everything before was
-  pruned, or the window now starts after the report it was created at.
+  pruned, or the window now starts after the report it was created at. And at creation, when
+  its window holds at most BUILD_MAX rows of its `success` (a young log, a short window), they
+  are read in one query and the shape starts complete; otherwise keys load one by one.
 * Answer: the rows of the key, newest first, received at/after ``now - window`` (SQL's seq
   range: ties at the edge included), seq at/after the oldest stored one, at most n. Exact when
   the key is loaded, the shape complete, n rows were found, or a row was left out by the window
@@ -39,6 +41,7 @@ from typing import Any, Callable
 from trackalert.eventlog.base import Event, EventQueries
 from trackalert.eventlog.filters import AsOf, Filter
 from trackalert.eventlog.rows import geo_columns, json_or_null
+from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.keys import RECEIVED, SEQ, SUCCESS, Row, equality_keys, key_function
 
 #: Most rows a call may ask for and be answered here; rows kept per key.
@@ -47,6 +50,8 @@ BOUND = 16
 MAX_SHAPES = 32
 #: Keys one shape keeps at most (a shape without a window never sweeps): past it, it restarts.
 MAX_KEYS = 1_000_000
+#: A shape whose window holds at most this many rows at creation is built from them at once.
+BUILD_MAX = 20_000
 #: A shape sweeps keys out of its window when it holds this many more than after its last sweep.
 SWEEP_AFTER = 20_000
 
@@ -66,6 +71,12 @@ def report_columns(event: Event) -> Row:
             int(r.policy_reject), r.protocol, int(r.tls), r.device_id, r.session_id, r.fail_type,
             json_or_null(r.attrs), json_or_null(r.attrs_mv), json_or_null(r.device_attrs)
             ) + geo_columns(r.geo)
+
+
+def _fields(row: Row) -> Row:
+    """The `event_fields` (keys.py) of a REPORT_COLUMNS row, to key it as the head keys events."""
+    return (row[0], row[1], row[4], row[6], ip_key(row[3]), row[5], row[16], row[8], row[20],
+            row[15], row[13])
 
 
 def recent_cover(flt: Filter) -> tuple[RecentId, tuple] | None:
@@ -116,6 +127,19 @@ class RecentShape:
             out.append(row)
         return out if entry[1] or self.complete or len(out) == n else None
 
+    def fill(self, rows: list[Row]) -> None:
+        """Every row of the window as of now (SQL's, newest first): the shape is complete."""
+        for row in reversed(rows):
+            key = self.key_of(_fields(row))
+            if key is None:
+                continue
+            entry = self.keys.get(key)
+            if entry is None:
+                self.keys[key] = [collections.deque((row,), BOUND), True]
+            else:
+                entry[0].append(row)
+        self.complete = True
+
     def load(self, key: tuple, rows: list[Row]) -> None:
         """SQL's newest BOUND rows of `key` (newest first) as of the report being judged."""
         self.keys[key] = [collections.deque(reversed(rows), BOUND), True]
@@ -144,6 +168,7 @@ class RecentProjection:
         self.shapes: dict[RecentId, RecentShape] = {}
         self.oldest = 0  # the oldest stored seq, as of the last retention check
         self.sweep_after = SWEEP_AFTER
+        self.build_max = BUILD_MAX
         self._calls = calls
 
     def clear(self) -> None:
@@ -176,16 +201,13 @@ class RecentProjection:
         if None in key:  # an unparseable address: SQL's `ip = NULL` matches nothing
             self._calls[helper, "projection"] += 1
             return pick([])
-        seq, received = judged
         shape = self.shapes.get(shape_id)
         if shape is None:
             if len(self.shapes) >= MAX_SHAPES:
                 self._calls[helper, "sql"] += 1
                 return NOT_ANSWERED
-            shape = self.shapes[shape_id] = RecentShape(shape_id, seq - 1, received)
-            if self.oldest > shape.created_at:
-                shape.complete = True
-        now = received if as_of.now is None else as_of.now
+            shape = self.shapes[shape_id] = self._create(shape_id, as_of, judged, sql)
+        now = judged[1] if as_of.now is None else as_of.now
         rows = shape.take(key, n, now, self.oldest)
         if rows is not None:
             self._calls[helper, "projection"] += 1
@@ -194,6 +216,20 @@ class RecentProjection:
         loaded = sql.recent_rows(flt, BOUND, as_of)
         shape.load(key, loaded)
         return pick(loaded[:n])
+
+    def _create(self, shape_id: RecentId, as_of: AsOf, judged: tuple[int, float],
+                sql: EventQueries) -> RecentShape:
+        """A new shape at the report being judged; complete at once when it can be."""
+        seq, received = judged
+        shape = RecentShape(shape_id, seq - 1, received)
+        if self.oldest > shape.created_at:
+            shape.complete = True
+        if not shape.complete and self.build_max > 0:
+            whole = sql.recent_rows(Filter(success=shape.success, window=shape.window),
+                                    self.build_max + 1, as_of)
+            if len(whole) <= self.build_max:
+                shape.fill(whole)
+        return shape
 
     def describe(self) -> list[dict[str, Any]]:
         shapes = []

@@ -31,6 +31,9 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
   the SQL answer itself depends on which side of that prune it ran.
 * Memory: per shape, the keys and distinct values present in its window (`describe`), at most
   MAX_SHAPES shapes; the tails hold one chunk of narrow rows each.
+
+The runner drives recentReports' and lastSeen's newest rows per key (recent.py) from here too:
+the same begin/finish, the same retention check, the same "only inside that report" rule.
 """
 
 from __future__ import annotations
