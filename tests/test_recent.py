@@ -138,6 +138,7 @@ async def test_shapes_first_asked_mid_stream_and_after_a_restart_equal_sql(log, 
     late = WindowProjection(eventlog)
     late.start_at(0)
     late.recent.build_max = build_max
+    late.recent.sweep_after = 5  # keys out of their window are swept, and known to be empty
     walk(late, eventlog, events, asked_from=1200)
     resumed = WindowProjection(eventlog)
     resumed.start_at(800)
@@ -189,21 +190,40 @@ async def test_keys_out_of_their_window_are_swept(tmp_path: Path) -> None:
         await eventlog.append(Report(t=START + i, login=f"u{rng.randrange(400)}",
                                      remote="192.0.2.1", success=rng.random() < 0.5))
     events = await eventlog.read(0, 2000)
-    projection = WindowProjection(eventlog)
-    projection.recent.sweep_after = 20
-    projection.start_at(0)
-    held = []
     assert len({e.report.login for e in events}) > 350
-    for event in events:
-        projection.begin(event)
-        judge(projection, eventlog, event, [
-            ("recentReports", parse_filter({"login": event.report.login, "window": HOUR}.items()), 2),
-            ("recentReports", parse_filter({"remote": "192.0.2.1"}.items()), BOUND)])
-        projection.finish(event)
-        held.append({s["window"]: s for s in projection.describe()["recent"]})
-    await eventlog.close()
+
+    def run(projection: WindowProjection, events: list[Event], window: float,
+            login_of: Any) -> list[dict]:
+        projection.recent.sweep_after = 20
+        held = []
+        for event in events:
+            projection.begin(event)
+            judge(projection, eventlog, event, [
+                ("recentReports", parse_filter({"login": login_of(event), "window": window}.items()), 2),
+                ("recentReports", parse_filter({"remote": "192.0.2.1"}.items()), BOUND)])
+            projection.finish(event)
+            held.append({s["window"]: s for s in projection.describe()["recent"]})
+        projection.close()
+        return held
+
+    complete = WindowProjection(eventlog)
+    complete.start_at(0)
+    held = run(complete, events, HOUR, lambda event: event.report.login)
     assert max(h[HOUR]["key_tuples"] for h in held) < 100, "a few logins an hour are kept"
     assert held[-1][None] == {**held[-1][None], "key_tuples": 1, "rows": BOUND}
+    # started late with no build: keys load on first use; a key swept before the shape is
+    # complete (a day after it started) is known to have no row in the window, not reloaded
+    late = WindowProjection(eventlog)
+    late.start_at(700)
+    late.recent.build_max = 0
+    def someone(event: Event) -> str:  # 30 logins, asked over and over, often without a row
+        return f"u{event.seq % 30}"
+
+    run(late, events[700:], DAY, someone)
+    asked = {someone(e) for e in events[700:]}
+    assert len(asked) == 30
+    assert late.calls["recentReports", "sql"] <= 30 + 1, "each key (and the address) loaded once"
+    await eventlog.close()
 
 
 # ------------------------------------------------------------------------ the real runner

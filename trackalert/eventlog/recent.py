@@ -40,9 +40,9 @@ from typing import Any, Callable
 
 from trackalert.eventlog.base import Event, EventQueries
 from trackalert.eventlog.filters import AsOf, Filter
-from trackalert.eventlog.rows import geo_columns, json_or_null
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.keys import RECEIVED, SEQ, SUCCESS, Row, equality_keys, key_function
+from trackalert.eventlog.rows import geo_columns, json_or_null
 
 #: Most rows a call may ask for and be answered here; rows kept per key.
 BOUND = 16
@@ -59,6 +59,8 @@ SWEEP_AFTER = 20_000
 RecentId = tuple[tuple[str, ...], "bool | None", "float | None"]
 #: `RecentProjection.answer`'s "SQL answers this call" (None is a lastSeen answer).
 NOT_ANSWERED: Any = object()
+#: The entry of a key known to have no row in its window (see RecentShape.sweep).
+_NONE_IN_WINDOW: list = [(), True]
 #: What to do with a row read from memory: the rows of recentReports, or lastSeen's time.
 Answer = Callable[[list[Row]], Any]
 
@@ -103,11 +105,13 @@ class RecentShape:
 
     def add(self, fields: Row, row: Row) -> None:
         key = self.key_of(fields)
-        if key is None:
-            return
+        if key is not None:
+            self._append(key, row, False)
+
+    def _append(self, key: tuple, row: Row, loaded: bool) -> None:
         entry = self.keys.get(key)
-        if entry is None:
-            self.keys[key] = [collections.deque((row,), BOUND), False]
+        if entry is None or entry is _NONE_IN_WINDOW:
+            self.keys[key] = [collections.deque((row,), BOUND), loaded or entry is not None]
         else:
             entry[0].append(row)
 
@@ -131,13 +135,8 @@ class RecentShape:
         """Every row of the window as of now (SQL's, newest first): the shape is complete."""
         for row in reversed(rows):
             key = self.key_of(_fields(row))
-            if key is None:
-                continue
-            entry = self.keys.get(key)
-            if entry is None:
-                self.keys[key] = [collections.deque((row,), BOUND), True]
-            else:
-                entry[0].append(row)
+            if key is not None:
+                self._append(key, row, True)
         self.complete = True
 
     def load(self, key: tuple, rows: list[Row]) -> None:
@@ -145,12 +144,21 @@ class RecentShape:
         self.keys[key] = [collections.deque(reversed(rows), BOUND), True]
 
     def sweep(self, now: float, position: int) -> None:
-        """Drop the keys none of whose rows is in the window any more (amortised: the caller
-        calls it when the keys grew by `sweep_after`); restart a shape past MAX_KEYS."""
+        """Forget the rows of the keys none of whose rows is in the window any more (amortised:
+        the caller calls it when the keys grew by `sweep_after`); restart a shape past MAX_KEYS.
+
+        Such a key has no row in any later window: a complete shape drops it, an incomplete one
+        keeps that knowledge (a shared marker, not a load on its next call)."""
         if self.window is not None:
             start = now - self.window
-            self.keys = {key: entry for key, entry in self.keys.items()
-                         if entry[0] and entry[0][-1][RECEIVED] >= start}
+            kept: dict[tuple, Any] = {}
+            for key, entry in self.keys.items():
+                rows = entry[0]
+                if rows and rows[-1][RECEIVED] >= start:
+                    kept[key] = entry
+                elif not self.complete:
+                    kept[key] = _NONE_IN_WINDOW
+            self.keys = kept
         if len(self.keys) > MAX_KEYS:
             self.keys = {}
             self.created_at, self.created_received, self.complete = position, now, False
