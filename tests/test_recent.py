@@ -20,19 +20,15 @@ from typing import Any
 import pytest
 
 from test_lua_values import metric, post_all
-from test_windows import DAY, HOUR, START, fill, log, network, recorded  # noqa: F401 (fixture)
+from test_windows import DAY, HOUR, START, fill, log, network, run_recording  # noqa: F401 (fixture)
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import REPORT_COLUMNS, Event
 from trackalert.eventlog.filters import AsOf, Filter, parse_filter
 from trackalert.eventlog.recent import BOUND, BUILD_MAX, report_columns
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.eventlog.windows import WindowProjection
-from trackalert.lua.host import Host
-from trackalert.lua.pool import LuaPool
-from trackalert.lua.runner import PolicyRunner
-from trackalert.lua.state import LuaState, StateKind
 from trackalert.report import Report
-from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+from trackalert.testing import DaemonProcess, basic_auth, listener_config
 
 Call = tuple[str, Filter, int]
 
@@ -278,22 +274,7 @@ def expected_line(log: SQLiteEventLog, event: Event) -> str:
 async def test_the_runner_answers_from_the_projection_exactly_as_sql(log) -> None:
     """Through the real runner and Lua states, while events keep arriving."""
     eventlog, clock = log
-    host = Host(clock=clock, eventlog=eventlog)
-    workers = [LuaState(StateKind.WORKER, host, index=i) for i in range(2)]
-    for state in workers:
-        state.execute(RECORDING)
-    pool = LuaPool(workers, clock)
-    runner = PolicyRunner(eventlog, pool, host, batch_max=32)
-    await runner.start()
-    rng = random.Random(21)
-    for _ in range(6):
-        await fill(eventlog, clock, rng, 400)
-        await asyncio.sleep(0)
-    head = await eventlog.last_seq()
-    assert await wait_for(lambda: runner.done >= head, timeout=120)
-    await runner.stop()
-    pool.close()
-    lines = recorded(workers)
+    lines, runner = await run_recording(eventlog, clock, RECORDING, 6)
     events = await eventlog.read(0, 10_000)
     assert len(lines) == len(events) == 2400, "one run per event"
     assert Counter(lines) == Counter(expected_line(eventlog, e) for e in events)

@@ -298,25 +298,32 @@ def recorded(workers: list[LuaState]) -> list[str]:
     return lines
 
 
-async def test_the_runner_answers_from_the_projection_exactly_as_sql(log) -> None:
-    """Through the real runner and Lua states, while events keep arriving."""
-    eventlog, clock = log
+async def run_recording(eventlog: SQLiteEventLog, clock: VirtualClock, policy: str,
+                        rounds: int) -> tuple[list[str], PolicyRunner]:
+    """`policy` in two worker states under the real runner, while `rounds` of 400 random events
+    arrive (so that shapes are built while it goes on); every state's RESULTS lines."""
     host = Host(clock=clock, eventlog=eventlog)
     workers = [LuaState(StateKind.WORKER, host, index=i) for i in range(2)]
     for state in workers:
-        state.execute(RECORDING)
+        state.execute(policy)
     pool = LuaPool(workers, clock)
     runner = PolicyRunner(eventlog, pool, host, batch_max=32)
     await runner.start()
     rng = random.Random(21)
-    for _ in range(8):  # arrives in rounds, so shapes build while the runner goes on
+    for _ in range(rounds):
         await fill(eventlog, clock, rng, 400)
         await asyncio.sleep(0)
     head = await eventlog.last_seq()
     assert await wait_for(lambda: runner.done >= head, timeout=120)
     await runner.stop()
     pool.close()
-    lines = recorded(workers)
+    return recorded(workers), runner
+
+
+async def test_the_runner_answers_from_the_projection_exactly_as_sql(log) -> None:
+    """Through the real runner and Lua states, while events keep arriving."""
+    eventlog, clock = log
+    lines, runner = await run_recording(eventlog, clock, RECORDING, 8)
     events = await eventlog.read(0, 10_000)
     assert len(lines) == len(events) == 3200, "one run per event"
     assert Counter(lines) == Counter(expected_line(eventlog, e) for e in events)
