@@ -16,7 +16,7 @@ import re
 import sqlite3
 from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
@@ -298,10 +298,11 @@ def recorded(workers: list[LuaState]) -> list[str]:
     return lines
 
 
-async def run_recording(eventlog: SQLiteEventLog, clock: VirtualClock, policy: str,
-                        rounds: int) -> tuple[list[str], PolicyRunner]:
+async def run_recording(eventlog: SQLiteEventLog, clock: VirtualClock, policy: str, rounds: int,
+                        expected: Callable[[SQLiteEventLog, Event], str]) -> Counter:
     """`policy` in two worker states under the real runner, while `rounds` of 400 random events
-    arrive (so that shapes are built while it goes on); every state's RESULTS lines."""
+    arrive (so that shapes are built while it goes on): every event ran once, and its RESULTS
+    line (whichever state ran it) is `expected`'s, from SQL. The projection's calls."""
     host = Host(clock=clock, eventlog=eventlog)
     workers = [LuaState(StateKind.WORKER, host, index=i) for i in range(2)]
     for state in workers:
@@ -317,18 +318,18 @@ async def run_recording(eventlog: SQLiteEventLog, clock: VirtualClock, policy: s
     assert await wait_for(lambda: runner.done >= head, timeout=120)
     await runner.stop()
     pool.close()
-    return recorded(workers), runner
+    lines = recorded(workers)
+    events = await eventlog.read(0, 10_000)
+    assert len(lines) == len(events) == 400 * rounds, "one run per event"
+    assert Counter(lines) == Counter(expected(eventlog, e) for e in events)
+    assert runner.projection is not None
+    return runner.projection.calls
 
 
 async def test_the_runner_answers_from_the_projection_exactly_as_sql(log) -> None:
     """Through the real runner and Lua states, while events keep arriving."""
     eventlog, clock = log
-    lines, runner = await run_recording(eventlog, clock, RECORDING, 8)
-    events = await eventlog.read(0, 10_000)
-    assert len(lines) == len(events) == 3200, "one run per event"
-    assert Counter(lines) == Counter(expected_line(eventlog, e) for e in events)
-    assert runner.projection is not None
-    calls = runner.projection.calls
+    calls = await run_recording(eventlog, clock, RECORDING, 8, expected_line)
     assert calls["countDistinct", "projection"] > 5 * 3200 // 2, calls
 
 
