@@ -12,6 +12,9 @@ from a Lua worker state, on both paths:
 * projection: as the policy runner does it, the window projection (eventlog/windows.py) walks
   the last 10,000 events in order (begin/finish around each), its shapes registered by the
   first event and built from the log (the build time and the memory it took are printed).
+  recentReports' rows (eventlog/recent.py) are loaded per login on its first call; at the first
+  event every login of the log is asked once, as a daemon running for a while has them: the
+  loads are timed, and the memory of the rows held printed (keys x rows).
 
 Prints p50/p99/max per shape and path, the projection's per-event cost and its sizes; with
 `--buffer N`, the RSS that N Events in memory cost (the policy runner's buffer).
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from helpers_bench import percentiles, prefill  # noqa: E402
 
 from trackalert.clock import RealClock  # noqa: E402
+from trackalert.eventlog.filters import AsOf, parse_filter  # noqa: E402
 from trackalert.eventlog.sqlite import SQLiteEventLog  # noqa: E402
 from trackalert.eventlog.windows import WindowProjection, set_running_projection  # noqa: E402
 from trackalert.lua.host import Host  # noqa: E402
@@ -114,7 +118,7 @@ def time_shapes(path: Path, events: int, samples: int, buffer: int) -> None:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         sql = time_sql(state, shapes, make_lt, picks)
-        projected = time_projection(loop, log, state, shapes, make_lt, picks, events)
+        projected = time_projection(loop, log, state, shapes, make_lt, picks, events, path)
         print(f"\n  inside report(lt), {samples:,} events among the last {WALK:,}, from Lua "
               f"(SQL path / projection path):")
         for (name, users, _), on_sql, on_projection in zip(SHAPES, sql, projected):
@@ -140,8 +144,34 @@ def time_sql(state: LuaState, shapes: list, make_lt, picks: list[tuple]) -> list
     return timings
 
 
+def load_recent_rows(path: Path, log: SQLiteEventLog, projection: WindowProjection,
+                     event) -> None:
+    """impossible_travel's recentReports for every login of the log, as of `event`: each a load
+    (one query); then the memory those rows take."""
+    conn = sqlite3.connect(path)
+    logins = [row[0] for row in conn.execute(
+        "SELECT DISTINCT login FROM events INDEXED BY ix_events_login")]
+    conn.close()
+    queries = projection.queries(log.queries())
+    as_of = AsOf(before_seq=event.seq, now=event.received)
+    gc.collect()
+    before = rss_mib()
+    loads = []
+    for login in logins:
+        flt = parse_filter({"login": login, "success": True, "window": "7d"}.items())
+        t0 = time.perf_counter()
+        queries.recent_rows(flt, 5, as_of)
+        loads.append(time.perf_counter() - t0)
+    grown = rss_mib() - before
+    (shape,) = [s for s in projection.describe()["recent"] if s["window"] == 7 * 86400]
+    print(f"  recent rows: {len(logins):,} logins loaded (each one query) {percentiles(loads)}; "
+          f"{shape['key_tuples']:,} keys, {shape['rows']:,} rows held: RSS +{grown:.0f} MiB "
+          f"({grown * 2**20 / max(1, shape['rows']):.0f} bytes per row)")
+
+
 def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state: LuaState,
-                    shapes: list, make_lt, picks: list[tuple], events: int) -> list[list[float]]:
+                    shapes: list, make_lt, picks: list[tuple], events: int,
+                    path: Path) -> list[list[float]]:
     """The runner's way: walk the last WALK events in order, helpers inside each report."""
     first = events - WALK
     walk = []
@@ -170,6 +200,7 @@ def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state:
                 projection.wait_built(3600)
                 print(f"  projection: shapes built from the log in {time.perf_counter() - built:.1f} s, "
                       f"RSS +{rss_mib() - rss_before:.0f} MiB")
+                load_recent_rows(path, log, projection, event)
             for fields in by_seq.get(event.seq, ()):
                 lt = make_lt(*fields)
                 for fn, samples in zip(shapes, timings):
@@ -185,6 +216,9 @@ def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state:
         projection.close()
     described = projection.describe()
     print(f"  projection: per event (begin + finish) {percentiles(steps)}; calls {described['calls']}")
+    for shape in described["recent"]:
+        print(f"    recent rows {'+'.join(shape['keys'])} success={shape['success']} "
+              f"window={shape['window']:g}s: {shape['key_tuples']:,} keys, {shape['rows']:,} rows")
     for shape in described["shapes"]:
         print(f"    shape {'+'.join(shape['keys'])} success={shape['success']} "
               f"window={shape['window']:g}s field={shape['field']}: {shape['key_tuples']:,} keys, "

@@ -40,6 +40,7 @@ OWN_FAMILIES = [
     ("trackalert_eventlog_pending_appends", "gauge"),
     ("trackalert_policy_lag_events", "gauge"),
     ("trackalert_policy_lag_seconds", "gauge"),
+    ("trackalert_projection_answers", "counter"),
     ("trackalert_lua_errors", "counter"),
     ("trackalert_lua_calls", "counter"),
     ("trackalert_lua_slow_calls", "counter"),

@@ -125,6 +125,8 @@ class Daemon:
         runner = PolicyRunner(eventlog, pool, self.host)
         self.host.metrics.set_lag_source(runner.lag_events, runner.lag_seconds)
         self.host.metrics.set_eventlog_source(lambda: eventlog.stats)
+        if runner.projection is not None:
+            self.host.metrics.set_projection_calls(runner.projection.calls)
         await runner.start()
         await self._start_alerting(pool)
         ingest = Ingest(self.host, eventlog)

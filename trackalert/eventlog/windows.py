@@ -31,15 +31,15 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
   the SQL answer itself depends on which side of that prune it ran.
 * Memory: per shape, the keys and distinct values present in its window (`describe`), at most
   MAX_SHAPES shapes; the tails hold one chunk of narrow rows each.
+
+The runner drives recentReports' and lastSeen's newest rows per key (recent.py) from here too:
+the same begin/finish, the same retention check, the same "only inside that report" rule.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import functools
-import ipaddress
-import json
 import logging
 import operator
 import threading
@@ -49,12 +49,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 from trackalert.eventlog.base import Event, EventLog, EventQueries
 from trackalert.eventlog.filters import AsOf, Field, Filter
-from trackalert.eventlog.ipkey import V4, V6, ip_key
+from trackalert.eventlog.keys import (ASN, COUNTRY, IP, LOGIN, PROTOCOL, PWHASH, RECEIVED, SEQ,
+                                      SUCCESS, Row, equality_keys, event_fields, key_function)
+from trackalert.eventlog.recent import NOT_ANSWERED, Answer, RecentProjection
 
 logger = logging.getLogger("trackalert")
 
-#: Positions in an `event_fields` row.
-SEQ, RECEIVED, LOGIN, SUCCESS, IP, PWHASH, COUNTRY, PROTOCOL, ASN, DEVICE_ATTRS, ATTRS = range(11)
 #: Rows read from the log at a time by a cursor.
 CHUNK = 5000
 #: A building shape this close to the runner is handed over to the runner thread to finish.
@@ -62,40 +62,14 @@ NEAR = 1000
 #: Shapes kept at most (a policy building windows from data must not grow memory without end).
 MAX_SHAPES = 64
 
-Row = tuple
 #: (equality key specs, success, window seconds, counted field or None for countReports)
 ShapeId = tuple[tuple[str, ...], "bool | None", float, "str | None"]
 
-_COLUMN_KEYS = {"login": LOGIN, "pwhash": PWHASH, "country": COUNTRY, "protocol": PROTOCOL,
-                "asn": ASN}
 _COUNTED_COLUMNS = {"login": LOGIN, "remote": IP, "pwhash": PWHASH, "country": COUNTRY,
                     "protocol": PROTOCOL, "asn": ASN}
 
 
-def event_fields(event: Event) -> Row:
-    """The `FIELDS_ROW` (eventlog/base.py) of an event in memory, with the values the log stores.
-
-    The same values as a stored row (address as its `ip_key`, unknown enrichment as None), so
-    that counts built from memory and from the log agree; success is a bool here and the stored
-    0/1 (equal to it) from `read_fields`, the maps are mappings here and JSON text (or None when
-    empty) from `read_fields`.
-    """
-    r = event.report
-    geo = r.geo
-    return (event.seq, event.received, r.login, bool(r.success), ip_key(r.remote), r.pwhash,
-            (geo.country or None) if geo else None, r.protocol, geo.asn if geo else None,
-            r.device_attrs, r.attrs)
-
-
 # ------------------------------------------------------------------------ filters -> shapes
-
-
-@functools.lru_cache(maxsize=4096)
-def _network(text: str) -> tuple[str, bytes]:
-    """(key spec, key value) of a filter's netmask: family and bits, and the masked address."""
-    network = ipaddress.ip_network(text, strict=False)
-    tag = V4 if network.version == 4 else V6
-    return f"net{network.version}/{network.prefixlen}", tag + network.network_address.packed
 
 
 def cover(flt: Filter, counted: Field | None) -> tuple[ShapeId, tuple] | None:
@@ -104,66 +78,8 @@ def cover(flt: Filter, counted: Field | None) -> tuple[ShapeId, tuple] | None:
         return None
     if counted is not None and counted.name not in _COUNTED_COLUMNS and counted.kind != "prefix":
         return None
-    specs: list[str] = []
-    values: list[Any] = []
-    for name in ("login", "remote", "netmask", "pwhash", "country", "protocol", "asn"):
-        value = getattr(flt, name)
-        if value is None:
-            continue
-        if name == "remote":
-            value = ip_key(value)  # None: SQL's `ip = NULL`, which matches nothing
-        elif name == "netmask":
-            name, value = _network(value)
-        specs.append(name)
-        values.append(value)
-    for prefix, pairs in (("d:", flt.device_attrs), ("a:", flt.attrs)):
-        for key, value in pairs:
-            specs.append(prefix + key)
-            values.append(value)
-    shape = (tuple(specs), flt.success, flt.window, counted.name if counted else None)
-    return shape, tuple(values)
-
-
-@functools.lru_cache(maxsize=65536)
-def _masked(ip: bytes, tag: bytes, bits: int) -> bytes | None:
-    if ip[:1] != tag:
-        return None
-    width = len(ip) - 1
-    value = int.from_bytes(ip[1:], "big") >> (width * 8 - bits) << (width * 8 - bits)
-    return tag + value.to_bytes(width, "big")
-
-
-def _column(spec: str) -> int | None:
-    """The row position a key spec reads as it is, or None when it is computed."""
-    return IP if spec == "remote" else _COLUMN_KEYS.get(spec)
-
-
-def _extractor(spec: str) -> Callable[[Row], Any]:
-    """The value of one key spec in a row (None: the event cannot match that key)."""
-    index = _column(spec)
-    if index is not None:
-        return operator.itemgetter(index)
-    if spec.startswith("net"):
-        tag = V4 if spec[3] == "4" else V6
-        bits = int(spec.split("/")[1])
-        return lambda row: _masked(row[IP], tag, bits) if row[IP] is not None else None
-    index = DEVICE_ATTRS if spec.startswith("d:") else ATTRS
-    key = spec[2:]
-
-    def map_value(row: Row) -> str | None:
-        mapping = row[index]
-        if not mapping:
-            return None
-        if type(mapping) is str:  # as stored: parsed only for the shapes that look inside
-            mapping = _parsed_map(mapping)
-        value = mapping.get(key)
-        return value if type(value) is str else None  # json_extract of a number never = text
-
-    return map_value
-
-
-#: Stored maps repeat (a few browsers, a few sites): parse each text once. Read only.
-_parsed_map = functools.lru_cache(maxsize=8192)(json.loads)
+    specs, values = equality_keys(flt)
+    return (specs, flt.success, flt.window, counted.name if counted else None), values
 
 
 def _counted(name: str) -> Callable[[Row], Any]:
@@ -172,33 +88,6 @@ def _counted(name: str) -> Callable[[Row], Any]:
         return lambda row: row[IP][:size] if row[IP] is not None else None
     index = _COUNTED_COLUMNS[name]
     return lambda row: row[index]
-
-
-def _key_function(specs: tuple[str, ...]) -> Callable[[Row], tuple | None]:
-    """The key tuple of a row for `specs`, None when one of them is NULL (hot: every event and
-    shape, so plain columns are one itemgetter)."""
-    if not specs:
-        return lambda row: ()
-    columns = [_column(spec) for spec in specs]
-    if None not in columns:
-        get = operator.itemgetter(*columns)
-        if len(columns) == 1:
-            def one(row: Row) -> tuple | None:
-                value = get(row)
-                return None if value is None else (value,)
-            return one
-
-        def several(row: Row) -> tuple | None:
-            values = get(row)
-            return None if None in values else values
-        return several
-    parts = [_extractor(spec) for spec in specs]
-
-    def computed(row: Row) -> tuple | None:
-        values = tuple([part(row) for part in parts])
-        return None if None in values else values
-
-    return computed
 
 
 # ------------------------------------------------------------------------ one shape
@@ -210,7 +99,7 @@ class Shape:
     def __init__(self, shape_id: ShapeId) -> None:
         self.id = shape_id
         specs, self._success, self.window, counted = shape_id
-        self._key = _key_function(specs)
+        self._key = key_function(specs)
         self._value = _counted(counted) if counted else None
         self.counts: dict[tuple, Any] = {}
 
@@ -380,6 +269,9 @@ class WindowProjection:
         self._queries: ProjectedQueries | None = None
         #: (helper, "projection" | "sql") -> calls inside report(lt)
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: recentReports/lastSeen's newest rows per key (recent.py), driven from here
+        self.recent = RecentProjection(self.calls)
+        self._judged: tuple[int, float] = (0, 0.0)  # (seq, received) of `judging`
 
     @staticmethod
     def supports(log: EventLog) -> bool:
@@ -405,6 +297,7 @@ class WindowProjection:
             logger.exception("projection: reading the event log failed; rebuilding every shape")
             self._reset(event.seq - 1)
         self.judging = event.seq
+        self._judged = (event.seq, event.received)
 
     def _begin(self, event: Event) -> None:
         if event.seq != self.position + 1:
@@ -421,17 +314,20 @@ class WindowProjection:
     def finish(self, event: Event) -> None:
         """After `report` on `event`: the head adds it."""
         self.judging = None
-        if self._windows:
+        if self._windows or self.recent.shapes:
             row = event_fields(event)
             for window in self._windows.values():
                 for shape in window.shapes:
                     shape.add_all((row,))
+            if self.recent.shapes:
+                self.recent.add(event, row)
         self.position = event.seq
         self._at = (event.seq, event.received)
 
     def check_retention(self) -> None:
-        """Drop windows that count events the log no longer holds (once per batch)."""
-        if not self._windows:
+        """Drop windows that count events the log no longer holds, and tell the recent rows
+        which are gone (once per batch)."""
+        if not self._windows and not self.recent.shapes:
             return
         try:
             rows = self._read(0, 1)
@@ -440,6 +336,7 @@ class WindowProjection:
             self._reset(self.position)
             return
         oldest = rows[0][SEQ] if rows else self.position + 1
+        self.recent.oldest = oldest
         for window in list(self._windows.values()):
             if oldest > window.tail.after + 1 and window.tail.after < self.position:
                 self._invalidate(window)
@@ -460,6 +357,14 @@ class WindowProjection:
             return None
         self.calls[helper, "projection"] += 1
         return shape.answer(key)
+
+    def recent_answer(self, helper: str, flt: Filter, n: int, as_of: AsOf, sql: EventQueries,
+                      pick: Answer) -> Any:
+        """`pick` of the newest `n` rows matching `flt` from the recent rows (recent.py), or
+        NOT_ANSWERED when SQL must answer (outside the report being judged, or not covered)."""
+        if as_of.before_seq is None or as_of.before_seq != self.judging:
+            return NOT_ANSWERED
+        return self.recent.answer(helper, flt, n, as_of, self._judged, sql, pick)
 
     # -- shapes on and off
 
@@ -504,6 +409,7 @@ class WindowProjection:
 
     def _reset(self, position: int) -> None:
         """The runner skipped events (pruned before it judged them): rebuild everything."""
+        self.recent.clear()
         for window in list(self._windows.values()):
             self._invalidate(window)
         with self._lock:
@@ -655,7 +561,7 @@ class WindowProjection:
         for (helper, path), n in sorted(list(self.calls.items())):
             calls.setdefault(helper, {"projection": 0, "sql": 0})[path] = n
         return {"position": self.position, "shapes": shapes, "building": building,
-                "calls": calls}
+                "calls": calls, "recent": self.recent.describe()}
 
 
 class ProjectedQueries(EventQueries):
@@ -680,13 +586,19 @@ class ProjectedQueries(EventQueries):
         return self.sql.first_seen(flt, as_of)
 
     def last_seen(self, flt: Filter, as_of: AsOf) -> float | None:
-        return self.sql.last_seen(flt, as_of)
+        found = self._projection.recent_answer("lastSeen", flt, 1, as_of, self.sql, _newest_received)
+        return self.sql.last_seen(flt, as_of) if found is NOT_ANSWERED else found
 
     def recent_reports(self, flt: Filter, n: int, as_of: AsOf) -> list[Event]:
         return self.sql.recent_reports(flt, n, as_of)
 
     def recent_rows(self, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
-        return self.sql.recent_rows(flt, n, as_of)
+        found = self._projection.recent_answer("recentReports", flt, n, as_of, self.sql, list)
+        return self.sql.recent_rows(flt, n, as_of) if found is NOT_ANSWERED else found
+
+
+def _newest_received(rows: list[Row]) -> float | None:
+    return rows[0][RECEIVED] if rows else None
 
 
 _running = threading.local()
