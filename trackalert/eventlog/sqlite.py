@@ -222,14 +222,12 @@ def _settle(sink: Any, index: int, result: Any) -> None:
 #: Most rows one multi-row INSERT takes (256 events bind 6,400 parameters, far below SQLite's
 #: limit of 32,766).
 INSERT_CHUNK = 256
-#: Up to this many rows a batch is one statement of its exact size; above, a multiple of
-#: CHUNK_STEP and the exact remainder. Preparing a multi-row statement costs ~12 µs a row, so
-#: the shapes must stay few (~90 per table, each prepared once and kept in the connection's
-#: statement cache) while a batch of up to INSERT_CHUNK rows takes at most two statements.
-EXACT_CHUNK = 64
+#: Chunks are multiples of this (then a power-of-two remainder): preparing a multi-row statement
+#: costs ~12 µs a row, so only ~70 shapes ever exist, each prepared once and kept in the
+#: connection's statement cache, and a batch still takes at most four statements per table.
 CHUNK_STEP = 8
 #: The write connection's statement cache: every chunk shape of both tables and the lookups.
-STATEMENT_CACHE = 320
+STATEMENT_CACHE = 256
 
 
 def insert_rows(conn: sqlite3.Connection, insert: str, rows: list[tuple]) -> None:
@@ -249,16 +247,16 @@ def insert_rows(conn: sqlite3.Connection, insert: str, rows: list[tuple]) -> Non
 
 
 def chunk_size(left: int) -> int:
-    """The next chunk for `left` rows: INSERT_CHUNK, else the largest multiple of CHUNK_STEP
-    when over EXACT_CHUNK, else all of them."""
+    """The next chunk for `left` rows: INSERT_CHUNK, else the largest multiple of CHUNK_STEP,
+    else the largest power of two (so the shapes stay few)."""
     if left >= INSERT_CHUNK:
         return INSERT_CHUNK
-    if left > EXACT_CHUNK:
+    if left >= CHUNK_STEP:
         return left - left % CHUNK_STEP
-    return left
+    return 1 << (left.bit_length() - 1)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)
 def _multi_row_sql(insert: str, rows: int, width: int) -> str:
     """`insert` (one row of `?` placeholders) turned into the same INSERT of `rows` rows."""
     head, _, _ = insert.partition(" VALUES ")
