@@ -6,8 +6,9 @@ Why it is built this way (figures measured on the 2-core target box):
   that queued up during the previous commit* in one transaction reaches ~24,000 rows/s with no
   extra wait window, so latency stays one fsync when idle and throughput grows under load.
 * A single writer thread owns a plain ``sqlite3`` connection: SQLite has one write lock anyway,
-  the thread can assign seq numbers from memory, and executemany over pre-built tuples keeps the
-  per-row Python cost small (SQLAlchemy Core adds ~0.2 ms per single-row statement).
+  the thread can assign seq numbers from memory, and multi-row INSERTs of pre-built tuples keep
+  the per-row Python cost small (SQLAlchemy Core adds ~0.2 ms per single-row statement) and the
+  writer's waits for the interpreter lock few (`insert_rows`).
 * The event loop never blocks on SQLite: appends go through a queue, results come back with one
   ``call_soon_threadsafe`` per commit, and reads go through SQLAlchemy Core on an aiosqlite
   engine. WAL mode lets those readers run while the writer commits.
@@ -223,8 +224,9 @@ def _settle(sink: Any, index: int, result: Any) -> None:
 #: limit of 32,766).
 INSERT_CHUNK = 256
 #: Chunks are multiples of this (then a power-of-two remainder): preparing a multi-row statement
-#: costs ~12 µs a row, so only ~70 shapes ever exist, each prepared once and kept in the
-#: connection's statement cache, and a batch still takes at most four statements per table.
+#: costs ~12 µs a row, so only ~35 shapes per table ever exist, each prepared once and kept in
+#: the connection's statement cache, and a batch under INSERT_CHUNK rows still takes at most
+#: four statements per table.
 CHUNK_STEP = 8
 #: The write connection's statement cache: every chunk shape of both tables and the lookups.
 STATEMENT_CACHE = 256
