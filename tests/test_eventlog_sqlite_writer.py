@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
 
-from eventlog_contract import eventually, report
+from eventlog_contract import report
 from test_eventlog_sqlite import POISON_TRIGGER, raw, row_of, submit_group
 from trackalert.clock import VirtualClock
 from trackalert.eventlog import Appended
@@ -148,63 +147,4 @@ async def test_concurrent_appenders_with_retries_and_a_bad_row(tmp_path: Path) -
         assert log.stats.pending == 0 and log.failure is None
     finally:
         reader.close()
-        await log.close()
-
-
-class Gate:
-    """Stops the writer thread at chosen statements (from its trace callback) until released."""
-
-    def __init__(self, log: SQLiteEventLog, stops: list[str]) -> None:
-        self.stops = stops  # statement prefixes, in the order the writer will reach them
-        self.reached = [threading.Event() for _ in stops]
-        self.go = [threading.Event() for _ in stops]
-        self._next = 0
-        assert log.stats.pending == 0 and log._writer.conn is not None
-        log._writer.conn.set_trace_callback(self._trace)
-
-    def _trace(self, statement: str) -> None:
-        i = self._next
-        if i < len(self.stops) and statement.startswith(self.stops[i]):
-            self._next += 1
-            self.reached[i].set()
-            self.go[i].wait(10)  # bounded: a broken writer fails the test instead of hanging it
-
-    async def wait(self, i: int) -> None:
-        assert await asyncio.to_thread(self.reached[i].wait, 10), f"writer never reached {self.stops[i]}"
-
-    def release(self, i: int) -> None:
-        self.go[i].set()
-
-
-async def test_a_commit_is_handed_over_once_the_next_batch_has_started(tmp_path: Path) -> None:
-    """With another batch queued, the loop hears of a commit only once that batch's BEGIN and
-    delivery lookup are done (short steps that would each wait out the loop's burst of settling
-    the commit), and before its inserts: outcomes in commit order, nothing held once idle."""
-    log = SQLiteEventLog(tmp_path / "events.db", VirtualClock())
-    await log.open()
-    heard: list[str] = []
-    try:
-        gate = Gate(log, ["COMMIT", "BEGIN", "INSERT INTO events"])
-        first = asyncio.ensure_future(submit_group(log, [row_of(report(i), f"a{i}") for i in range(5)]))
-        await gate.wait(0)  # the first batch is committing; the second queues behind it
-        first.add_done_callback(lambda _: heard.append("first"))
-        second = asyncio.ensure_future(
-            submit_group(log, [row_of(report(10 + i), f"b{i}") for i in range(5)]))
-        second.add_done_callback(lambda _: heard.append("second"))
-        await eventually(lambda: log.stats.pending == 10, "the second batch to be queued")
-        gate.release(0)
-        await gate.wait(1)  # the second batch begins: the first is durable, not yet handed over
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert heard == []
-        gate.release(1)
-        await gate.wait(2)  # the lookup is done, the inserts are next: handed over by now
-        await eventually(lambda: heard == ["first"], "the first batch's outcomes")
-        gate.release(2)
-        await asyncio.wait_for(second, 10)
-        assert heard == ["first", "second"]
-        assert [o.seq for o in first.result() + second.result()] == list(range(1, 11))
-        # idle: a lone append is heard as soon as it is durable (nothing left held)
-        assert (await asyncio.wait_for(log.append(report(99), delivery_id="c"), 10)).seq == 11
-    finally:
         await log.close()

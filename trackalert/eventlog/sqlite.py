@@ -300,8 +300,6 @@ class _Writer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._committed: _Committed | None = None
         self._failed: _Failed | None = None
-        #: The outcome of the last commit while the next batch is being started (`_hand_over`).
-        self._held: tuple | None = None
 
     # -- set-up (runs in a worker thread, before the writer thread starts)
 
@@ -405,11 +403,7 @@ class _Writer:
         try:
             while True:
                 batch: list[Any] = []
-                try:
-                    item = take_nowait()
-                except queue.Empty:  # nothing else to do: the last commit's callers hear now
-                    self._hand_over()
-                    item = take()
+                item = take()
                 while True:
                     if type(item) is list:  # a group: its appends, in order
                         batch.extend(item)
@@ -430,7 +424,6 @@ class _Writer:
                 if stop:
                     return
         finally:
-            self._hand_over()
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
@@ -480,8 +473,9 @@ class _Writer:
         if new_events:
             self.last_seq = new_events[-1].seq
             self.last_received = last_received
-        self._hand_over()  # a batch without appends (ops only) had nothing to overlap it with
-        self._held = (new_events, results, outcomes, len(appends), duplicates, collisions)
+        self._call_loop(
+            self._committed, new_events, results, outcomes, len(appends), duplicates, collisions
+        )
 
     def _store(
         self, conn: sqlite3.Connection, appends: list[_Append]
@@ -490,7 +484,6 @@ class _Writer:
         if not appends:
             return [], [], 0, [], self.last_received
         known, used_ids = self._known_deliveries(conn, appends)
-        self._hand_over()
         received = self.clock.time()
         if received < self.last_received:  # keep `received` searchable: never step back
             received = self.last_received
@@ -560,22 +553,7 @@ class _Writer:
         except Exception:
             logger.exception("event log writer: cannot re-read the log position")
 
-    def _hand_over(self) -> None:
-        """Give the loop the outcome of the last commit (durable by now), if not done yet.
-
-        Not at once when more work is queued: the loop thread takes the interpreter lock as soon
-        as it hears, for a burst of settling and answering, and a writer still starting its next
-        batch (BEGIN and the delivery lookup: two short steps, each ending in a wait for that
-        lock) waited out the whole burst. Held until those steps are done, the burst overlaps
-        the next batch's inserts instead, which run without the lock. The delay is the start of
-        a batch, and nothing is held while the writer waits for work.
-        """
-        held, self._held = self._held, None
-        if held is not None:
-            self._call_loop(self._committed, *held)
-
     def _fail(self, batch: list[Any], exc: BaseException) -> None:
-        self._hand_over()  # outcomes reach the loop in commit order
         sinks = [(item[3], item[4]) if type(item) is tuple else (item.future, -1) for item in batch]
         appends = sum(1 for item in batch if type(item) is tuple)
         self._call_loop(self._failed, sinks, exc, appends)
