@@ -1,9 +1,7 @@
 """The replay's HTML report: self-contained, escaped, deterministic, and the charts count right.
 
 The page is checked through Python's HTML parser (what a browser would build from it), not by
-searching its text. The module is loaded from its file (`tools/replay/html_report.py`) rather than
-as `trackalert.replay.html_report`: the package mapping lands with the replay engine's branch, and
-this loading goes away at the merge.
+searching its text.
 """
 
 from __future__ import annotations
@@ -11,18 +9,10 @@ from __future__ import annotations
 import collections
 import datetime
 import html.parser
-import importlib.util
 import random
 import re
-import sys
-from pathlib import Path
 
-_PATH = Path(__file__).resolve().parent.parent / "tools" / "replay" / "html_report.py"
-_spec = importlib.util.spec_from_file_location("replay_html_report_under_test", _PATH)
-assert _spec is not None and _spec.loader is not None
-report = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = report  # dataclasses look their module up while the file runs
-_spec.loader.exec_module(report)
+from trackalert.replay import html_report as report
 
 #: 1 January 2024, 00:00 UTC.
 START = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
