@@ -1,9 +1,11 @@
 """`trackalert-replay`: the command line of the replay (docs/replay.md).
 
-Exit statuses: 0 the replay ran (with --keep-going, even if policies erred); 1 a policy error
-(the config does not load, a Lua error in report or a background function, a webhook name no
-addCustomWebHook registered), named file:line; 2 bad usage or input (arguments, a source that
-is not a log, an unreadable file); 130 interrupted.
+Exit statuses: 0 the replay ran (with --keep-going, even if policies erred; with --expect, the
+alerts were the expected ones); 1 a policy error (the config does not load, a Lua error in
+report or a background function, a webhook name no addCustomWebHook registered), named
+file:line; 2 bad usage or input (arguments, a source that is not a log, an unreadable file or
+expected file); 3 with --expect, the alerts were not the expected ones (the diff on stderr);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import IO, Any, Callable, NoReturn, Sequence
 
 from trackalert import log
 from trackalert.replay import compare as comparing
+from trackalert.replay import expect as expecting
 from trackalert.replay import summary as summaries
 from trackalert.replay.engine import ConfigError, Outcome, Replay
 from trackalert.replay.source import Selection, SourceError, open_source
 
-OK, POLICY_ERROR, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
+OK, POLICY_ERROR, BAD_INPUT, UNEXPECTED, INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class UsageError(Exception):
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a trackalert config's policies over a recorded event log, on a virtual "
                     "clock, and show the alerts they would have sent. Nothing leaves the machine.",
         epilog="Exit status: 0 done, 1 policy error (file:line named; not with --keep-going "
-               "unless the config does not load), 2 bad usage or input, 130 interrupted.",
+               "unless the config does not load), 2 bad usage or input, 3 alerts other than "
+               "--expect's, 130 interrupted.",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="the trackalert.conf to replay")
     parser.add_argument("--log", required=True, metavar="SOURCE",
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--report", metavar="FILE", help="write a self-contained HTML report")
     parser.add_argument("--lua-log", metavar="FILE",
                         help="write every log line of the policies (infoLog & co.) as NDJSON")
+    parser.add_argument("--expect", metavar="FILE",
+                        help="NDJSON of the alerts the config must give (fields left out are not "
+                             "compared): exit status 3 and a diff when they differ")
     parser.add_argument("--keep-going", action="store_true",
                         help="go on past policy errors (counted in the summary; exit status 0)")
     parser.add_argument("--quiet", "-q", action="store_true", help="print no summary and no progress bar")
@@ -137,7 +144,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _absolute(args: argparse.Namespace) -> None:
     """Paths as given, before the configs load in their own directories."""
     for name in ("config", "log", "out", "summary_json", "compare", "compare_json", "baseline_out",
-                 "lua_log", "report"):
+                 "lua_log", "report", "expect"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(args, name, os.path.abspath(value))
@@ -158,14 +165,39 @@ def _setup_logging(stream: IO[str]) -> logging.Handler:
 def run(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     _check_args(args)
     _absolute(args)
+    # a bad expected file is known before a long replay, not after it
+    expected = expecting.load_expected(args.expect) if args.expect else None
     handler = _setup_logging(err)
     try:
-        return _replay(args, out, err)
+        return _replay(args, out, err, expected)
     finally:
         log.logger.removeHandler(handler)
 
 
-def _replay(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+def _expect(actual: list[dict[str, Any]], expected: list[dict[str, Any]], quiet: bool, out: IO[str],
+            err: IO[str]) -> int:
+    """--expect's verdict: the diff on stderr when it fails, so a CI log shows what changed."""
+    ok, diff = expecting.check(actual, expected)
+    if not ok:
+        err.write(f"trackalert-replay: the alerts are not the expected ones\n{diff}\n")
+        return UNEXPECTED
+    if not quiet:
+        out.write(f"expect: {diff}\n")
+    return OK
+
+
+def execute(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """`run` with every failure turned into its message and exit status, as the command gives
+    them (trackalert.testing runs replays through here too)."""
+    try:
+        return run(args, out, err)
+    except (UsageError, SourceError, ConfigError, expecting.ExpectationError, OSError) as exc:
+        err.write(f"trackalert-replay: {exc}\n")
+        return POLICY_ERROR if isinstance(exc, ConfigError) else BAD_INPUT
+
+
+def _replay(args: argparse.Namespace, out: IO[str], err: IO[str],
+            expected: list[dict[str, Any]] | None = None) -> int:
     source = open_source(args.log)
     try:
         selection = Selection(args.start, args.end, tuple(dict.fromkeys(args.login)))
@@ -183,7 +215,10 @@ def _replay(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
                     bar.close()
         for name, why in replay.notes.items():
             err.write(f"trackalert-replay: note: {name.split(':')[0]}() is ignored: {why}\n")
-        return _report(args, replay, outcomes, out, err)
+        status = _report(args, replay, outcomes, out, err)
+        if expected is None or status != OK:
+            return status
+        return _expect(outcomes[0].findings.alerts, expected, args.quiet, out, err)
     finally:
         source.close()
 
@@ -254,10 +289,7 @@ def _status(outcomes: list[Outcome], keep_going: bool, err: IO[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args, sys.stdout, sys.stderr)
-    except (UsageError, SourceError, ConfigError, OSError) as exc:
-        sys.stderr.write(f"trackalert-replay: {exc}\n")
-        return POLICY_ERROR if isinstance(exc, ConfigError) else BAD_INPUT
+        return execute(args, sys.stdout, sys.stderr)
     except KeyboardInterrupt:
         sys.stderr.write("trackalert-replay: interrupted\n")
         return INTERRUPTED
