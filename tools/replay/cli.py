@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import importlib.util
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ from typing import IO, Any, Callable, NoReturn, Sequence
 from trackalert import log
 from trackalert.replay import compare as comparing
 from trackalert.replay import expect as expecting
+from trackalert.replay import html_report
 from trackalert.replay import summary as summaries
 from trackalert.replay.engine import ConfigError, Outcome, Replay
 from trackalert.replay.source import Selection, SourceError, open_source
@@ -57,10 +57,6 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
-def _has_html_report() -> bool:
-    return importlib.util.find_spec("trackalert.replay.html_report") is not None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="trackalert-replay",
@@ -85,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and show the alerts added, removed and unchanged")
     parser.add_argument("--compare-json", metavar="FILE", help="with --compare: write the comparison as JSON")
     parser.add_argument("--baseline-out", metavar="FILE", help="with --compare: the baseline's alerts as NDJSON")
-    if _has_html_report():
-        parser.add_argument("--report", metavar="FILE", help="write a self-contained HTML report")
+    parser.add_argument("--report", metavar="FILE", help="write a self-contained HTML report "
+                        "(alerts per day and policy, the summary tables, the first examples)")
     parser.add_argument("--lua-log", metavar="FILE",
                         help="write every log line of the policies (infoLog & co.) as NDJSON")
     parser.add_argument("--expect", metavar="FILE",
@@ -242,14 +238,9 @@ def _report(args: argparse.Namespace, replay: Replay, outcomes: list[Outcome], o
         result = comparing.compare(main.findings.alerts, baseline.findings.alerts)
         _write_alerts(args.baseline_out, baseline.findings.alerts)
         _write_json(args.compare_json, result)
-    if getattr(args, "report", None):
-        from trackalert.replay import html_report  # type: ignore[attr-defined]
-
-        page = html_report.render(
-            os.path.basename(args.config), summary, main.findings.alerts, baseline_summary,
-            baseline.findings.alerts if baseline else None, result)
-        with open(args.report, "w", encoding="utf-8") as handle:
-            handle.write(page)
+    if args.report:
+        _write_report(args, summary, main.findings.alerts, baseline_summary,
+                      baseline.findings.alerts if baseline else None, result)
     if not args.quiet:
         out.write(summaries.render(summary, os.path.basename(args.config)) + "\n")
         _extras(main, out)
@@ -257,6 +248,19 @@ def _report(args: argparse.Namespace, replay: Replay, outcomes: list[Outcome], o
             out.write(summaries.render(baseline_summary, os.path.basename(args.compare)) + "\n")
             out.write(comparing.render(result) + "\n")
     return _status(outcomes, args.keep_going, err)
+
+
+def _write_report(args: argparse.Namespace, summary: dict[str, Any], alerts: list[dict[str, Any]],
+                  baseline_summary: dict[str, Any] | None, baseline_alerts: list[dict[str, Any]] | None,
+                  result: dict[str, Any] | None) -> None:
+    """The HTML page of exactly what --summary-json, --out, --baseline-out and --compare-json
+    hold; its title names both configs when there are two."""
+    title = os.path.basename(args.config)
+    if args.compare:
+        title += f" compared with {os.path.basename(args.compare)}"
+    page = html_report.render(title, summary, alerts, baseline_summary, baseline_alerts, result)
+    with open(args.report, "w", encoding="utf-8") as handle:
+        handle.write(page)
 
 
 def _extras(outcome: Outcome, out: IO[str]) -> None:
