@@ -251,3 +251,12 @@ def test_the_command_reports_exactly_what_it_replayed_and_compared(tmp_path: Pat
     # alerts, baseline, added, removed
     assert policy_cells(text, "password_spray") == ["1", "0", "1", "0"]
     assert policy_cells(text, "new_country") == ["1", "1", "0", "0"]
+
+
+def test_the_charts_scale_to_the_page_instead_of_overflowing_it() -> None:
+    charts = [attrs for tag, attrs in Page(render_compare()).tags if tag == "svg"]
+    assert len(charts) == 2
+    for attrs in charts:
+        # a fixed width of 1,118 px overflowed the 1,180 px page's panels (a scroll bar)
+        assert attrs.get("width") == "100%" and "height" not in attrs
+        assert re.fullmatch(r"0 0 \d+ \d+", attrs.get("viewBox") or attrs.get("viewbox") or "")
