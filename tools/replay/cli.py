@@ -140,7 +140,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _absolute(args: argparse.Namespace) -> None:
     """Paths as given, before the configs load in their own directories."""
     for name in ("config", "log", "out", "summary_json", "compare", "compare_json", "baseline_out",
-                 "lua_log", "report", "expect"):
+                 "lua_log", "report"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(args, name, os.path.abspath(value))
@@ -160,9 +160,9 @@ def _setup_logging(stream: IO[str]) -> logging.Handler:
 
 def run(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     _check_args(args)
-    _absolute(args)
-    # a bad expected file is known before a long replay, not after it
+    # a bad expected file is known before a long replay, not after it; the diff names it as given
     expected = expecting.load_expected(args.expect) if args.expect else None
+    _absolute(args)
     handler = _setup_logging(err)
     try:
         return _replay(args, out, err, expected)
