@@ -321,3 +321,37 @@ def test_plain_wforce_lines_say_to_import_them_first(tmp_path: Path) -> None:
     assert result.returncode == BAD_INPUT, result.stderr
     assert result.stderr == (f"trackalert-replay: {plain}:1: a wforce report, not an export line "
                              "(import it into a log first)\n")
+
+
+def test_an_export_interrupted_while_it_loads_leaves_no_temporary_log(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    line = json.loads(Path(__file__).resolve().parent.parent.joinpath(
+        "conf", "policies", "tests", "history.ndjson").read_text().splitlines()[0])
+    export = tmp_path / "big.ndjson"
+    with export.open("w") as out:
+        for seq in range(1, 300_001):
+            line["seq"], line["received"] = seq, START + seq
+            out.write(json.dumps(line, separators=(",", ":")) + "\n")
+    conf = tmp_path / "p.conf"
+    conf.write_text("setReport(function(lt) end)\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    child = subprocess.Popen([sys.executable, "-m", "trackalert.replay.cli", "--config", str(conf),
+                              "--log", str(export), "-q"], env={**os.environ, "TMPDIR": str(scratch)},
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3000):  # the temporary log appears once loading has begun
+            if any(scratch.glob("trackalert-replay-*")) or child.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert child.poll() is None, "the load ended before it could be interrupted"
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, stderr
+    assert "trackalert-replay: interrupted" in stderr
+    assert list(scratch.iterdir()) == []

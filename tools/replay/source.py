@@ -293,9 +293,9 @@ def open_source(path: str, scratch: str | None = None) -> LogSource:
     os.unlink(temporary)
     try:
         load_events(read_export(path), temporary)
-    except Exception as exc:
+    except BaseException as exc:  # an interrupted load must not leave its copy behind either
         _remove(temporary)
-        if isinstance(exc, SourceError):
+        if isinstance(exc, SourceError) or not isinstance(exc, Exception):
             raise
         # the export's own errors already name the file and line
         raise SourceError(str(exc) if isinstance(exc, HistoryError) else f"{path}: {exc}") from exc
