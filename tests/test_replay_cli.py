@@ -331,7 +331,7 @@ def test_an_export_interrupted_while_it_loads_leaves_no_temporary_log(tmp_path: 
         "conf", "policies", "tests", "history.ndjson").read_text().splitlines()[0])
     export = tmp_path / "big.ndjson"
     with export.open("w") as out:
-        for seq in range(1, 300_001):
+        for seq in range(1, 200_001):
             line["seq"], line["received"] = seq, START + seq
             out.write(json.dumps(line, separators=(",", ":")) + "\n")
     conf = tmp_path / "p.conf"

@@ -121,7 +121,7 @@ class AlertCapture(WebHooks):
         self._sent: set[tuple[str, bytes]] = set()
 
     def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None) -> bool:
-        """As `Webhooks.run`; `seq` (for the daemon's outbox row) is the position's seq here."""
+        """As `WebHooks.run`; `seq` (for the daemon's outbox row) is the position's seq here."""
         state = self.state
         assert state is not None, "the replay's worker state is set before anything runs"
         seq, event = cause_of(state, self._position)
