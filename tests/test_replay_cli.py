@@ -272,3 +272,86 @@ intervalScheduleBackgroundFunc("01:00:00", "b")
     assert status == POLICY_ERROR and summary["events"] == late.seq
     assert alerts and all(a["time"] <= late.received for a in alerts)
     assert len(alerts) == int((late.received - START) // 3600)
+
+
+def history(*args: str) -> None:
+    """`trackalert export|import ...`, which must succeed."""
+    result = subprocess.run([sys.executable, "-m", "trackalert", *args], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_an_export_and_its_reimport_replay_as_the_original_log(tmp_path: Path, month: Path) -> None:
+    from test_replay_engine import SEEING
+
+    export, reimported = tmp_path / "export.ndjson", tmp_path / "reimported.db"
+    history("export", "--log", str(month), "--out", str(export))
+    history("import", "--log", str(reimported), str(export))
+    runs = []
+    for log in (month, export, reimported):
+        status, alerts, summary = replay(tmp_path, SEEING, log, "--to", str(START + 30 * DAY))
+        del summary["run_seconds"], summary["events_per_second"]
+        runs.append((status, alerts, summary))
+    assert runs[0][0] == OK and len(runs[0][1]) > 1000
+    assert runs[1] == runs[0], "the export replays differently from its log"
+    assert runs[2] == runs[0], "export -> import replays differently from the original log"
+    assert [p.name for p in tmp_path.glob("trackalert-replay-*")] == []
+
+
+def test_an_export_is_recognised_after_any_number_of_blank_lines(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "conf" / "policies" / "tests"
+    padded = tmp_path / "padded.ndjson"
+    padded.write_text("\n" * 40 + (example / "history.ndjson").read_text())
+    outs = []
+    for source in (example / "history.ndjson", padded):
+        out = tmp_path / "alerts.ndjson"
+        result = run_cli("--config", str(example / "starter.conf"), "--log", str(source), "--out", str(out))
+        assert result.returncode == OK, result.stderr
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 2
+
+
+def test_plain_wforce_lines_say_to_import_them_first(tmp_path: Path) -> None:
+    plain = tmp_path / "wforce.ndjson"
+    plain.write_text(json.dumps({"login": "alice", "remote": "192.0.2.1", "pwhash": "ab",
+                                 "success": True, "t": START, "protocol": "imap"}) + "\n")
+    conf = tmp_path / "p.conf"
+    conf.write_text("setReport(function(lt) end)\n")
+    result = run_cli("--config", str(conf), "--log", str(plain))
+    assert result.returncode == BAD_INPUT, result.stderr
+    assert result.stderr == (f"trackalert-replay: {plain}:1: a wforce report, not an export line "
+                             "(import it into a log first)\n")
+
+
+def test_an_export_interrupted_while_it_loads_leaves_no_temporary_log(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    line = json.loads(Path(__file__).resolve().parent.parent.joinpath(
+        "conf", "policies", "tests", "history.ndjson").read_text().splitlines()[0])
+    export = tmp_path / "big.ndjson"
+    with export.open("w") as out:
+        for seq in range(1, 200_001):
+            line["seq"], line["received"] = seq, START + seq
+            out.write(json.dumps(line, separators=(",", ":")) + "\n")
+    conf = tmp_path / "p.conf"
+    conf.write_text("setReport(function(lt) end)\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    child = subprocess.Popen([sys.executable, "-m", "trackalert.replay.cli", "--config", str(conf),
+                              "--log", str(export), "-q"], env={**os.environ, "TMPDIR": str(scratch)},
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3000):  # the temporary log appears once loading has begun
+            if any(scratch.glob("trackalert-replay-*")) or child.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert child.poll() is None, "the load ended before it could be interrupted"
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, stderr
+    assert "trackalert-replay: interrupted" in stderr
+    assert list(scratch.iterdir()) == []

@@ -1,25 +1,13 @@
-"""Expectations for a replay: partial expected lines, the pairing, the readable diff, the loader.
-
-The module is loaded from its file (`tools/replay/expect.py`) rather than as
-`trackalert.replay.expect`: the package mapping lands with the replay engine's branch, and this
-loading goes away at the merge.
-"""
+"""Expectations for a replay: partial expected lines, the pairing, the readable diff, the loader."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "tools" / "replay" / "expect.py"
-_spec = importlib.util.spec_from_file_location("replay_expect_under_test", _PATH)
-assert _spec is not None and _spec.loader is not None
-expect = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = expect  # dataclasses look their module up while the file runs
-_spec.loader.exec_module(expect)
+from trackalert.replay import expect
 
 
 def alert(seq: int, hook: str = "alert", login: str = "alice", policy: str | None = "new-country",

@@ -1,9 +1,7 @@
 """The replay's HTML report: self-contained, escaped, deterministic, and the charts count right.
 
 The page is checked through Python's HTML parser (what a browser would build from it), not by
-searching its text. The module is loaded from its file (`tools/replay/html_report.py`) rather than
-as `trackalert.replay.html_report`: the package mapping lands with the replay engine's branch, and
-this loading goes away at the merge.
+searching its text.
 """
 
 from __future__ import annotations
@@ -11,18 +9,15 @@ from __future__ import annotations
 import collections
 import datetime
 import html.parser
-import importlib.util
+import json
 import random
 import re
+import subprocess
 import sys
 from pathlib import Path
 
-_PATH = Path(__file__).resolve().parent.parent / "tools" / "replay" / "html_report.py"
-_spec = importlib.util.spec_from_file_location("replay_html_report_under_test", _PATH)
-assert _spec is not None and _spec.loader is not None
-report = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = report  # dataclasses look their module up while the file runs
-_spec.loader.exec_module(report)
+from trackalert.replay import html_report as report
+from trackalert.replay import summary as summaries
 
 #: 1 January 2024, 00:00 UTC.
 START = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
@@ -116,8 +111,7 @@ def test_attacker_controlled_logins_and_bodies_stay_text() -> None:
     assert SCRIPT_BODY["note"] in text and "<b>bad</b>" in text
 
 
-def test_the_page_fetches_nothing() -> None:
-    page = Page(render_compare())
+def assert_fetches_nothing(page: Page) -> None:
     assert not page.names() & {"script", "link", "img", "iframe", "object", "embed", "base", "source"}
     for tag, attrs in page.tags:
         for name in ("src", "href", "srcset", "action", "data", "xlink:href"):
@@ -125,6 +119,10 @@ def test_the_page_fetches_nothing() -> None:
     assert "url(" not in page.style and "@import" not in page.style
     policy = [a for t, a in page.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
     assert policy and policy[0]["content"].startswith("default-src 'none'")
+
+
+def test_the_page_fetches_nothing() -> None:
+    assert_fetches_nothing(Page(render_compare()))
 
 
 def test_the_same_input_gives_the_same_bytes_whatever_the_order_and_run_time() -> None:
@@ -192,13 +190,17 @@ def test_the_first_twenty_added_and_removed_alerts_are_shown_in_event_order() ->
     assert "plain text alert" in "".join(Page(text).texts)
 
 
-def test_the_summary_tables_show_both_configs() -> None:
-    text = render_compare()
+def policy_cells(text: str, policy: str) -> list[str]:
+    """The numbers of `policy`'s row in the per-policy table."""
     policies = text.split("<h2>Alerts per policy</h2>", 1)[1].split("<h2>", 1)[0]
-    row = re.search(r"password-spray</span></td>(.*?)</tr>", policies)
-    assert row is not None
-    cells = re.findall(r'<td class="num">(?:<span class="\w+">)?([\d,]+)', row[1])
-    assert cells == ["20", "20", "5", "5"]  # alerts, baseline, added, removed
+    row = re.search(rf"{re.escape(policy)}</span></td>(.*?)</tr>", policies)
+    assert row is not None, policy
+    return re.findall(r'<td class="num">(?:<span class="\w+">)?([\d,]+)', row[1])
+
+
+def test_the_summary_tables_show_both_configs() -> None:
+    # alerts, baseline, added, removed
+    assert policy_cells(render_compare(), "password-spray") == ["20", "20", "5", "5"]
 
 
 def test_an_empty_replay_still_renders() -> None:
@@ -208,3 +210,53 @@ def test_an_empty_replay_still_renders() -> None:
     page = Page(report.render("nothing", empty, []))
     assert "no events, no alerts" in page.texts
     assert "svg" not in page.names()
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "conf" / "policies" / "tests"
+
+
+def test_the_command_reports_exactly_what_it_replayed_and_compared(tmp_path: Path) -> None:
+    """`trackalert-replay --compare --report`: the page is `render` of the very summaries,
+    alerts and comparison the command writes (the shared data, nothing recomputed), and shows
+    them."""
+    baseline = tmp_path / "baseline.conf"
+    baseline.write_text((EXAMPLE / "starter.conf").read_text()
+                        .replace('"../', f'"{EXAMPLE.parent}/').replace("max_logins = 20", "max_logins = 21"))
+    files = {name: tmp_path / name for name in ("report.html", "alerts.ndjson", "summary.json",
+                                                "baseline.ndjson", "compare.json")}
+    result = subprocess.run(
+        [sys.executable, "-m", "trackalert.replay.cli", "--config", str(EXAMPLE / "starter.conf"),
+         "--log", str(EXAMPLE / "history.ndjson"), "--compare", str(baseline), "-q",
+         "--report", str(files["report.html"]), "--out", str(files["alerts.ndjson"]),
+         "--summary-json", str(files["summary.json"]), "--baseline-out", str(files["baseline.ndjson"]),
+         "--compare-json", str(files["compare.json"])], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = files["report.html"].read_text(encoding="utf-8")
+    alerts = [json.loads(line) for line in files["alerts.ndjson"].read_text().splitlines()]
+    baseline_alerts = [json.loads(line) for line in files["baseline.ndjson"].read_text().splitlines()]
+    compare = json.loads(files["compare.json"].read_text())
+    summary = json.loads(files["summary.json"].read_text())
+    # the baseline's summary is not written anywhere: the same events, its own alerts
+    baseline_summary = summaries.build(summary["events"], (summary["from"], summary["to"]),
+                                       baseline_alerts, 0, [], summary["run_seconds"])
+    assert baseline_summary["alerts_per_policy"] == {"new_country": 1}
+    assert text == report.render("starter.conf compared with baseline.conf", summary, alerts,
+                                 baseline_summary, baseline_alerts, compare)
+    page = Page(text)
+    assert_fetches_nothing(page)
+    [added] = compare["added"]
+    assert (added["seq"], added["login"], added["policy"]) == (42, "user20", "password_spray")
+    assert example_rows(text, "Added alerts (only with this config)") == ["42"]
+    assert "user20" in page.texts
+    # alerts, baseline, added, removed
+    assert policy_cells(text, "password_spray") == ["1", "0", "1", "0"]
+    assert policy_cells(text, "new_country") == ["1", "1", "0", "0"]
+
+
+def test_the_charts_scale_to_the_page_instead_of_overflowing_it() -> None:
+    charts = [attrs for tag, attrs in Page(render_compare()).tags if tag == "svg"]
+    assert len(charts) == 2
+    for attrs in charts:
+        # a fixed width of 1,118 px overflowed the 1,180 px page's panels (a scroll bar)
+        assert attrs.get("width") == "100%" and "height" not in attrs
+        assert re.fullmatch(r"0 0 \d+ \d+", attrs.get("viewBox") or attrs.get("viewbox") or "")

@@ -16,7 +16,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from trackalert.eventlog.base import Event
 
 DEFAULT_PASSWORD = "secret"
 
@@ -137,3 +140,59 @@ class DaemonProcess:
                 self.stop()
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+# ----------------------------------------------------------------------- policy tests
+
+
+class ReplayFailed(AssertionError):
+    """The replay itself did not run through (a policy error, a bad source): its message."""
+
+
+def replay_alerts(config: str | os.PathLike[str], log: str | os.PathLike[str] | Iterable[Event],
+                  *options: str) -> list[dict]:
+    """The alerts `config` sends over `log`, as `trackalert-replay --out` writes them.
+
+    So that operators test their own policies from pytest with exactly the replay's behaviour,
+    this runs the command's own code in-process. `log` is an SQLite log, an NDJSON export, or
+    events (loaded into a temporary log); `options` are further command-line options
+    (`"--from", "2026-01-01"`, `"--keep-going"`). A replay that fails raises ReplayFailed with
+    the command's message and exit status.
+    """
+    import io
+    import json
+    import tempfile
+
+    from trackalert.replay import cli
+    from trackalert.replay.source import load_events
+
+    with tempfile.TemporaryDirectory(prefix="trackalert-test-") as scratch:
+        if not isinstance(log, (str, os.PathLike)):
+            events, log = log, os.path.join(scratch, "events.db")
+            load_events(events, log)
+        out = os.path.join(scratch, "alerts.ndjson")
+        args = cli.build_parser().parse_args(
+            ["--config", os.fspath(config), "--log", os.fspath(log), "--out", out, "-q", *options])
+        err = io.StringIO()
+        status = cli.execute(args, io.StringIO(), err)
+        if status != cli.OK:
+            raise ReplayFailed(f"trackalert-replay exited with {status}:\n{err.getvalue()}")
+        with open(out, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle]
+
+
+def assert_alerts(config: str | os.PathLike[str], log: str | os.PathLike[str] | Iterable[Event],
+                  expected: str | os.PathLike[str] | list[dict], *options: str) -> list[dict]:
+    """Fail, with `trackalert-replay --expect`'s diff, unless `config` over `log` sends exactly
+    the `expected` alerts (an NDJSON file or dicts; the fields a line leaves out are not
+    compared). Returns the alerts, for further checks."""
+    __tracebackhide__ = True
+    from trackalert.replay import expect
+
+    if isinstance(expected, (str, os.PathLike)):
+        expected = expect.load_expected(expected)
+    actual = replay_alerts(config, log, *options)
+    ok, diff = expect.check(actual, expected)
+    if not ok:
+        raise AssertionError(diff)
+    return actual

@@ -120,10 +120,8 @@ class AlertCapture(WebHooks):
         self._cause: str | None = None
         self._sent: set[tuple[str, bytes]] = set()
 
-    def run(
-        self, name: str, body: bytes, cause: str | None = None, seq: int | None = None
-    ) -> bool:
-        # `seq` (the daemon's outbox traces an alert to its event) is what cause_of() finds here.
+    def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None) -> bool:
+        """As `WebHooks.run`; `seq` (for the daemon's outbox row) is the position's seq here."""
         state = self.state
         assert state is not None, "the replay's worker state is set before anything runs"
         seq, event = cause_of(state, self._position)

@@ -1,9 +1,11 @@
 """`trackalert-replay`: the command line of the replay (docs/replay.md).
 
-Exit statuses: 0 the replay ran (with --keep-going, even if policies erred); 1 a policy error
-(the config does not load, a Lua error in report or a background function, a webhook name no
-addCustomWebHook registered), named file:line; 2 bad usage or input (arguments, a source that
-is not a log, an unreadable file); 130 interrupted.
+Exit statuses: 0 the replay ran (with --keep-going, even if policies erred; with --expect, the
+alerts were the expected ones); 1 a policy error (the config does not load, a Lua error in
+report or a background function, a webhook name no addCustomWebHook registered), named
+file:line; 2 bad usage or input (arguments, a source that is not a log, an unreadable file or
+expected file); 3 with --expect, the alerts were not the expected ones (the diff on stderr);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import importlib.util
 import logging
 import os
 import sys
@@ -20,11 +21,13 @@ from typing import IO, Any, Callable, NoReturn, Sequence
 
 from trackalert import log
 from trackalert.replay import compare as comparing
+from trackalert.replay import expect as expecting
+from trackalert.replay import html_report
 from trackalert.replay import summary as summaries
 from trackalert.replay.engine import ConfigError, Outcome, Replay
 from trackalert.replay.source import Selection, SourceError, open_source
 
-OK, POLICY_ERROR, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
+OK, POLICY_ERROR, BAD_INPUT, UNEXPECTED, INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class UsageError(Exception):
@@ -54,17 +57,14 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
-def _has_html_report() -> bool:
-    return importlib.util.find_spec("trackalert.replay.html_report") is not None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="trackalert-replay",
         description="Run a trackalert config's policies over a recorded event log, on a virtual "
                     "clock, and show the alerts they would have sent. Nothing leaves the machine.",
         epilog="Exit status: 0 done, 1 policy error (file:line named; not with --keep-going "
-               "unless the config does not load), 2 bad usage or input, 130 interrupted.",
+               "unless the config does not load), 2 bad usage or input, 3 alerts other than "
+               "--expect's, 130 interrupted.",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="the trackalert.conf to replay")
     parser.add_argument("--log", required=True, metavar="SOURCE",
@@ -81,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "and show the alerts added, removed and unchanged")
     parser.add_argument("--compare-json", metavar="FILE", help="with --compare: write the comparison as JSON")
     parser.add_argument("--baseline-out", metavar="FILE", help="with --compare: the baseline's alerts as NDJSON")
-    if _has_html_report():
-        parser.add_argument("--report", metavar="FILE", help="write a self-contained HTML report")
+    parser.add_argument("--report", metavar="FILE", help="write a self-contained HTML report "
+                        "(alerts per day and policy, the summary tables, the first examples)")
     parser.add_argument("--lua-log", metavar="FILE",
                         help="write every log line of the policies (infoLog & co.) as NDJSON")
+    parser.add_argument("--expect", metavar="FILE",
+                        help="NDJSON of the alerts the config must give (fields left out are not "
+                             "compared): exit status 3 and a diff when they differ")
     parser.add_argument("--keep-going", action="store_true",
                         help="go on past policy errors (counted in the summary; exit status 0)")
     parser.add_argument("--quiet", "-q", action="store_true", help="print no summary and no progress bar")
@@ -157,15 +160,40 @@ def _setup_logging(stream: IO[str]) -> logging.Handler:
 
 def run(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     _check_args(args)
+    # a bad expected file is known before a long replay, not after it; the diff names it as given
+    expected = expecting.load_expected(args.expect) if args.expect else None
     _absolute(args)
     handler = _setup_logging(err)
     try:
-        return _replay(args, out, err)
+        return _replay(args, out, err, expected)
     finally:
         log.logger.removeHandler(handler)
 
 
-def _replay(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+def _expect(actual: list[dict[str, Any]], expected: list[dict[str, Any]], quiet: bool, out: IO[str],
+            err: IO[str]) -> int:
+    """--expect's verdict: the diff on stderr when it fails, so a CI log shows what changed."""
+    ok, diff = expecting.check(actual, expected)
+    if not ok:
+        err.write(f"trackalert-replay: the alerts are not the expected ones\n{diff}\n")
+        return UNEXPECTED
+    if not quiet:
+        out.write(f"expect: {diff}\n")
+    return OK
+
+
+def execute(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """`run` with every failure turned into its message and exit status, as the command gives
+    them (trackalert.testing runs replays through here too)."""
+    try:
+        return run(args, out, err)
+    except (UsageError, SourceError, ConfigError, expecting.ExpectationError, OSError) as exc:
+        err.write(f"trackalert-replay: {exc}\n")
+        return POLICY_ERROR if isinstance(exc, ConfigError) else BAD_INPUT
+
+
+def _replay(args: argparse.Namespace, out: IO[str], err: IO[str],
+            expected: list[dict[str, Any]] | None = None) -> int:
     source = open_source(args.log)
     try:
         selection = Selection(args.start, args.end, tuple(dict.fromkeys(args.login)))
@@ -183,7 +211,10 @@ def _replay(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
                     bar.close()
         for name, why in replay.notes.items():
             err.write(f"trackalert-replay: note: {name.split(':')[0]}() is ignored: {why}\n")
-        return _report(args, replay, outcomes, out, err)
+        status = _report(args, replay, outcomes, out, err)
+        if expected is None or status != OK:
+            return status
+        return _expect(outcomes[0].findings.alerts, expected, args.quiet, out, err)
     finally:
         source.close()
 
@@ -207,14 +238,9 @@ def _report(args: argparse.Namespace, replay: Replay, outcomes: list[Outcome], o
         result = comparing.compare(main.findings.alerts, baseline.findings.alerts)
         _write_alerts(args.baseline_out, baseline.findings.alerts)
         _write_json(args.compare_json, result)
-    if getattr(args, "report", None):
-        from trackalert.replay import html_report  # type: ignore[attr-defined]
-
-        page = html_report.render(
-            os.path.basename(args.config), summary, main.findings.alerts, baseline_summary,
-            baseline.findings.alerts if baseline else None, result)
-        with open(args.report, "w", encoding="utf-8") as handle:
-            handle.write(page)
+    if args.report:
+        _write_report(args, summary, main.findings.alerts, baseline_summary,
+                      baseline.findings.alerts if baseline else None, result)
     if not args.quiet:
         out.write(summaries.render(summary, os.path.basename(args.config)) + "\n")
         _extras(main, out)
@@ -222,6 +248,19 @@ def _report(args: argparse.Namespace, replay: Replay, outcomes: list[Outcome], o
             out.write(summaries.render(baseline_summary, os.path.basename(args.compare)) + "\n")
             out.write(comparing.render(result) + "\n")
     return _status(outcomes, args.keep_going, err)
+
+
+def _write_report(args: argparse.Namespace, summary: dict[str, Any], alerts: list[dict[str, Any]],
+                  baseline_summary: dict[str, Any] | None, baseline_alerts: list[dict[str, Any]] | None,
+                  result: dict[str, Any] | None) -> None:
+    """The HTML page of exactly what --summary-json, --out, --baseline-out and --compare-json
+    hold; its title names both configs when there are two."""
+    title = os.path.basename(args.config)
+    if args.compare:
+        title += f" compared with {os.path.basename(args.compare)}"
+    page = html_report.render(title, summary, alerts, baseline_summary, baseline_alerts, result)
+    with open(args.report, "w", encoding="utf-8") as handle:
+        handle.write(page)
 
 
 def _extras(outcome: Outcome, out: IO[str]) -> None:
@@ -254,10 +293,7 @@ def _status(outcomes: list[Outcome], keep_going: bool, err: IO[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args, sys.stdout, sys.stderr)
-    except (UsageError, SourceError, ConfigError, OSError) as exc:
-        sys.stderr.write(f"trackalert-replay: {exc}\n")
-        return POLICY_ERROR if isinstance(exc, ConfigError) else BAD_INPUT
+        return execute(args, sys.stdout, sys.stderr)
     except KeyboardInterrupt:
         sys.stderr.write("trackalert-replay: interrupted\n")
         return INTERRUPTED

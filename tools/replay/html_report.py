@@ -137,8 +137,9 @@ class _Axis:
         return self.plot_w / self.count
 
     def svg_open(self, label: str) -> str:
-        return (f'<svg width="{self.left + self.plot_w + 10:.0f}" '
-                f'height="{self.head + self.plot_h + self.foot:.0f}" role="img" '
+        # drawn on a fixed canvas, scaled to the panel's width (a fixed width overflowed it)
+        return (f'<svg viewBox="0 0 {self.left + self.plot_w + 10:.0f} '
+                f'{self.head + self.plot_h + self.foot:.0f}" width="100%" role="img" '
                 f'aria-label="{_e(label)}">')
 
     def bucket(self, seconds: float) -> int:

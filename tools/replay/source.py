@@ -32,6 +32,8 @@ from trackalert.eventlog.rows import decode_row, encode_row
 from trackalert.eventlog.schema import EVENT_COLUMNS
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+#: How much of a file's start may be blank lines before an export's first `{`.
+NDJSON_SNIFF = 1 << 16
 #: Events read from the file at a time.
 READ_CHUNK = 2048
 #: What a log needs for a replay: the events with the columns of this version, and the index
@@ -282,24 +284,30 @@ def open_source(path: str, scratch: str | None = None) -> LogSource:
     """The source at `path`: an SQLite log, or an NDJSON export loaded into a temporary log."""
     if not os.path.isfile(path):
         raise SourceError(f"{path}: no such file")
-    with open(path, "rb") as handle:
-        head = handle.read(len(SQLITE_MAGIC))
-    if head == SQLITE_MAGIC or not head.lstrip()[:1] == b"{":
+    if not _looks_like_ndjson(path):
         return LogSource(path)
-    try:
-        from trackalert.eventlog.history import read_export  # type: ignore[import-not-found]
-    except ImportError:
-        raise SourceError(f"{path} looks like an NDJSON export, which this installation cannot "
-                          "read yet (trackalert.eventlog.history is missing)") from None
+    from trackalert.eventlog.history import HistoryError, read_export
+
     handle_fd, temporary = tempfile.mkstemp(prefix="trackalert-replay-", suffix=".db", dir=scratch)
     os.close(handle_fd)
     os.unlink(temporary)
     try:
         load_events(read_export(path), temporary)
-    except Exception as exc:  # the export's own errors name the line
+    except BaseException as exc:  # an interrupted load must not leave its copy behind either
         _remove(temporary)
-        raise exc if isinstance(exc, SourceError) else SourceError(f"{path}: {exc}") from exc
+        if isinstance(exc, SourceError) or not isinstance(exc, Exception):
+            raise
+        # the export's own errors already name the file and line
+        raise SourceError(str(exc) if isinstance(exc, HistoryError) else f"{path}: {exc}") from exc
     return LogSource(temporary, cleanup=temporary)
+
+
+def _looks_like_ndjson(path: str) -> bool:
+    """An export starts with `{` once leading blank lines are skipped (the export reader skips
+    them too); anything else is left to `check_log_file`, which says what it is not."""
+    with open(path, "rb") as handle:
+        head = handle.read(NDJSON_SNIFF)
+    return not head.startswith(SQLITE_MAGIC) and head.lstrip().startswith(b"{")
 
 
 def _remove(path: str) -> None:
