@@ -24,7 +24,7 @@ from test_windows import DAY, HOUR, START, fill, log, network, run_recording  # 
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import REPORT_COLUMNS, Event
 from trackalert.eventlog.filters import AsOf, Filter, parse_filter
-from trackalert.eventlog.recent import BOUND, BUILD_MAX, report_columns
+from trackalert.eventlog.recent import BOUND, BUILD_MAX, WIDE, report_columns
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.eventlog.windows import WindowProjection
 from trackalert.report import Report
@@ -116,12 +116,13 @@ async def test_every_form_equals_sql_at_every_event(log, seed: int) -> None:
     assert found["rows"] > 20_000, "the histories give the forms rows to return"
     assert found["edge"] > 0, "rows received exactly at the window's start are returned"
     calls = projection.calls
-    assert calls["recentReports", "sql"] == len(events), "only n=200 (over BOUND) is SQL's"
-    assert calls["recentReports", "projection"] == 8 * len(events)
+    logins = len({e.report.login for e in events})
+    assert 0 < calls["recentReports", "sql"] <= logins, "only n=200 loads: each login once, wide"
+    assert calls["recentReports", "projection"] == 9 * len(events) - calls["recentReports", "sql"]
     assert calls["lastSeen", "projection"] == 3 * len(events)
     shapes = projection.describe()["recent"]
     assert len(shapes) == 10, "lastSeen shares the shapes of recentReports' filters"
-    assert all(s["complete"] and 0 < s["rows"] <= BOUND * s["key_tuples"] for s in shapes)
+    assert all(s["complete"] and 0 < s["rows"] <= WIDE * s["key_tuples"] for s in shapes)
 
 
 @pytest.mark.parametrize("build_max", [0, BUILD_MAX])
@@ -140,16 +141,17 @@ async def test_shapes_first_asked_mid_stream_and_after_a_restart_equal_sql(log, 
     resumed.start_at(800)
     resumed.recent.build_max = build_max
     walk(resumed, eventlog, events[800:])
+    logins = len({e.report.login for e in events})
     for projection, asked in ((late, 801), (resumed, 1200)):
         projection.close()
         calls = projection.calls
-        assert calls["recentReports", "projection"] > 6 * asked, "most from memory"
+        assert calls["recentReports", "projection"] > 8 * asked, "most from memory"
         shapes = projection.describe()["recent"]
         if build_max:
-            assert calls["recentReports", "sql"] == asked, "only n=200: nothing loaded"
+            assert calls["recentReports", "sql"] <= logins, "only n=200 widens each login once"
             assert all(s["complete"] for s in shapes)
         else:
-            assert calls["recentReports", "sql"] > asked, "keys were loaded (besides n=200)"
+            assert calls["recentReports", "sql"] > logins, "keys were loaded (besides n=200)"
             assert not any(s["complete"] for s in shapes if s["window"] is None)
 
 
@@ -219,6 +221,52 @@ async def test_keys_out_of_their_window_are_swept(tmp_path: Path) -> None:
     asked = {someone(e) for e in events[700:]}
     assert len(asked) == 30
     assert late.calls["recentReports", "sql"] <= 30 + 1, "each key (and the address) loaded once"
+    await eventlog.close()
+
+
+async def test_wide_keys_answer_the_habit_sample_exactly(tmp_path: Path) -> None:
+    """impossible_travel's 200-row habit sample from memory: keys with more than WIDE rows in
+    a moving window, asked for WIDE, BOUND + 1 and 3 rows, in a complete shape and in one
+    started late (keys loaded wide on first use); past max_wide, SQL answers the wide calls."""
+    clock = VirtualClock(start=START)
+    eventlog = SQLiteEventLog(tmp_path / "events.db", clock)
+    await eventlog.open()
+    rng = random.Random(4)
+    for i in range(1500):
+        await clock.advance(rng.choice([0.0, 60.0, 600.0, HOUR]))
+        await eventlog.append(Report(t=START + i, login=f"u{rng.randrange(2)}", remote="192.0.2.1",
+                                     success=rng.random() < 0.8))
+    events = await eventlog.read(0, 2000)
+    window = 10 * DAY
+    assert events[-1].received - events[0].received > window, "the window moves"
+
+    def calls(event: Event) -> list[Call]:
+        flt = parse_filter({"login": event.report.login, "success": True, "window": window}.items())
+        return [("recentReports", flt, WIDE), ("recentReports", flt, BOUND + 1),
+                ("recentReports", flt, 3)]
+
+    for start, max_wide in ((0, 100), (700, 100), (0, 1)):
+        projection = WindowProjection(eventlog)
+        projection.start_at(start)
+        projection.recent.build_max = 0
+        projection.recent.max_wide = max_wide
+        full = 0
+        for event in events[start:]:
+            projection.begin(event)
+            judge(projection, eventlog, event, calls(event))
+            full += len(eventlog.queries().recent_rows(calls(event)[0][1], WIDE + 1,
+                                                       AsOf(before_seq=event.seq))) > WIDE
+            projection.finish(event)
+        projection.close()
+        judged = len(events) - start
+        assert full > judged / 4, "keys had more rows in the window than WIDE"
+        sql, memory = (projection.calls["recentReports", path] for path in ("sql", "projection"))
+        [shape] = projection.describe()["recent"]
+        assert shape["rows"] <= WIDE * shape["key_tuples"]
+        if max_wide >= 2:
+            assert sql <= 2 and memory == 3 * judged - sql, "each login loaded once, wide"
+        else:
+            assert 2 * judged / 3 < sql < 2 * judged, "u1's wide calls are SQL's (u0 is wide)"
     await eventlog.close()
 
 
