@@ -24,7 +24,7 @@ from test_windows import DAY, HOUR, START, fill, log, network, run_recording  # 
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import REPORT_COLUMNS, Event
 from trackalert.eventlog.filters import AsOf, Filter, parse_filter
-from trackalert.eventlog.recent import BOUND, BUILD_MAX, WIDE, report_columns
+from trackalert.eventlog.recent import BOUND, BUILD_MAX, WIDE, recent_cover, report_columns
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.eventlog.windows import WindowProjection
 from trackalert.report import Report
@@ -55,6 +55,12 @@ def recent_calls(event: Event) -> list[Call]:
         ("lastSeen", {"remote": r.remote, "success": False, "window": HOUR}, 1),
     ]
     return [(helper, parse_filter(flt.items()), n) for helper, flt, n in calls]
+
+
+def shape_id(flt: Filter) -> Any:
+    covered = recent_cover(flt)
+    assert covered is not None
+    return covered[0]
 
 
 def answer(queries: Any, call: Call, seq: int) -> Any:
@@ -227,12 +233,13 @@ async def test_keys_out_of_their_window_are_swept(tmp_path: Path) -> None:
 async def test_wide_keys_answer_the_habit_sample_exactly(tmp_path: Path) -> None:
     """impossible_travel's 200-row habit sample from memory: keys with more than WIDE rows in
     a moving window, asked for WIDE, BOUND + 1 and 3 rows, in a complete shape and in one
-    started late (keys loaded wide on first use); past max_wide, SQL answers the wide calls."""
+    started late (keys loaded wide on first use); past max_wide keys or max_wide_rows rows, SQL
+    answers the wide calls."""
     clock = VirtualClock(start=START)
     eventlog = SQLiteEventLog(tmp_path / "events.db", clock)
     await eventlog.open()
     rng = random.Random(4)
-    for i in range(1500):
+    for i in range(1000):
         await clock.advance(rng.choice([0.0, 60.0, 600.0, HOUR]))
         await eventlog.append(Report(t=START + i, login=f"u{rng.randrange(2)}", remote="192.0.2.1",
                                      success=rng.random() < 0.8))
@@ -245,11 +252,12 @@ async def test_wide_keys_answer_the_habit_sample_exactly(tmp_path: Path) -> None
         return [("recentReports", flt, WIDE), ("recentReports", flt, BOUND + 1),
                 ("recentReports", flt, 3)]
 
-    for start, max_wide in ((0, 100), (700, 100), (0, 1)):
+    for start, max_wide, max_rows in ((0, 100, 10**6), (700, 100, 10**6), (0, 1, 10**6), (0, 100, 1)):
         projection = WindowProjection(eventlog)
         projection.start_at(start)
         projection.recent.build_max = 0
         projection.recent.max_wide = max_wide
+        projection.recent.max_wide_rows = max_rows
         full = 0
         for event in events[start:]:
             projection.begin(event)
@@ -263,7 +271,11 @@ async def test_wide_keys_answer_the_habit_sample_exactly(tmp_path: Path) -> None
         sql, memory = (projection.calls["recentReports", path] for path in ("sql", "projection"))
         [shape] = projection.describe()["recent"]
         assert shape["rows"] <= WIDE * shape["key_tuples"]
-        if max_wide >= 2:
+        wide = projection.recent.shapes[shape_id(calls(events[-1])[0][1])]
+        assert (wide.wide, wide.wide_rows) == (len(held := [e[0] for e in wide.keys.values()
+                                                            if e[0].maxlen == WIDE]),
+                                               sum(map(len, held))), "the bound counts exactly"
+        if max_wide >= 2 and max_rows >= 2:
             assert sql <= 2 and memory == 3 * judged - sql, "each login loaded once, wide"
         else:
             assert 2 * judged / 3 < sql < 2 * judged, "u1's wide calls are SQL's (u0 is wide)"

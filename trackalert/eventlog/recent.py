@@ -10,8 +10,9 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
   `success` and an optional `window` (no `since`/`until`). Per shape and key tuple it keeps up
   to BOUND rows (REPORT_COLUMNS, as SQL returns them), oldest first. A key asked for more rows
   (up to WIDE: impossible_travel's habit sample of 200) is *widened*: loaded with its newest WIDE
-  rows, it keeps WIDE from then on; at most MAX_WIDE_KEYS keys are wide at a time (past that, and
-  for n over WIDE, SQL answers).
+  rows, it keeps WIDE from then on; a key is widened only while the wide keys of all shapes are
+  fewer than MAX_WIDE_KEYS and hold fewer than MAX_WIDE_ROWS rows (past that, and for n over
+  WIDE, SQL answers).
 * Rows arrive two ways. The runner's head adds every judged event to the key it has in each
   shape (`add`), so a shape holds, per key, the newest rows since it was created. A key asked
   for whose rows might go back before that is *loaded*: one SQL query of its newest BOUND rows
@@ -32,9 +33,9 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
   the runner before each batch, `check_retention`) are simply skipped, and the older rows of
   their key were pruned too.
 * Memory: at most MAX_SHAPES shapes; per shape, BOUND rows per key with a row in its window
-  (keys all of whose rows left the window are swept, amortised), WIDE for the at most
-  MAX_WIDE_KEYS wide keys of all shapes, and at most MAX_KEYS keys. Rows are what the window
-  holds anyway: a wide key of a login that logs in 30 times a month keeps 30.
+  (keys all of whose rows left the window are swept, amortised), and at most MAX_KEYS keys;
+  the wide keys hold about MAX_WIDE_ROWS rows at most (never more than MAX_WIDE_KEYS * WIDE):
+  a wide key of a login seen 30 times in the window keeps 30.
   `describe` gives keys and rows held; bench/policy_helpers_bench.py prints the RSS.
 """
 
@@ -56,6 +57,9 @@ BOUND = 16
 WIDE = 200
 #: Wide keys kept at most in all shapes (each up to WIDE rows): past it, SQL answers over BOUND.
 MAX_WIDE_KEYS = 25_000
+#: Rows the wide keys may hold before no more keys are widened (~430 MiB at the 433 bytes a row
+#: measured at 10M events; the keys already wide go on to at most WIDE rows each).
+MAX_WIDE_ROWS = 1_000_000
 #: Shapes kept at most.
 MAX_SHAPES = 32
 #: Keys one shape keeps at most (a shape without a window never sweeps): past it, it restarts.
@@ -118,6 +122,7 @@ class RecentShape:
         self.complete = position == 0
         self.swept = 0  # keys held after the last sweep
         self.wide = 0  # keys kept with WIDE rows (recounted by each sweep)
+        self.wide_rows = 0  # rows those keys hold (likewise)
 
     def add(self, fields: Row, row: Row) -> None:
         key = self.key_of(fields)
@@ -129,7 +134,10 @@ class RecentShape:
         if entry is None or entry is _NONE_IN_WINDOW:
             self.keys[key] = [collections.deque((row,), BOUND), loaded or entry is not None]
         else:
-            entry[0].append(row)
+            rows = entry[0]
+            if rows.maxlen > BOUND and len(rows) < rows.maxlen:
+                self.wide_rows += 1
+            rows.append(row)
 
     def take(self, key: tuple, n: int, now: float, oldest: int) -> list[Row] | None:
         """The answer from memory, or None when the key must be loaded first."""
@@ -160,8 +168,12 @@ class RecentShape:
     def load(self, key: tuple, rows: list[Row], bound: int = BOUND) -> None:
         """SQL's newest `bound` rows of `key` (newest first) as of the report being judged: the
         key keeps `bound` rows from now on."""
-        if bound > BOUND and not self.is_wide(key):
+        if self.is_wide(key):
+            self.wide -= 1
+            self.wide_rows -= len(self.keys[key][0])
+        if bound > BOUND:
             self.wide += 1
+            self.wide_rows += len(rows)
         self.keys[key] = [collections.deque(reversed(rows), bound), True]
 
     def is_wide(self, key: tuple) -> bool:
@@ -188,8 +200,9 @@ class RecentShape:
             self.keys = {}
             self.created_at, self.created_received, self.complete = position, now, False
         self.swept = len(self.keys)
-        self.wide = sum(1 for entry in self.keys.values()
-                        if entry is not _NONE_IN_WINDOW and entry[0].maxlen > BOUND)
+        wide = [len(entry[0]) for entry in self.keys.values()
+                if entry is not _NONE_IN_WINDOW and entry[0].maxlen > BOUND]
+        self.wide, self.wide_rows = len(wide), sum(wide)
 
     def size(self) -> tuple[int, int]:
         """(keys, rows) held: what the memory of this shape grows with."""
@@ -205,6 +218,7 @@ class RecentProjection:
         self.sweep_after = SWEEP_AFTER
         self.build_max = BUILD_MAX
         self.max_wide = MAX_WIDE_KEYS
+        self.max_wide_rows = MAX_WIDE_ROWS
         self._calls = calls
         self._shared: dict[str, str] = {}  # one object per repeated text (see _compact)
 
@@ -252,15 +266,17 @@ class RecentProjection:
             return pick(rows)
         bound = BOUND if n <= BOUND else WIDE
         self._calls[helper, "sql"] += 1
-        if bound > BOUND and not shape.is_wide(key) and self.wide_keys() >= self.max_wide:
+        if bound > BOUND and not shape.is_wide(key) and not self._may_widen():
             return NOT_ANSWERED
         loaded = sql.recent_rows(flt, bound, as_of)
         shape.load(key, [self._compact(row) for row in loaded], bound)
         return pick(loaded[:n])
 
-    def wide_keys(self) -> int:
-        """Keys kept with WIDE rows in all shapes (what MAX_WIDE_KEYS bounds)."""
-        return sum(shape.wide for shape in self.shapes.values())
+    def _may_widen(self) -> bool:
+        """Whether one more key may keep WIDE rows (the memory bound of the wide keys)."""
+        shapes = self.shapes.values()
+        return (sum(shape.wide for shape in shapes) < self.max_wide
+                and sum(shape.wide_rows for shape in shapes) < self.max_wide_rows)
 
     def _create(self, shape_id: RecentId, as_of: AsOf, judged: tuple[int, float],
                 sql: EventQueries) -> RecentShape:
