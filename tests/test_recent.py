@@ -182,18 +182,24 @@ async def test_retention_pruning_keeps_answers_equal_to_sql(log) -> None:
     assert projection.calls["recentReports", "projection"] > 7 * len(events)
 
 
+async def logins_history(path: Path, seed: int, n: int, logins: int,
+                         success: float) -> tuple[SQLiteEventLog, list[Event]]:
+    """A log of `n` reports of `logins` accounts from one address, one every 0 s to an hour."""
+    clock = VirtualClock(start=START)
+    eventlog = SQLiteEventLog(path / "events.db", clock)
+    await eventlog.open()
+    rng = random.Random(seed)
+    for i in range(n):
+        await clock.advance(rng.choice([0.0, 60.0, 600.0, HOUR]))
+        await eventlog.append(Report(t=START + i, login=f"u{rng.randrange(logins)}",
+                                     remote="192.0.2.1", success=rng.random() < success))
+    return eventlog, await eventlog.read(0, n + 1)
+
+
 async def test_keys_out_of_their_window_are_swept(tmp_path: Path) -> None:
     """Memory: a key none of whose rows is in the window any more is dropped (and answers stay
     exact); a shape holds at most BOUND rows per key."""
-    clock = VirtualClock(start=START)
-    eventlog = SQLiteEventLog(tmp_path / "events.db", clock)
-    await eventlog.open()
-    rng = random.Random(8)
-    for i in range(1500):
-        await clock.advance(rng.choice([0.0, 60.0, 600.0, HOUR]))
-        await eventlog.append(Report(t=START + i, login=f"u{rng.randrange(400)}",
-                                     remote="192.0.2.1", success=rng.random() < 0.5))
-    events = await eventlog.read(0, 2000)
+    eventlog, events = await logins_history(tmp_path, 8, 1500, 400, 0.5)
     assert len({e.report.login for e in events}) > 350
 
     def run(projection: WindowProjection, events: list[Event], window: float,
@@ -235,15 +241,7 @@ async def test_wide_keys_answer_the_habit_sample_exactly(tmp_path: Path) -> None
     a moving window, asked for WIDE, BOUND + 1 and 3 rows, in a complete shape and in one
     started late (keys loaded wide on first use); past max_wide keys or max_wide_rows rows, SQL
     answers the wide calls."""
-    clock = VirtualClock(start=START)
-    eventlog = SQLiteEventLog(tmp_path / "events.db", clock)
-    await eventlog.open()
-    rng = random.Random(4)
-    for i in range(1000):
-        await clock.advance(rng.choice([0.0, 60.0, 600.0, HOUR]))
-        await eventlog.append(Report(t=START + i, login=f"u{rng.randrange(2)}", remote="192.0.2.1",
-                                     success=rng.random() < 0.8))
-    events = await eventlog.read(0, 2000)
+    eventlog, events = await logins_history(tmp_path, 4, 1000, 2, 0.8)
     window = 10 * DAY
     assert events[-1].received - events[0].received > window, "the window moves"
 
