@@ -120,7 +120,7 @@ class AlertCapture(WebHooks):
         self._cause: str | None = None
         self._sent: set[tuple[str, bytes]] = set()
 
-    def run(self, name: str, body: bytes, cause: str | None = None) -> bool:
+    def run(self, name: str, body: bytes, cause: str | None = None, _judged: int | None = None) -> bool:
         state = self.state
         assert state is not None, "the replay's worker state is set before anything runs"
         seq, event = cause_of(state, self._position)
