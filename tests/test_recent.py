@@ -24,7 +24,7 @@ from test_windows import DAY, HOUR, START, fill, log, network, run_recording  # 
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import REPORT_COLUMNS, Event
 from trackalert.eventlog.filters import AsOf, Filter, parse_filter
-from trackalert.eventlog.recent import BOUND, BUILD_MAX, report_columns
+from trackalert.eventlog.recent import BOUND, BUILD_MAX, WIDE, recent_cover, report_columns
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.eventlog.windows import WindowProjection
 from trackalert.report import Report
@@ -55,6 +55,12 @@ def recent_calls(event: Event) -> list[Call]:
         ("lastSeen", {"remote": r.remote, "success": False, "window": HOUR}, 1),
     ]
     return [(helper, parse_filter(flt.items()), n) for helper, flt, n in calls]
+
+
+def shape_id(flt: Filter) -> Any:
+    covered = recent_cover(flt)
+    assert covered is not None
+    return covered[0]
 
 
 def answer(queries: Any, call: Call, seq: int) -> Any:
@@ -116,12 +122,13 @@ async def test_every_form_equals_sql_at_every_event(log, seed: int) -> None:
     assert found["rows"] > 20_000, "the histories give the forms rows to return"
     assert found["edge"] > 0, "rows received exactly at the window's start are returned"
     calls = projection.calls
-    assert calls["recentReports", "sql"] == len(events), "only n=200 (over BOUND) is SQL's"
-    assert calls["recentReports", "projection"] == 8 * len(events)
+    logins = len({e.report.login for e in events})
+    assert 0 < calls["recentReports", "sql"] <= logins, "only n=200 loads: each login once, wide"
+    assert calls["recentReports", "projection"] == 9 * len(events) - calls["recentReports", "sql"]
     assert calls["lastSeen", "projection"] == 3 * len(events)
     shapes = projection.describe()["recent"]
     assert len(shapes) == 10, "lastSeen shares the shapes of recentReports' filters"
-    assert all(s["complete"] and 0 < s["rows"] <= BOUND * s["key_tuples"] for s in shapes)
+    assert all(s["complete"] and 0 < s["rows"] <= WIDE * s["key_tuples"] for s in shapes)
 
 
 @pytest.mark.parametrize("build_max", [0, BUILD_MAX])
@@ -140,16 +147,17 @@ async def test_shapes_first_asked_mid_stream_and_after_a_restart_equal_sql(log, 
     resumed.start_at(800)
     resumed.recent.build_max = build_max
     walk(resumed, eventlog, events[800:])
+    logins = len({e.report.login for e in events})
     for projection, asked in ((late, 801), (resumed, 1200)):
         projection.close()
         calls = projection.calls
-        assert calls["recentReports", "projection"] > 6 * asked, "most from memory"
+        assert calls["recentReports", "projection"] > 8 * asked, "most from memory"
         shapes = projection.describe()["recent"]
         if build_max:
-            assert calls["recentReports", "sql"] == asked, "only n=200: nothing loaded"
+            assert calls["recentReports", "sql"] <= logins, "only n=200 widens each login once"
             assert all(s["complete"] for s in shapes)
         else:
-            assert calls["recentReports", "sql"] > asked, "keys were loaded (besides n=200)"
+            assert calls["recentReports", "sql"] > logins, "keys were loaded (besides n=200)"
             assert not any(s["complete"] for s in shapes if s["window"] is None)
 
 
@@ -174,18 +182,24 @@ async def test_retention_pruning_keeps_answers_equal_to_sql(log) -> None:
     assert projection.calls["recentReports", "projection"] > 7 * len(events)
 
 
+async def logins_history(path: Path, seed: int, n: int, logins: int,
+                         success: float) -> tuple[SQLiteEventLog, list[Event]]:
+    """A log of `n` reports of `logins` accounts from one address, one every 0 s to an hour."""
+    clock = VirtualClock(start=START)
+    eventlog = SQLiteEventLog(path / "events.db", clock)
+    await eventlog.open()
+    rng = random.Random(seed)
+    for i in range(n):
+        await clock.advance(rng.choice([0.0, 60.0, 600.0, HOUR]))
+        await eventlog.append(Report(t=START + i, login=f"u{rng.randrange(logins)}",
+                                     remote="192.0.2.1", success=rng.random() < success))
+    return eventlog, await eventlog.read(0, n + 1)
+
+
 async def test_keys_out_of_their_window_are_swept(tmp_path: Path) -> None:
     """Memory: a key none of whose rows is in the window any more is dropped (and answers stay
     exact); a shape holds at most BOUND rows per key."""
-    clock = VirtualClock(start=START)
-    eventlog = SQLiteEventLog(tmp_path / "events.db", clock)
-    await eventlog.open()
-    rng = random.Random(8)
-    for i in range(1500):
-        await clock.advance(rng.choice([0.0, 60.0, 600.0, HOUR]))
-        await eventlog.append(Report(t=START + i, login=f"u{rng.randrange(400)}",
-                                     remote="192.0.2.1", success=rng.random() < 0.5))
-    events = await eventlog.read(0, 2000)
+    eventlog, events = await logins_history(tmp_path, 8, 1500, 400, 0.5)
     assert len({e.report.login for e in events}) > 350
 
     def run(projection: WindowProjection, events: list[Event], window: float,
@@ -219,6 +233,50 @@ async def test_keys_out_of_their_window_are_swept(tmp_path: Path) -> None:
     asked = {someone(e) for e in events[700:]}
     assert len(asked) == 30
     assert late.calls["recentReports", "sql"] <= 30 + 1, "each key (and the address) loaded once"
+    await eventlog.close()
+
+
+async def test_wide_keys_answer_the_habit_sample_exactly(tmp_path: Path) -> None:
+    """impossible_travel's 200-row habit sample from memory: keys with more than WIDE rows in
+    a moving window, asked for WIDE, BOUND + 1 and 3 rows, in a complete shape and in one
+    started late (keys loaded wide on first use); past max_wide keys or max_wide_rows rows, SQL
+    answers the wide calls."""
+    eventlog, events = await logins_history(tmp_path, 4, 1000, 2, 0.8)
+    window = 10 * DAY
+    assert events[-1].received - events[0].received > window, "the window moves"
+
+    def calls(event: Event) -> list[Call]:
+        flt = parse_filter({"login": event.report.login, "success": True, "window": window}.items())
+        return [("recentReports", flt, WIDE), ("recentReports", flt, BOUND + 1),
+                ("recentReports", flt, 3)]
+
+    for start, max_wide, max_rows in ((0, 100, 10**6), (700, 100, 10**6), (0, 1, 10**6), (0, 100, 1)):
+        projection = WindowProjection(eventlog)
+        projection.start_at(start)
+        projection.recent.build_max = 0
+        projection.recent.max_wide = max_wide
+        projection.recent.max_wide_rows = max_rows
+        full = 0
+        for event in events[start:]:
+            projection.begin(event)
+            judge(projection, eventlog, event, calls(event))
+            full += len(eventlog.queries().recent_rows(calls(event)[0][1], WIDE + 1,
+                                                       AsOf(before_seq=event.seq))) > WIDE
+            projection.finish(event)
+        projection.close()
+        judged = len(events) - start
+        assert full > judged / 4, "keys had more rows in the window than WIDE"
+        sql, memory = (projection.calls["recentReports", path] for path in ("sql", "projection"))
+        [shape] = projection.describe()["recent"]
+        assert shape["rows"] <= WIDE * shape["key_tuples"]
+        wide = projection.recent.shapes[shape_id(calls(events[-1])[0][1])]
+        assert (wide.wide, wide.wide_rows) == (len(held := [e[0] for e in wide.keys.values()
+                                                            if e[0].maxlen == WIDE]),
+                                               sum(map(len, held))), "the bound counts exactly"
+        if max_wide >= 2 and max_rows >= 2:
+            assert sql <= 2 and memory == 3 * judged - sql, "each login loaded once, wide"
+        else:
+            assert 2 * judged / 3 < sql < 2 * judged, "u1's wide calls are SQL's (u0 is wide)"
     await eventlog.close()
 
 

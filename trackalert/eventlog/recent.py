@@ -8,8 +8,11 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
 
 * A *shape* is a filter made only of equality keys (as the window projection's, windows.py),
   `success` and an optional `window` (no `since`/`until`). Per shape and key tuple it keeps up
-  to BOUND rows (REPORT_COLUMNS, as SQL returns them), oldest first. A call asking for more than
-  BOUND rows is SQL's.
+  to BOUND rows (REPORT_COLUMNS, as SQL returns them), oldest first. A key asked for more rows
+  (up to WIDE: impossible_travel's habit sample of 200) is *widened*: loaded with its newest WIDE
+  rows, it keeps WIDE from then on; a key is widened only while the wide keys of all shapes are
+  fewer than MAX_WIDE_KEYS and hold fewer than MAX_WIDE_ROWS rows (past that, and for n over
+  WIDE, SQL answers).
 * Rows arrive two ways. The runner's head adds every judged event to the key it has in each
   shape (`add`), so a shape holds, per key, the newest rows since it was created. A key asked
   for whose rows might go back before that is *loaded*: one SQL query of its newest BOUND rows
@@ -24,12 +27,15 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
 * Answer: the rows of the key, newest first, received at/after ``now - window`` (SQL's seq
   range: ties at the edge included), seq at/after the oldest stored one, at most n. Exact when
   the key is loaded, the shape complete, n rows were found, or a row was left out by the window
-  or retention (everything older is out too); otherwise the key is loaded.
+  or retention (everything older is out too); otherwise the key is loaded. A key never
+  answers for more rows than it keeps (n over its bound: it is loaded wider first).
 * Retention: pruning removes a prefix of the log, so rows below the oldest stored seq (read by
   the runner before each batch, `check_retention`) are simply skipped, and the older rows of
   their key were pruned too.
 * Memory: at most MAX_SHAPES shapes; per shape, BOUND rows per key with a row in its window
-  (keys all of whose rows left the window are swept, amortised), and at most MAX_KEYS keys.
+  (keys all of whose rows left the window are swept, amortised), and at most MAX_KEYS keys;
+  the wide keys hold about MAX_WIDE_ROWS rows at most (never more than MAX_WIDE_KEYS * WIDE):
+  a wide key of a login seen 30 times in the window keeps 30.
   `describe` gives keys and rows held; bench/policy_helpers_bench.py prints the RSS.
 """
 
@@ -44,8 +50,16 @@ from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.keys import RECEIVED, SEQ, SUCCESS, Row, equality_keys, key_function
 from trackalert.eventlog.rows import geo_columns, json_or_null
 
-#: Most rows a call may ask for and be answered here; rows kept per key.
+#: Rows kept per key.
 BOUND = 16
+#: Most rows a call may ask for and be answered here: rows kept per wide key (a key asked for
+#: more than BOUND; impossible_travel's habit sample asks 200).
+WIDE = 200
+#: Wide keys kept at most in all shapes (each up to WIDE rows): past it, SQL answers over BOUND.
+MAX_WIDE_KEYS = 25_000
+#: Rows the wide keys may hold before no more keys are widened (~430 MiB at the 433 bytes a row
+#: measured at 10M events; the keys already wide go on to at most WIDE rows each).
+MAX_WIDE_ROWS = 1_000_000
 #: Shapes kept at most.
 MAX_SHAPES = 32
 #: Keys one shape keeps at most (a shape without a window never sweeps): past it, it restarts.
@@ -65,7 +79,7 @@ RecentId = tuple[tuple[str, ...], "bool | None", "float | None"]
 #: `RecentProjection.answer`'s "SQL answers this call" (None is a lastSeen answer).
 NOT_ANSWERED: Any = object()
 #: The entry of a key known to have no row in its window (see RecentShape.sweep).
-_NONE_IN_WINDOW: list = [(), True]
+_NONE_IN_WINDOW: list = [collections.deque((), WIDE), True]
 #: What to do with a row read from memory: the rows of recentReports, or lastSeen's time.
 Answer = Callable[[list[Row]], Any]
 
@@ -107,6 +121,8 @@ class RecentShape:
         self.created_received = received  # ... and were received at or before this
         self.complete = position == 0
         self.swept = 0  # keys held after the last sweep
+        self.wide = 0  # keys kept with WIDE rows (recounted by each sweep)
+        self.wide_rows = 0  # rows those keys hold (likewise)
 
     def add(self, fields: Row, row: Row) -> None:
         key = self.key_of(fields)
@@ -118,7 +134,10 @@ class RecentShape:
         if entry is None or entry is _NONE_IN_WINDOW:
             self.keys[key] = [collections.deque((row,), BOUND), loaded or entry is not None]
         else:
-            entry[0].append(row)
+            rows = entry[0]
+            if rows.maxlen > BOUND and len(rows) < rows.maxlen:
+                self.wide_rows += 1
+            rows.append(row)
 
     def take(self, key: tuple, n: int, now: float, oldest: int) -> list[Row] | None:
         """The answer from memory, or None when the key must be loaded first."""
@@ -129,6 +148,8 @@ class RecentShape:
         if entry is None:
             return [] if self.complete else None
         rows = entry[0]
+        if n > rows.maxlen:  # it may have dropped rows that n asks for
+            return None
         out = []
         for row in reversed(rows):
             if len(out) == n or row[SEQ] < oldest or (start is not None and row[RECEIVED] < start):
@@ -144,9 +165,20 @@ class RecentShape:
                 self._append(key, row, True)
         self.complete = True
 
-    def load(self, key: tuple, rows: list[Row]) -> None:
-        """SQL's newest BOUND rows of `key` (newest first) as of the report being judged."""
-        self.keys[key] = [collections.deque(reversed(rows), BOUND), True]
+    def load(self, key: tuple, rows: list[Row], bound: int = BOUND) -> None:
+        """SQL's newest `bound` rows of `key` (newest first) as of the report being judged: the
+        key keeps `bound` rows from now on."""
+        if self.is_wide(key):
+            self.wide -= 1
+            self.wide_rows -= len(self.keys[key][0])
+        if bound > BOUND:
+            self.wide += 1
+            self.wide_rows += len(rows)
+        self.keys[key] = [collections.deque(reversed(rows), bound), True]
+
+    def is_wide(self, key: tuple) -> bool:
+        entry = self.keys.get(key)
+        return entry is not None and entry is not _NONE_IN_WINDOW and entry[0].maxlen > BOUND
 
     def sweep(self, now: float, position: int) -> None:
         """Forget the rows of the keys none of whose rows is in the window any more (amortised:
@@ -168,6 +200,9 @@ class RecentShape:
             self.keys = {}
             self.created_at, self.created_received, self.complete = position, now, False
         self.swept = len(self.keys)
+        wide = [len(entry[0]) for entry in self.keys.values()
+                if entry is not _NONE_IN_WINDOW and entry[0].maxlen > BOUND]
+        self.wide, self.wide_rows = len(wide), sum(wide)
 
     def size(self) -> tuple[int, int]:
         """(keys, rows) held: what the memory of this shape grows with."""
@@ -182,6 +217,8 @@ class RecentProjection:
         self.oldest = 0  # the oldest stored seq, as of the last retention check
         self.sweep_after = SWEEP_AFTER
         self.build_max = BUILD_MAX
+        self.max_wide = MAX_WIDE_KEYS
+        self.max_wide_rows = MAX_WIDE_ROWS
         self._calls = calls
         self._shared: dict[str, str] = {}  # one object per repeated text (see _compact)
 
@@ -205,9 +242,10 @@ class RecentProjection:
     def answer(self, helper: str, flt: Filter, n: int, as_of: AsOf, judged: tuple[int, float],
                sql: EventQueries, pick: Answer) -> Any:
         """`pick` of the rows SQL would give as of the judged report (seq, received), or
-        NOT_ANSWERED when SQL must answer the whole call (not covered, n over BOUND). A key not
-        known well enough is loaded with one SQL query, which answers this call."""
-        covered = recent_cover(flt) if n <= BOUND else None
+        NOT_ANSWERED when SQL must answer the whole call (not covered, n over WIDE, too many
+        wide keys). A key not known well enough is loaded with one SQL query (of BOUND rows, or
+        WIDE when n is over BOUND), which answers this call."""
+        covered = recent_cover(flt) if n <= WIDE else None
         if covered is None:
             self._calls[helper, "sql"] += 1
             return NOT_ANSWERED
@@ -226,10 +264,19 @@ class RecentProjection:
         if rows is not None:
             self._calls[helper, "projection"] += 1
             return pick(rows)
+        bound = BOUND if n <= BOUND else WIDE
         self._calls[helper, "sql"] += 1
-        loaded = sql.recent_rows(flt, BOUND, as_of)
-        shape.load(key, [self._compact(row) for row in loaded])
+        if bound > BOUND and not shape.is_wide(key) and not self._may_widen():
+            return NOT_ANSWERED
+        loaded = sql.recent_rows(flt, bound, as_of)
+        shape.load(key, [self._compact(row) for row in loaded], bound)
         return pick(loaded[:n])
+
+    def _may_widen(self) -> bool:
+        """Whether one more key may keep WIDE rows (the memory bound of the wide keys)."""
+        shapes = self.shapes.values()
+        return (sum(shape.wide for shape in shapes) < self.max_wide
+                and sum(shape.wide_rows for shape in shapes) < self.max_wide_rows)
 
     def _create(self, shape_id: RecentId, as_of: AsOf, judged: tuple[int, float],
                 sql: EventQueries) -> RecentShape:

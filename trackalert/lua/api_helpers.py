@@ -35,9 +35,9 @@ time each report was received). Fastest: inside `report(lt)`, `countReports` and
 has only equal-to keys, `success` and a `window` (no `since`/`until`) answer in O(1) from window
 counts kept in memory in step with the policy runner, exactly as the query would; the first call
 of a new such filter shape starts building it from the log (a query answers meanwhile; some
-seconds per million events its window holds); so do `recentReports` with `n` up to 16 and
+seconds per million events its window holds); so do `recentReports` with `n` up to 200 and
 `lastSeen` with such a filter (`window` optional), from the newest 16 rows of each key kept in
-memory (a key's first call is one query). `showEventLog()` shows the shapes and the calls each
+memory, 200 for a key asked for more (a key's first call is one query). `showEventLog()` shows the shapes and the calls each
 way answered. Other calls are indexed queries: anything with `login`; `remote`,
 `netmask` or `pwhash` with `success=false` (attacks); otherwise a scan of the window, so give a
 short `window`.
