@@ -302,6 +302,25 @@ async def test_backoff_with_jitter_and_retry_after_on_the_virtual_clock(tmp_path
     assert len(set(receiver.delivery_ids())) == 1
 
 
+async def test_a_clock_moved_past_the_wait_before_its_timer_starts_still_wakes_the_sender(tmp_path: Path) -> None:
+    """The sender says it waits (waiting_until) one turn of the loop before its timer sleeps:
+    a clock advanced in that turn must not be lost (it was: the test below hung 1 run in ~20
+    under load, the 5th attempts never made)."""
+    async with Hooks(tmp_path, hook_config("http://127.0.0.1:9/alerts")) as hooks:
+        sender = hooks.webhooks.sender
+        until = hooks.clock.time() + 30.0
+        waiting = asyncio.ensure_future(sender._wait(until))
+        await asyncio.sleep(0)  # _wait has run up to its own await; its timer task has not
+        assert sender.waiting_until == until
+        await hooks.advance_to(until + 1.0)  # no sleeper registered yet: nothing to wake
+        for _ in range(20):
+            if waiting.done():
+                break
+            await asyncio.sleep(0)
+        assert waiting.done(), "the sender slept on past a deadline the clock had passed"
+        await waiting
+
+
 async def test_a_receiver_down_for_a_while_gets_every_delivery_exactly_once(tmp_path: Path) -> None:
     receiver = Receiver()  # not started: connections are refused
     async with Hooks(tmp_path, hook_config(f"http://127.0.0.1:{receiver.port}/alerts")) as hooks:

@@ -206,13 +206,25 @@ class Sender:
             return
         self.waiting_until = until
         woken = asyncio.ensure_future(self._wake.wait())
-        timer = asyncio.ensure_future(self._clock.sleep(min(delay, MAX_NAP)))
+        timer = asyncio.ensure_future(self._nap_until(until))
         try:
             await asyncio.wait((woken, timer), return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.waiting_until = None
             woken.cancel()
             timer.cancel()
+
+    async def _nap_until(self, until: float) -> None:
+        """Sleep until `until`, the delay taken when the sleep starts, not when it was planned.
+
+        The timer task only starts on a later turn of the loop, after `waiting_until` already
+        says we wait: a clock moved in between (a VirtualClock advanced past `until`) must wake
+        it at once. A delay computed before would sleep that long again from the new time: a
+        lost wake-up that left due deliveries unsent until something else woke the sender.
+        """
+        delay = until - self._clock.time()
+        if delay > 0:
+            await self._clock.sleep(min(delay, MAX_NAP))
 
     async def _call_db(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._loop is not None
