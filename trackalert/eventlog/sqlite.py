@@ -26,7 +26,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from sqlalchemy import URL, create_engine, event, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -363,6 +363,20 @@ def _multi_row_sql(insert: str, rows: int, width: int) -> str:
     return head + " VALUES " + ",".join(["(" + ",".join("?" * width) + ")"] * rows)
 
 
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken at once (no lock upgrade half-way) and rolled back on any
+    error, so that the writer's connection is never left inside a failed transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 @functools.lru_cache(maxsize=64)
 def _lookup_sql(n: int) -> str:
     return (
@@ -556,14 +570,8 @@ class _Writer:
         conn = self.conn
         assert conn is not None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(conn):
                 value = item.run(self, conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except Exception as exc:
             self._resync()
             self._call_loop(self._history_done, item.future, None, exc, self.last_seq)
@@ -585,17 +593,11 @@ class _Writer:
         conn = self.conn
         assert conn is not None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(conn):
                 stored = self._store(conn, appends)
                 if taken:
                     conn.executemany(_UPSERT_CURSOR, taken.items())
                 outcomes = [self._run_op(conn, op) for op in ops]
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except Exception as exc:
             self._restore_cursors(taken)
             self._resync()
