@@ -353,13 +353,22 @@ DAEMON_POLICY = listener_config() + f"""
 controlSocket("127.0.0.1:0")
 setKey("{encode_key(KEY)}")
 setNumLuaStates(2)
+-- recentReports (the recent-rows projection, incl. its 200-row wide keys) as the rows' unique t
+function recent_ts(flt, n)
+  local ts = {{}}
+  for _, r in ipairs(recentReports(flt, n)) do ts[#ts + 1] = string.format("%.0f", r.t) end
+  return table.concat(ts, ",")
+end
 function report(lt)
   local fail = {{login=lt.login, success=false, window="1h"}}
   local line = table.concat({{string.format("%.0f", lt.t), lt.login,
     countReports({{login=lt.login, success=true, window="180d"}}),
     countDistinct("remote", fail),
     countDistinct("login", {{remote=lt.remote:tostring(), success=false, window="1h"}}),
-    countDistinct("login", {{pwhash=lt.pwhash, success=false, window="1d"}})}}, "|")
+    countDistinct("login", {{pwhash=lt.pwhash, success=false, window="1d"}}),
+    recent_ts({{login=lt.login, success=true, window="7d"}}, 5),
+    recent_ts({{login=lt.login, success=true, window="30d"}}, 200),
+    string.format("%.6f", lastSeen({{login=lt.login, success=true}}) or -1)}}, "|")
   local f = io.open("answers.txt", "a")
   f:write(line .. "\\n")
   f:close()
@@ -383,7 +392,14 @@ async def daemon_expected(path: Path) -> dict[str, str]:
                 ("login", {"remote": remote, "success": False, "window": "1h"}),
                 ("login", {"pwhash": pwhash, "success": False, "window": "1d"})])
             key = f"{t:.0f}"
-            out[key] = "|".join([key, login] + [str(sql_answer(log, c, f, seq)) for c, f in calls])
+            answers = [str(sql_answer(log, c, f, seq)) for c, f in calls]
+            queries, as_of = log.queries(), AsOf(before_seq=seq)
+            for window, n in (("7d", 5), ("30d", 200)):
+                flt = parse_filter({"login": login, "success": True, "window": window}.items())
+                answers.append(",".join(f"{e.report.t:.0f}" for e in queries.recent_reports(flt, n, as_of)))
+            seen = queries.last_seen(parse_filter({"login": login, "success": True}.items()), as_of)
+            answers.append(f"{-1 if seen is None else seen:.6f}")
+            out[key] = "|".join([key, login] + answers)
     finally:
         await log.close()
     return out
@@ -457,7 +473,9 @@ async def test_under_concurrent_load_with_web_processes_every_answer_is_sqls(tmp
     encoding), repeated logins and addresses, filled attrs and device_attrs: every report is
     stored once with what was sent, runs once or more, and every projection answer equals the
     SQL's as of it."""
-    from test_lua_values import post_all
+    import aiohttp
+
+    from test_lua_values import metric, post_all
 
     rng = random.Random(9)
     sent = [{"login": rng.choice(["alice", "bob", "carol", "dave", "erin"]), "t": 3_000_000 + i,
@@ -477,6 +495,13 @@ async def test_under_concurrent_load_with_web_processes_every_answer_is_sqls(tmp
 
         assert await wait_for(all_ran, timeout=120)
         shown = await asyncio.to_thread(show_event_log, process)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(process.url("/metrics"), headers=basic_auth()) as resp:
+                scraped = await resp.text()
+    name = "trackalert_projection_answers_total"
+    recent = metric(scraped, name, 'helper="recentReports",source="projection"')
+    assert recent > len(sent), "the recent rows (16 and 200 per key) answered, not only SQL"
+    assert metric(scraped, name, 'helper="lastSeen",source="projection"') > 0
     with sqlite3.connect(db) as conn:
         stored = conn.execute("SELECT t, login, remote, attrs, device_attrs FROM events").fetchall()
     assert len(stored) == len(sent), "each report stored once"
