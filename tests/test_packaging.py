@@ -72,7 +72,8 @@ def test_the_wheel_carries_every_package_of_the_tree(wheel: Path) -> None:
     new subpackage left out of that list must fail here rather than in an operator's install."""
     on_disk = packages_under(ROOT / "trackalert", "trackalert") | packages_under(
         ROOT / "migrations", "trackalert/migrations") | packages_under(
-        ROOT / "tools" / "replay", "trackalert/replay")
+        ROOT / "tools" / "replay", "trackalert/replay") | packages_under(
+        ROOT / "elasticqueries", "trackalert/elasticqueries")
     with zipfile.ZipFile(wheel) as archive:
         in_wheel = {name.rsplit("/", 1)[0] for name in archive.namelist() if name.endswith("/__init__.py")}
         names = set(archive.namelist())

@@ -2,7 +2,7 @@
 
 `open_event_log` picks the backend from a URL so that configuration stays one string
 (``setEventLog("sqlite:///var/lib/trackalert/events.db")``). Backends are imported lazily: the
-SQLite backend pulls in Alembic, a future Elasticsearch backend its client, and neither should be
+SQLite backend pulls in Alembic, the Elasticsearch backend its client, and neither should be
 paid for by code that only needs the types.
 """
 
@@ -46,7 +46,16 @@ def _sqlite(url: str, clock: Clock) -> EventLog:
     return SQLiteEventLog(sqlite_path(url), clock)
 
 
-_BACKENDS: dict[str, Callable[[str, Clock], EventLog]] = {"sqlite": _sqlite}
+def _elasticsearch(url: str, clock: Clock) -> EventLog:
+    from trackalert.eventlog.elasticsearch import ElasticEventLog
+    from trackalert.eventlog.es_client import parse_elastic_url
+
+    return ElasticEventLog(parse_elastic_url(url), clock)
+
+
+_BACKENDS: dict[str, Callable[[str, Clock], EventLog]] = {
+    "sqlite": _sqlite, "elasticsearch": _elasticsearch,
+}
 SUPPORTED_SCHEMES: tuple[str, ...] = tuple(_BACKENDS)
 
 
@@ -61,7 +70,8 @@ def open_event_log(url: str, clock: Clock) -> EventLog:
         supported = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
         raise ValueError(
             f"unsupported event log URL {url!r}: supported schemes are {supported} "
-            f"(e.g. sqlite:///relative/path.db or sqlite:////absolute/path.db)"
+            f"(e.g. sqlite:///relative/path.db, sqlite:////absolute/path.db or "
+            f"elasticsearch://host:9200/prefix)"
         )
     return factory(url, clock)
 

@@ -1,0 +1,535 @@
+"""The Elasticsearch/OpenSearch event log: bulk creates, group commit, one seq for the cluster.
+
+Why it is built this way (docs/elasticsearch.md has the operator's side):
+
+* **Log order.** A seq counter document in the state index hands out seqs in blocks: a batch
+  of k new events takes the next k seqs with one conditional write (``if_seq_no``/
+  ``if_primary_term``: optimistic concurrency, retried on conflict). So seq stays the one
+  integer that orders the whole log, contiguous for one writer exactly as on SQLite (the contract
+  suite holds), unique across several nodes sharing the cluster, never reused (the counter
+  outlives retention). A block whose bulk failed is a gap, never handed out again.
+* **Idempotence.** Every document's `_id` is fixed before the bulk is sent (by delivery id and
+  body, or by seq): a bulk the client retries after a timeout stores nothing twice (the second
+  create is a 409). Delivery ids are looked up with one realtime mget per batch (a GET sees
+  documents before any refresh), so a wforce retry that reaches another node is recognised too.
+* **Group commit.** Appends queue while a bulk is in flight; the next bulk takes all of them.
+  An append returns only after the cluster acknowledged its bulk item, and listeners see the
+  events first, in seq order.
+* **Cursors** are documents of the state index, written with the next bulk (or within a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from elasticsearch import ApiError, AsyncElasticsearch, ConflictError, NotFoundError, TransportError
+from elasticsearch.helpers import async_bulk
+
+from trackalert.clock import Clock
+from trackalert.eventlog.base import (
+    AppendFailure,
+    Appended,
+    AppendStats,
+    DeliveryKey,
+    Event,
+    EventLog,
+    EventLogClosed,
+    EventLogError,
+    EventQueries,
+    Listener,
+    delivery_key,
+)
+from trackalert.eventlog.es_client import ElasticSettings, async_client, sync_client
+from trackalert.eventlog.es_docs import delivery_ids, event_doc_id, fingerprint_text, from_doc, to_doc
+from trackalert.eventlog.es_queries import ElasticQueries, Visibility
+from trackalert.eventlog.es_templates import install_templates
+from trackalert.eventlog.rows import encode_row
+from trackalert.report import Report, ReportError, parse_delivery_id
+
+logger = logging.getLogger("trackalert")
+
+#: Most appends one bulk takes (a bulk of 2,000 reports is ~2 MB).
+MAX_BATCH = 2000
+#: Delivery keys remembered with their seq, so a retry seen by this node needs no lookup.
+SEEN_KEYS = 100_000
+#: How long a saved cursor may wait for a bulk to carry it (seconds of loop time).
+CURSOR_DELAY = 1.0
+#: Hits per page of `read` (below the default index.max_result_window of 10,000).
+READ_PAGE = 5000
+SEQ_DOC = "seq"
+CURSOR_DOC = "cursor:"
+
+
+class _Append:
+    """One queued append: what to store, and the future its caller awaits."""
+
+    __slots__ = ("report", "delivery_id", "key", "future", "doc_id", "seq")
+
+    def __init__(self, report: Report, delivery_id: str | None, key: DeliveryKey | None,
+                 future: "asyncio.Future[Appended]") -> None:
+        self.report, self.delivery_id, self.key, self.future = report, delivery_id, key, future
+        self.doc_id: str | None = None
+        self.seq = 0
+
+
+class _SeqCounter:
+    """The cluster's seq counter: one document, advanced by conditional writes."""
+
+    def __init__(self, client: AsyncElasticsearch, index: str) -> None:
+        self._client, self._index = client, index
+        self.last = 0
+        self._version: tuple[int, int] | None = None
+
+    async def load(self) -> None:
+        try:
+            doc = await self._client.get(index=self._index, id=SEQ_DOC)
+        except NotFoundError:
+            try:
+                doc = await self._client.index(index=self._index, id=SEQ_DOC, op_type="create",
+                                               document={"kind": "seq", "last": 0})
+                self.last, self._version = 0, (doc["_seq_no"], doc["_primary_term"])
+                return
+            except ConflictError:  # another node created it first
+                doc = await self._client.get(index=self._index, id=SEQ_DOC)
+        self.last = doc["_source"]["last"]
+        self._version = (doc["_seq_no"], doc["_primary_term"])
+
+    async def reserve(self, n: int) -> int:
+        """Take the next `n` seqs for this node; returns the first."""
+        for _ in range(1000):
+            assert self._version is not None
+            wanted = self.last + n
+            try:
+                done = await self._client.index(
+                    index=self._index, id=SEQ_DOC, document={"kind": "seq", "last": wanted},
+                    if_seq_no=self._version[0], if_primary_term=self._version[1],
+                )
+            except ConflictError:  # another node took a block: read where it ended
+                await self.load()
+                continue
+            first, self.last = self.last + 1, wanted
+            self._version = (done["_seq_no"], done["_primary_term"])
+            return first
+        raise EventLogError("could not take seqs from the counter after 1000 conflicts")
+
+    async def current(self) -> int:
+        """The highest seq any node took (a realtime GET)."""
+        doc = await self._client.get(index=self._index, id=SEQ_DOC)
+        return max(self.last, doc["_source"]["last"])
+
+
+class ElasticEventLog(EventLog):
+    backend = "elasticsearch"
+
+    def __init__(self, settings: ElasticSettings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.location = settings.location
+        self.stats = AppendStats()
+        self.failure: AppendFailure | None = None
+        self.events_index = f"{settings.prefix}-events"
+        self.state_index = f"{settings.prefix}-state"
+        self._client: AsyncElasticsearch | None = None
+        self._counter: _SeqCounter | None = None
+        self._queries: ElasticQueries | None = None
+        self._visibility = Visibility()
+        self._queue: list[_Append] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
+        self._cursors: dict[str, int] = {}
+        self._cursor_timer: asyncio.TimerHandle | None = None
+        self._seen: OrderedDict[DeliveryKey, int] = OrderedDict()
+        self._last_received = 0.0
+        self._open = False
+
+    def __repr__(self) -> str:
+        return f"<ElasticEventLog {self.location}>"
+
+    # ------------------------------------------------------------------ open / close
+
+    async def open(self) -> None:
+        client = async_client(self.settings)
+        try:
+            await client.info()
+            if self.settings.install_templates:
+                await install_templates(client, self.settings.prefix)
+            for index in (self.events_index, self.state_index):
+                await _create_index(client, index)
+            counter = _SeqCounter(client, self.state_index)
+            await counter.load()
+            self._last_received = await self._newest_received(client)
+        except (TransportError, ApiError) as exc:
+            await client.close()
+            raise EventLogError(
+                f"cannot use the Elasticsearch cluster at {', '.join(self.settings.hosts)} "
+                f"({exc}): trackalert does not start without its event log"
+            ) from exc
+        self._client, self._counter = client, counter
+        self._visibility = Visibility()
+        self._queries = ElasticQueries(sync_client(self.settings), self.events_index,
+                                       self._visibility)
+        self._open = True
+
+    async def _newest_received(self, client: AsyncElasticsearch) -> float:
+        await client.indices.refresh(index=self.events_index)
+        hits = (await client.search(index=self.events_index, size=1, sort=[{"seq": "desc"}],
+                                    source=["received"]))["hits"]["hits"]
+        return hits[0]["_source"]["received"] if hits else 0.0
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False  # refuse new appends; those queued are committed below
+        if self._cursor_timer is not None:
+            self._cursor_timer.cancel()
+        while self._flusher is not None or self._queue or self._cursors:
+            if self._flusher is None:
+                self._start_flush()
+            assert self._flusher is not None
+            await asyncio.shield(self._flusher)
+            if self._cursors and self.failure is not None:
+                break  # the cluster is gone: what was not written is lost, say so below
+        if self._cursors:
+            logger.error("event log %s: cursors %s could not be saved", self.location, self._cursors)
+        assert self._client is not None and self._queries is not None
+        self._queries.close()
+        await self._client.close()
+
+    def _check_open(self) -> AsyncElasticsearch:
+        if not self._open or self._client is None:
+            raise EventLogClosed(f"the event log {self.location} is not open")
+        return self._client
+
+    def queries(self) -> EventQueries:
+        if self._queries is None or not self._open:
+            raise EventLogClosed(f"the event log {self.location} is not open")
+        return self._queries
+
+    # ------------------------------------------------------------------ appends
+
+    async def append(
+        self, report: Report, delivery_id: str | None = None, fingerprint: bytes | None = None
+    ) -> Appended:
+        self._check_open()
+        delivery_id = parse_delivery_id(delivery_id)
+        encode_row(report, delivery_id)  # the same checks as SQLite: a bad report fails alone
+        key = delivery_key(report, delivery_id, fingerprint)
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Append(report, delivery_id, key, future))
+        self.stats.pending += 1
+        if self._flusher is None:
+            self._start_flush()
+        return await future
+
+    def add_listener(self, fn: Listener) -> None:
+        self._listeners.append(fn)
+
+    def _start_flush(self) -> None:
+        self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue or self._cursors:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                cursors, self._cursors = self._cursors, {}
+                try:
+                    await self._commit(batch, cursors)
+                except Exception as exc:
+                    self._failed(batch, cursors, exc)
+                    if not batch:
+                        return  # cursors alone: retried by the next bulk or close
+        finally:
+            self._flusher = None
+
+    async def _commit(self, batch: list[_Append], cursors: dict[str, int]) -> None:
+        assert self._client is not None and self._counter is not None
+        duplicates, collisions = await self._sort_out(batch)
+        fresh = [a for a in batch if a.doc_id is not None]
+        received = max(self.clock.time(), self._last_received)
+        if fresh:
+            first = await self._counter.reserve(len(fresh))
+            for offset, item in enumerate(fresh):
+                item.seq = first + offset
+                if item.key is None:
+                    item.doc_id = event_doc_id(item.seq, None)
+        actions = [self._action(item, received) for item in fresh]
+        actions += [{"_op_type": "index", "_index": self.state_index, "_id": CURSOR_DOC + name,
+                     "_source": {"kind": "cursor", "seq": seq}} for name, seq in cursors.items()]
+        refused: dict[str, Exception] = {}
+        if actions:
+            _, errors = await async_bulk(self._client, actions, chunk_size=len(actions),
+                                         max_chunk_bytes=200 * 2**20, raise_on_error=False,
+                                         raise_on_exception=True)
+            refused = await self._refused(errors, fresh)
+        self._last_received = received
+        self._committed(batch, fresh, duplicates, collisions, refused, received)
+
+    def _action(self, item: _Append, received: float) -> dict[str, Any]:
+        fp = item.key[1] if item.key is not None else None
+        return {"_op_type": "create", "_index": self.events_index, "_id": item.doc_id,
+                "_source": to_doc(item.seq, received, item.report, item.delivery_id, fp)}
+
+    async def _sort_out(self, batch: list[_Append]) -> tuple[dict[int, Any], list[_Append]]:
+        """Mark each keyed append new (its `doc_id` set) or a duplicate.
+
+        Returns {index in batch: seq or the earlier `_Append` of this batch it repeats} for
+        the duplicates, and the new appends whose delivery id was stored before with another
+        body (collisions)."""
+        unknown = [a for a in batch if a.key is not None and a.key not in self._seen]
+        stored = await self._lookup(unknown)
+        duplicates: dict[int, Any] = {}
+        collisions: list[_Append] = []
+        in_batch: dict[DeliveryKey, _Append] = {}
+        claimed: set[str] = set()
+        for index, item in enumerate(batch):
+            if item.key is None:
+                item.doc_id = ""  # named after its seq, once it has one
+                continue
+            if item.key in self._seen:
+                duplicates[index] = self._seen[item.key]
+                continue
+            if item.key in in_batch:
+                duplicates[index] = in_batch[item.key]
+                continue
+            first_id, other_id = delivery_ids(item.key)
+            if other_id in stored:
+                duplicates[index] = stored[other_id][0]
+            elif first_id in stored and stored[first_id][1] == fingerprint_text(item.key[1]):
+                duplicates[index] = stored[first_id][0]
+            else:
+                if first_id in stored or first_id in claimed:
+                    item.doc_id = other_id
+                    collisions.append(item)
+                else:
+                    item.doc_id = first_id
+                    claimed.add(first_id)
+                in_batch[item.key] = item
+        return duplicates, collisions
+
+    async def _lookup(self, items: list[_Append]) -> dict[str, tuple[int, str]]:
+        """The stored (seq, fingerprint) under both `_id`s of each delivery (realtime mget)."""
+        if not items:
+            return {}
+        assert self._client is not None
+        ids = list(dict.fromkeys(i for a in items for i in delivery_ids(a.key)))  # type: ignore[arg-type]
+        found = await self._client.mget(index=self.events_index, ids=ids,
+                                        source=["seq", "delivery_fp"])
+        return {doc["_id"]: (doc["_source"]["seq"], doc["_source"].get("delivery_fp"))
+                for doc in found["docs"] if doc.get("found")}
+
+    async def _refused(self, errors: list[dict], fresh: list[_Append]) -> dict[str, Exception]:
+        """The bulk items the cluster did not store, by `_id`. A 409 on create means the
+        document is there already: our own earlier attempt of this bulk (same seq: stored), or
+        another node storing the same delivery first (then this append is its duplicate)."""
+        refused: dict[str, Exception] = {}
+        conflicts: list[str] = []
+        for error in errors:
+            (op, info), = error.items()
+            if info.get("status") == 409 and op == "create":
+                conflicts.append(info["_id"])
+            elif info.get("_index") == self.events_index:
+                reason = info.get("error", {})
+                refused[info["_id"]] = ReportError(
+                    f"the cluster refused the report: {reason.get('type')}: {reason.get('reason')}")
+            else:
+                raise EventLogError(f"the cluster refused a cursor: {info.get('error')}")
+        if conflicts:
+            assert self._client is not None
+            found = await self._client.mget(index=self.events_index, ids=conflicts, source=["seq"])
+            theirs = {d["_id"]: d["_source"]["seq"] for d in found["docs"] if d.get("found")}
+            for item in fresh:
+                if item.doc_id in theirs and theirs[item.doc_id] != item.seq:
+                    refused[item.doc_id] = _StoredElsewhere(theirs[item.doc_id])
+        return refused
+
+    def _committed(self, batch: list[_Append], fresh: list[_Append], duplicates: dict[int, Any],
+                   collisions: list[_Append], refused: dict[str, Exception], received: float) -> None:
+        stored = [a for a in fresh if a.doc_id not in refused]
+        events = [Event(a.seq, received, a.report, a.delivery_id) for a in stored]
+        for item in stored:
+            if item.key is not None:
+                self._remember(item.key, item.seq)
+        if stored:
+            self._visibility.committed = max(self._visibility.committed, stored[-1].seq)
+        stats = self.stats
+        stats.appended_total += len(stored)
+        stats.commits_total += 1
+        stats.last_batch_size = len(batch)
+        stats.max_batch_size = max(stats.max_batch_size, len(batch))
+        stats.pending -= len(batch)
+        self.failure = None
+        stored_collisions = [a for a in collisions if a.doc_id not in refused]
+        stats.delivery_id_collisions_total += len(stored_collisions)
+        for item in stored_collisions:
+            logger.warning("event log: delivery id %r came again with another body: stored as a "
+                           "new report (seq %d), not as a retry", item.delivery_id, item.seq)
+        if events:
+            self._tell_listeners(events)
+        for index, item in enumerate(batch):
+            original = duplicates.get(index)
+            if original is None:
+                outcome = _outcome(item, refused, False)
+            elif isinstance(original, _Append):  # repeats an append of this very batch
+                outcome = _outcome(original, refused, True)
+            else:
+                outcome = Appended(original, True)
+            if isinstance(outcome, Appended) and outcome.duplicate:
+                stats.duplicates_total += 1
+            _settle(item.future, outcome)
+
+    def _remember(self, key: DeliveryKey, seq: int) -> None:
+        self._seen[key] = seq
+        if len(self._seen) > SEEN_KEYS:
+            self._seen.popitem(last=False)
+
+    def _tell_listeners(self, events: list[Event]) -> None:
+        for fn in self._listeners:
+            try:
+                fn(events)
+            except Exception:
+                logger.exception("event log listener %r failed", fn)
+
+    def _failed(self, batch: list[_Append], cursors: dict[str, int], exc: BaseException) -> None:
+        """The whole bulk failed (the cluster is unreachable or refused it): every append of it
+        fails, the cursors wait for the next bulk, and readiness reports the failure."""
+        for name, seq in cursors.items():
+            self._cursors.setdefault(name, seq)
+        if self.failure is None:
+            self.failure = AppendFailure(self.clock.time(), str(exc))
+        logger.error("event log %s: a bulk of %d appends failed: %s", self.location, len(batch), exc)
+        self.stats.pending -= len(batch)
+        error = EventLogError(f"the Elasticsearch event log could not store the report: {exc}")
+        for item in batch:
+            _settle(item.future, error)
+
+    # ------------------------------------------------------------------ reading
+
+    async def read(self, after_seq: int, limit: int) -> list[Event]:
+        client = self._check_open()
+        await self._make_visible(client)
+        events: list[Event] = []
+        after: list[Any] | None = None
+        while len(events) < limit:
+            size = min(limit - len(events), READ_PAGE)
+            hits = (await client.search(
+                index=self.events_index, query={"range": {"seq": {"gt": after_seq}}},
+                sort=[{"seq": "asc"}], size=size, search_after=after, track_total_hits=False,
+            ))["hits"]["hits"]
+            events += [from_doc(hit["_source"]) for hit in hits]
+            if len(hits) < size:
+                break
+            after = hits[-1]["sort"]
+        return events
+
+    async def _make_visible(self, client: AsyncElasticsearch) -> None:
+        target = self._visibility.needed()
+        if target is not None:
+            await client.indices.refresh(index=self.events_index)
+            self._visibility.refreshed(target)
+
+    async def last_seq(self) -> int:
+        self._check_open()
+        assert self._counter is not None
+        return await self._counter.current()
+
+    # ------------------------------------------------------------------ cursors
+
+    async def load_cursor(self, name: str) -> int:
+        client = self._check_open()
+        if name in self._cursors:
+            return self._cursors[name]
+        try:
+            doc = await client.get(index=self.state_index, id=CURSOR_DOC + name)
+        except NotFoundError:
+            return 0
+        return doc["_source"]["seq"]
+
+    def save_cursor(self, name: str, seq: int) -> None:
+        self._cursors[name] = seq
+        if self._flusher is None and self._cursor_timer is None and self._open:
+            self._cursor_timer = asyncio.get_running_loop().call_later(CURSOR_DELAY, self._cursor_due)
+
+    def _cursor_due(self) -> None:
+        self._cursor_timer = None
+        if self._flusher is None and self._cursors and self._open:
+            self._start_flush()
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune(self, older_than: float, chunk: int = 5000) -> int:
+        client = self._check_open()
+        await self._make_visible(client)
+        done = await client.delete_by_query(
+            index=self.events_index, query={"range": {"received": {"lt": older_than}}},
+            conflicts="proceed", refresh=True, scroll_size=max(chunk, 1),
+        )
+        return int(done["deleted"])
+
+    async def prune_deliveries(self, older_than: float, chunk: int = 5000) -> int:
+        """Nothing to do: a delivery id is the `_id` of its event and goes with it when the
+        event is pruned (so a retry is recognised for as long as the event is kept)."""
+        self._check_open()
+        return 0
+
+    async def describe(self) -> dict:
+        client = self._check_open()
+        await self._make_visible(client)
+        result = await client.search(
+            index=self.events_index, size=0, track_total_hits=True, aggs={
+                "first_seq": {"min": {"field": "seq"}}, "last_seq": {"max": {"field": "seq"}},
+                "oldest": {"min": {"field": "received"}}, "newest": {"max": {"field": "received"}},
+            })
+        aggs = result["aggregations"]
+        count = result["hits"]["total"]["value"]
+        stats = await client.indices.stats(index=self.events_index, metric="store")
+        assert self._counter is not None
+        return {
+            "backend": self.backend,
+            "location": self.location,
+            "events": count,
+            "first_seq": int(aggs["first_seq"]["value"]) if count else 0,
+            "last_seq": await self._counter.current(),
+            "oldest_received": aggs["oldest"]["value"] if count else None,
+            "newest_received": aggs["newest"]["value"] if count else None,
+            "size_bytes": stats["_all"]["primaries"]["store"]["size_in_bytes"],
+        }
+
+
+class _StoredElsewhere(Exception):
+    """A bulk item's delivery was stored first by another writer, under `seq`."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.seq = seq
+
+
+async def _create_index(client: AsyncElasticsearch, index: str) -> None:
+    """Create `index` (its template gives it its mapping) unless it exists."""
+    if not await client.indices.exists(index=index):
+        try:
+            await client.indices.create(index=index)
+        except ApiError as exc:
+            if "resource_already_exists" not in str(exc):  # another node was quicker
+                raise
+
+
+def _outcome(item: _Append, refused: dict[str, Exception], repeat: bool) -> Appended | Exception:
+    """What the append of `item` (or, with `repeat`, of a copy of it) is told."""
+    error = refused.get(item.doc_id or "")
+    if isinstance(error, _StoredElsewhere):
+        return Appended(error.seq, True)
+    if error is not None:
+        return error
+    return Appended(item.seq, repeat)
+
+
+def _settle(future: "asyncio.Future[Appended]", outcome: Any) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
