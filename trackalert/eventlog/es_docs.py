@@ -22,7 +22,7 @@ from typing import Any
 
 from trackalert.eventlog.base import DeliveryKey, Event
 from trackalert.eventlog.ipkey import ip_key
-from trackalert.eventlog.rows import geo_columns
+from trackalert.eventlog.rows import geo_columns, json_or_null
 from trackalert.report import Enrichment, Report
 
 #: The top-level text/flag fields copied as they are (the order of Report's fields).
@@ -132,3 +132,15 @@ def from_doc(source: dict[str, Any]) -> Event:
         device_attrs=get("device_attrs") or {}, extra=get("extra") or {}, geo=geo,
     )
     return Event(source["seq"], source["received"], report, get("delivery_id"))
+
+
+def to_report_row(source: dict[str, Any]) -> tuple:
+    """A document as a row of REPORT_COLUMNS, exactly as SQLite returns it (maps as compact JSON
+    text or None, flags as 0/1, unknown enrichment as None)."""
+    get = source.get
+    return (
+        source["seq"], source["received"], source["t"], source["remote"], source["login"],
+        source["pwhash"], int(source["success"]), int(source["policy_reject"]), source["protocol"],
+        int(source["tls"]), source["device_id"], source["session_id"], source["fail_type"],
+        json_or_null(get("attrs")), json_or_null(get("attrs_mv")), json_or_null(get("device_attrs")),
+    ) + tuple(get(name) for name in _GEO)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 from elasticsearch import Elasticsearch
 
 from trackalert.eventlog.base import Event, EventQueries
-from trackalert.eventlog.es_docs import from_doc, kv_prefix, kv_split, kv_term
+from trackalert.eventlog.es_docs import from_doc, kv_prefix, kv_split, kv_term, to_report_row
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.queries import _prefix_value
@@ -115,6 +115,12 @@ class ElasticQueries(EventQueries):
             return []
         return [from_doc(hit["_source"]) for hit in self._hits(query, "desc", n)]
 
+    def recent_rows(self, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
+        query = self._query(flt, as_of)
+        if query is None or n <= 0:
+            return []
+        return [to_report_row(hit["_source"]) for hit in self._hits(query, "desc", n)]
+
     # ------------------------------------------------------------------ searching
 
     def _edge(self, flt: Filter, as_of: AsOf, order: str) -> float | None:
@@ -160,8 +166,8 @@ class ElasticQueries(EventQueries):
                 if value is not None:
                     counts[value] = counts.get(value, 0) + bucket["doc_count"]
             after = agg.get("after_key")
-            if not agg["buckets"] or after is None:
-                return counts
+            if len(agg["buckets"]) < PAGE or after is None:
+                return counts  # a short page is the last (no request for an empty one)
 
     # ------------------------------------------------------------------ the query
 
