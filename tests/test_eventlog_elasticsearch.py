@@ -3,21 +3,47 @@ see tests/elastic_server.py), plus what only this backend has (URLs, templates, 
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+import asyncio
+import os
+import re
+import socket
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
 
 import pytest
+from elasticsearch import ApiError, AsyncElasticsearch
 
-from elastic_server import elastic_base, elastic_url  # noqa: F401  (fixtures)
-from eventlog_contract import EventLogContract, MakeLog
+from elastic_server import ENV, elastic_base, elastic_url  # noqa: F401  (fixtures)
+from eventlog_contract import EventLogContract, MakeLog, report
 from trackalert.clock import Clock, VirtualClock
+from trackalert.eventlog import Appended, EventLogClosed, EventLogError, open_event_log
 from trackalert.eventlog.elasticsearch import ElasticEventLog
-from trackalert.eventlog.es_client import parse_elastic_url
+from trackalert.eventlog.es_client import async_client, parse_elastic_url
+from trackalert.eventlog.es_queries import Visibility
+from trackalert.eventlog.filters import AsOf, Filter
 
 
 @pytest.fixture
 async def elastic_logs(elastic_url: str) -> AsyncIterator[tuple[str, list[ElasticEventLog]]]:
     opened: list[ElasticEventLog] = []
     yield elastic_url, opened
+    for log in opened:
+        await log.close()
+
+
+@pytest.fixture
+async def make_log_at() -> AsyncIterator[Callable[..., Any]]:
+    """Open a log at a URL (several at one URL are several nodes); closed after the test."""
+    opened: list[ElasticEventLog] = []
+
+    async def make(url: str) -> ElasticEventLog:
+        log = ElasticEventLog(parse_elastic_url(url), VirtualClock())
+        opened.append(log)
+        await log.open()
+        return log
+
+    yield make
     for log in opened:
         await log.close()
 
@@ -34,3 +60,159 @@ class TestElasticContract(EventLogContract):
             return log
 
         return make
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+def test_the_url_says_everything_and_hides_the_password() -> None:
+    settings = parse_elastic_url(
+        "elasticsearch://elastic:s%40cret@es1,es2:9201,[2001:db8::5]:9200/logins"
+        "?tls=1&ca_file=/etc/ca.pem&templates=0&timeout=3")
+    assert settings.hosts == ("https://es1:9200", "https://es2:9201", "https://[2001:db8::5]:9200")
+    assert (settings.prefix, settings.username, settings.password) == ("logins", "elastic", "s@cret")
+    assert (settings.ca_file, settings.install_templates, settings.request_timeout) == (
+        "/etc/ca.pem", False, 3.0)
+    assert settings.location == "elasticsearch://es1:9200,es2:9201,[2001:db8::5]:9200/logins"
+    assert "cret" not in settings.location
+    plain = parse_elastic_url("elasticsearch://127.0.0.1?api_key=abc")
+    assert (plain.hosts, plain.prefix, plain.api_key) == (("http://127.0.0.1:9200",), "trackalert", "abc")
+    assert plain.client_options()["api_key"] == "abc" and "basic_auth" not in plain.client_options()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("elasticsearch:///prefix", "must look like"),
+    ("elasticsearch://h/Upper", "not a valid lower-case index name"),
+    ("elasticsearch://h/p?tsl=1", "unknown Elasticsearch event log option(s) tsl"),
+    ("elasticsearch://h/p?tls=maybe", "option tls must be"),
+])
+def test_bad_urls_say_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_elastic_url(url)
+
+
+def test_open_event_log_knows_the_scheme() -> None:
+    log = open_event_log("elasticsearch://127.0.0.1:9200/x", VirtualClock())
+    assert isinstance(log, ElasticEventLog) and log.backend == "elasticsearch"
+    assert log.location == "elasticsearch://127.0.0.1:9200/x"
+    with pytest.raises(ValueError, match="supported schemes are sqlite://, elasticsearch://"):
+        open_event_log("mongodb://x", VirtualClock())
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+async def test_an_unreachable_cluster_is_a_clear_start_up_error() -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = ElasticEventLog(parse_elastic_url(f"elasticsearch://127.0.0.1:{port}/x?timeout=2"),
+                          VirtualClock())
+    with pytest.raises(EventLogError, match=f"cannot use the Elasticsearch cluster at "
+                                            f"http://127.0.0.1:{port}.*does not start"):
+        await log.open()
+    with pytest.raises(EventLogClosed):
+        await log.append(report(1))
+
+
+async def test_the_stock_client_is_refused_and_ours_is_not(elastic_url: str) -> None:
+    """Why es_client has its own nodes: the client's compatibility media type is refused by
+    OpenSearch-compatible servers (a real Elasticsearch 9 takes both)."""
+    settings = parse_elastic_url(elastic_url)
+    if not os.environ.get(ENV):  # a real cluster may be an Elasticsearch 9, which takes both
+        stock = AsyncElasticsearch(hosts=list(settings.hosts))
+        try:
+            with pytest.raises(ApiError) as refused:
+                await stock.indices.create(index=f"{settings.prefix}-stock", mappings={})
+            assert refused.value.meta.status == 406
+        finally:
+            await stock.close()
+    ours = async_client(settings)
+    try:
+        created = await ours.indices.create(index=f"{settings.prefix}-ours", mappings={})
+        assert created["acknowledged"] is True
+    finally:
+        await ours.close()
+
+
+async def test_start_installs_the_templates_and_the_indices_get_their_mapping(
+        elastic_url: str, make_log_at: Callable[..., Any]) -> None:
+    log = await make_log_at(elastic_url)
+    client = async_client(parse_elastic_url(elastic_url))
+    try:
+        mapping = await client.indices.get_mapping(index=log.events_index)
+        properties = mapping[log.events_index]["mappings"]["properties"]
+        assert properties["ip"] == {"type": "ip"}
+        assert properties["device_attrs"]["enabled"] is False
+        assert properties["location"] == {"type": "geo_point"}
+        templates = await client.indices.get_index_template(name=f"{log.settings.prefix}-events")
+        [template] = templates["index_templates"]
+        assert template["index_template"]["index_patterns"] == [f"{log.settings.prefix}-events*"]
+    finally:
+        await client.close()
+
+
+async def test_templates_0_installs_none(elastic_url: str, make_log_at: Callable[..., Any]) -> None:
+    log = await make_log_at(elastic_url + "?templates=0")
+    client = async_client(log.settings)
+    try:
+        missing = await client.options(ignore_status=404).indices.get_index_template(
+            name=f"{log.settings.prefix}-events")
+        assert missing.meta.status == 404
+        assert await log.append(report(1)) == Appended(1, False)
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------- several nodes
+
+
+async def test_two_nodes_share_one_order_and_see_each_other(
+        elastic_url: str, make_log_at: Callable[..., Any]) -> None:
+    """Two logs on one cluster (two trackalert nodes) appending at once: every seq is taken
+    once, together they are 1..N, each node reads and counts the other's events, and a wforce
+    retry reaching the other node is recognised as one."""
+    a = await make_log_at(elastic_url)
+    b = await make_log_at(elastic_url)
+    sent = [(log, i) for i in range(300) for log in (a, b)]
+    results = await asyncio.gather(*(log.append(report(i), delivery_id=f"{id(log)}-{i}")
+                                     for log, i in sent))
+    assert sorted(r.seq for r in results) == list(range(1, 601))
+    assert not any(r.duplicate for r in results)
+    for log in (a, b):
+        stored = await log.read(0, 1000)
+        assert [e.seq for e in stored] == list(range(1, 601))
+        assert await log.last_seq() == 600
+        assert log.queries().count_reports(Filter(), AsOf(now=1e12)) == 600
+    first_of_a = results[0]
+    assert await b.append(report(0), delivery_id=f"{id(a)}-0") == Appended(first_of_a.seq, True)
+    assert await b.append(report(5), delivery_id=f"{id(a)}-0") == Appended(601, False)
+    assert b.stats.delivery_id_collisions_total == 1
+
+
+# --------------------------------------------------------------------------- visibility
+
+
+def test_one_refresh_serves_every_query_waiting_for_it() -> None:
+    visibility = Visibility()
+    refreshes: list[int] = []
+    visibility.ensure(10, lambda: refreshes.append(0))
+    assert refreshes == []  # nothing committed: nothing to refresh
+    visibility.committed = 50
+    gate = threading.Barrier(8)
+
+    def query(upto: int) -> None:
+        gate.wait()
+        visibility.ensure(upto, lambda: (refreshes.append(visibility.committed), time.sleep(0.01)))
+
+    threads = [threading.Thread(target=query, args=(40 + i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert refreshes == [50] and visibility.visible == 50
+    visibility.ensure(50, lambda: refreshes.append(-1))
+    visibility.committed = 60
+    visibility.ensure(49, lambda: refreshes.append(-1))  # what it needs is visible already
+    visibility.ensure(60, lambda: refreshes.append(60))
+    assert refreshes == [50, 60]

@@ -16,7 +16,10 @@ if TYPE_CHECKING:
     "setEventLog", Where.CONFIG, "setEventLog(url)",
     """Where reports are stored before the policy sees them. `sqlite:///relative/path.db` or
     `sqlite:////absolute/path.db` (the default is `trackalert-events.db` next to the config
-    file). Read once at start.""",
+    file), or an Elasticsearch/OpenSearch cluster shared by several trackalert nodes:
+    `elasticsearch://[user:password@]host[:port][,host...]/prefix[?tls=1&ca_file=PATH&api_key=KEY&templates=0]`
+    (docs/elasticsearch.md). Read once at start; a cluster that cannot be reached then stops
+    the start with an error.""",
     example='setEventLog("sqlite:////var/lib/trackalert/events.db")', topic="eventlog",
 )
 def _set_event_log(state: "LuaState") -> Callable[[Any], None]:
