@@ -263,7 +263,7 @@ class ElasticEventLog(EventLog):
             _, errors = await async_bulk(self._client, actions, chunk_size=len(actions),
                                          max_chunk_bytes=200 * 2**20, raise_on_error=False,
                                          raise_on_exception=True)
-            refused = await self._refused(errors, fresh)
+            refused = await self._refused(errors, fresh, cursors)
         self._last_received = received
         self._committed(batch, fresh, duplicates, collisions, refused, received)
 
@@ -320,10 +320,12 @@ class ElasticEventLog(EventLog):
         return {doc["_id"]: (doc["_source"]["seq"], doc["_source"].get("delivery_fp"))
                 for doc in found["docs"] if doc.get("found")}
 
-    async def _refused(self, errors: list[dict], fresh: list[_Append]) -> dict[str, Exception]:
+    async def _refused(self, errors: list[dict], fresh: list[_Append],
+                       cursors: dict[str, int]) -> dict[str, Exception]:
         """The bulk items the cluster did not store, by `_id`. A 409 on create means the
         document is there already: our own earlier attempt of this bulk (same seq: stored), or
-        another node storing the same delivery first (then this append is its duplicate)."""
+        another node storing the same delivery first (then this append is its duplicate). A
+        refused cursor waits for the next bulk (the events beside it are stored all the same)."""
         refused: dict[str, Exception] = {}
         conflicts: list[str] = []
         for error in errors:
@@ -335,7 +337,11 @@ class ElasticEventLog(EventLog):
                 refused[info["_id"]] = ReportError(
                     f"the cluster refused the report: {reason.get('type')}: {reason.get('reason')}")
             else:
-                raise EventLogError(f"the cluster refused a cursor: {info.get('error')}")
+                name = info["_id"][len(CURSOR_DOC):]
+                if name in cursors:
+                    self._cursors.setdefault(name, cursors[name])
+                logger.error("event log %s: the cluster refused cursor %r: %s", self.location,
+                             name, info.get("error"))
         if conflicts:
             assert self._client is not None
             found = await self._client.mget(index=self.events_index, ids=conflicts, source=["seq"])

@@ -75,7 +75,7 @@ class ElasticQueries(EventQueries):
         self._client = client
         self._index = index
         self._visibility = visibility
-        self._received: dict[int, float | None] = {}
+        self._received: dict[int, float] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -226,7 +226,9 @@ class ElasticQueries(EventQueries):
                 return self._received[seq]
         self._visibility.ensure(seq, self._refresh)
         hits = list(self._hits({"range": {"seq": {"lte": seq}}}, "desc", 1, source=["received"]))
-        received = hits[0]["_source"]["received"] if hits else None
+        if not hits:
+            return None  # not cached: another node's event may become searchable later
+        received = hits[0]["_source"]["received"]
         with self._lock:
             if len(self._received) >= _RECEIVED_CACHE:
                 self._received.clear()
