@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 import pytest
 from elasticsearch import ApiError, AsyncElasticsearch
@@ -216,3 +217,80 @@ def test_one_refresh_serves_every_query_waiting_for_it() -> None:
     visibility.ensure(49, lambda: refreshes.append(-1))  # what it needs is visible already
     visibility.ensure(60, lambda: refreshes.append(60))
     assert refreshes == [50, 60]
+
+
+# --------------------------------------------------------------------------- retried bulks
+
+
+class LosingProxy:
+    """A loopback TCP proxy to the server that, for the first `lose` bulk requests, forwards the
+    request but drops its answer and the connection: the cluster stored the bulk, the client
+    never heard, and retries it (what a timeout or a reset behind a load balancer does)."""
+
+    def __init__(self, upstream: tuple[str, int], lose: int) -> None:
+        self.upstream, self.lose, self.lost = upstream, lose, 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self.upstream)
+        dropping = asyncio.Event()
+
+        async def upward() -> None:
+            while data := await client_r.read(65536):
+                if b"/_bulk" in data and self.lost < self.lose:
+                    self.lost += 1
+                    dropping.set()
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downward() -> None:
+            while data := await server_r.read(65536):
+                if dropping.is_set():  # the bulk's answer: lose it, and the connection
+                    client_w.close()
+                    server_w.close()
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.create_task(upward()), asyncio.create_task(downward())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        client_w.close()
+        server_w.close()
+
+
+async def test_a_bulk_retried_after_a_lost_answer_stores_nothing_twice(
+        elastic_url: str, make_log_at: Callable[..., Any]) -> None:
+    settings = parse_elastic_url(elastic_url)
+    if os.environ.get(ENV) and settings.hosts[0].startswith("https"):
+        return  # the proxy speaks plain HTTP; the test runs on osmem-server and plain clusters
+    host, port = urlsplit(settings.hosts[0]).hostname, urlsplit(settings.hosts[0]).port
+    proxy = LosingProxy((host, port), lose=1)
+    proxied = await proxy.start()
+    try:
+        log = await make_log_at(elastic_url.replace(f"{host}:{port}", f"127.0.0.1:{proxied}", 1))
+        results = await asyncio.gather(
+            *(log.append(report(i), delivery_id=f"d-{i}" if i % 2 else None) for i in range(50)))
+        assert proxy.lost == 1  # the first bulk's answer was lost; its retry got through
+        assert sorted(r.seq for r in results) == list(range(1, 51))
+        assert not any(r.duplicate for r in results)
+        proxy.lose = 3  # the next bulk's answer is lost twice: the client's last retry gets it
+        more = await asyncio.gather(*(log.append(report(i)) for i in range(50, 60)))
+        assert proxy.lost == 3
+        assert sorted(r.seq for r in more) == list(range(51, 61))
+        stored = await log.read(0, 1000)
+        assert [e.seq for e in stored] == list(range(1, 61))
+        assert [e.report.login for e in stored] == [f"user{i}" for i in range(60)]
+        assert log.stats.appended_total == 60 and log.failure is None
+    finally:
+        await proxy.close()
