@@ -230,6 +230,14 @@ class LosingProxy:
     def __init__(self, upstream: tuple[str, int], lose: int) -> None:
         self.upstream, self.lose, self.lost = upstream, lose, 0
         self.server: asyncio.base_events.Server | None = None
+        #: While set, every connection is closed at once (the cluster is unreachable).
+        self.cut = False
+        self._open: set[asyncio.StreamWriter] = set()
+
+    def cut_off(self) -> None:
+        self.cut = True
+        for writer in self._open:
+            writer.close()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -241,6 +249,10 @@ class LosingProxy:
         await self.server.wait_closed()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.cut:
+            client_w.close()
+            return
+        self._open.add(client_w)
         server_r, server_w = await asyncio.open_connection(*self.upstream)
         dropping = asyncio.Event()
 
@@ -265,32 +277,63 @@ class LosingProxy:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             task.cancel()
+        self._open.discard(client_w)
         client_w.close()
         server_w.close()
 
 
-async def test_a_bulk_retried_after_a_lost_answer_stores_nothing_twice(
-        elastic_url: str, make_log_at: Callable[..., Any]) -> None:
+@pytest.fixture
+async def proxied(elastic_url: str) -> AsyncIterator[tuple[str, LosingProxy]]:
+    """(the log URL through a `LosingProxy`, the proxy), on osmem-server or a plain-HTTP cluster."""
     settings = parse_elastic_url(elastic_url)
-    if os.environ.get(ENV) and settings.hosts[0].startswith("https"):
-        return  # the proxy speaks plain HTTP; the test runs on osmem-server and plain clusters
-    host, port = urlsplit(settings.hosts[0]).hostname, urlsplit(settings.hosts[0]).port
-    proxy = LosingProxy((host, port), lose=1)
-    proxied = await proxy.start()
-    try:
-        log = await make_log_at(elastic_url.replace(f"{host}:{port}", f"127.0.0.1:{proxied}", 1))
-        results = await asyncio.gather(
-            *(log.append(report(i), delivery_id=f"d-{i}" if i % 2 else None) for i in range(50)))
-        assert proxy.lost == 1  # the first bulk's answer was lost; its retry got through
-        assert sorted(r.seq for r in results) == list(range(1, 51))
-        assert not any(r.duplicate for r in results)
-        proxy.lose = 3  # the next bulk's answer is lost twice: the client's last retry gets it
-        more = await asyncio.gather(*(log.append(report(i)) for i in range(50, 60)))
-        assert proxy.lost == 3
-        assert sorted(r.seq for r in more) == list(range(51, 61))
-        stored = await log.read(0, 1000)
-        assert [e.seq for e in stored] == list(range(1, 61))
-        assert [e.report.login for e in stored] == [f"user{i}" for i in range(60)]
-        assert log.stats.appended_total == 60 and log.failure is None
-    finally:
-        await proxy.close()
+    if settings.hosts[0].startswith("https"):
+        pytest.skip("the proxy speaks plain HTTP (the test runs on osmem-server and http clusters)")
+    upstream = urlsplit(settings.hosts[0])
+    proxy = LosingProxy((upstream.hostname, upstream.port), lose=0)
+    port = await proxy.start()
+    yield elastic_url.replace(upstream.netloc, f"127.0.0.1:{port}", 1), proxy
+    await proxy.close()
+
+
+async def test_a_bulk_retried_after_a_lost_answer_stores_nothing_twice(
+        proxied: tuple[str, LosingProxy], make_log_at: Callable[..., Any]) -> None:
+    url, proxy = proxied
+    log = await make_log_at(url)
+    proxy.lose = 1
+    results = await asyncio.gather(
+        *(log.append(report(i), delivery_id=f"d-{i}" if i % 2 else None) for i in range(50)))
+    assert proxy.lost == 1  # the first bulk's answer was lost; its retry got through
+    assert sorted(r.seq for r in results) == list(range(1, 51))
+    assert not any(r.duplicate for r in results)
+    proxy.lose = 3  # the next bulk's answer is lost twice: the client's last retry gets it
+    more = await asyncio.gather(*(log.append(report(i)) for i in range(50, 60)))
+    assert proxy.lost == 3
+    assert sorted(r.seq for r in more) == list(range(51, 61))
+    stored = await log.read(0, 1000)
+    assert [e.seq for e in stored] == list(range(1, 61))
+    assert [e.report.login for e in stored] == [f"user{i}" for i in range(60)]
+    assert log.stats.appended_total == 60 and log.failure is None
+
+
+async def test_a_cluster_gone_while_running_fails_appends_until_it_is_back(
+        proxied: tuple[str, LosingProxy], make_log_at: Callable[..., Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No 200 for what is not stored (the spool comes later): appends fail with EventLogError,
+    readiness sees `failure`, nothing is half-counted, and the log carries on once it is back."""
+    url, proxy = proxied
+    log = await make_log_at(url + "?timeout=2")
+    assert (await log.append(report(0))).seq == 1
+    proxy.cut_off()
+    failed = await asyncio.gather(*(log.append(report(i)) for i in range(1, 21)),
+                                  return_exceptions=True)
+    assert all(isinstance(f, EventLogError) for f in failed), failed
+    assert log.failure is not None and log.stats.pending == 0
+    assert "a bulk of 20 appends failed" in caplog.text
+    proxy.cut = False
+    back = await asyncio.gather(*(log.append(report(i)) for i in range(21, 31)))
+    assert log.failure is None
+    seqs = sorted(a.seq for a in back)
+    assert seqs == list(range(seqs[0], seqs[0] + 10)) and seqs[0] >= 2
+    stored = await log.read(0, 100)
+    assert [e.report.login for e in stored] == ["user0"] + [f"user{i}" for i in range(21, 31)]
+    assert log.stats.appended_total == 11
