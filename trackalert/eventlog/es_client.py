@@ -5,11 +5,15 @@ Why a transport node of our own: elasticsearch-py 8.x/9.x always send
 Elasticsearch 8 refuses the 9.x client's value (a 400 ``media_type_header_exception``), and
 OpenSearch and osmem-server answer 406 to every request with a body; setting client headers does
 not help, the client rewrites them. Plain ``application/json`` is accepted by all of them
-(Elasticsearch 8 and 9 take it as "this version's API"), so the nodes below always send it: no
+(REST API compatibility is opt-in on Elasticsearch 8 and 9: plain JSON is "this version's API";
+as documented, not tried here on a real 8.x/9.x cluster), so the nodes below always send it: no
 detection at start is needed, and one installed client works against every server we support.
+Upstream: elastic/elasticsearch-py#2923 and #2927 (the 9.x client on an 8.x server; the answer
+there is "use a 9.x server", which sites with OpenSearch or a pinned 8.x cannot).
 
 The same nodes mark responses that lack ``X-Elastic-Product`` (OpenSearch sends none): the
-client otherwise raises UnsupportedProductError on the first answer. We only use the API subset
+client otherwise raises UnsupportedProductError on the first answer (the product check since
+7.14: elastic/elasticsearch-py#1687, #1665, closed without a switch). We only use the API subset
 both products share (bulk, mget, search with bool/range/terms/composite, delete_by_query,
 index templates), which is what the contract suite runs.
 """
