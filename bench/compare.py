@@ -1,7 +1,7 @@
 """The working tree against another commit, side by side, alternating: the house way to quote figures.
 
     .venv/bin/python bench/compare.py [--against REV] [--rounds 3] [--bench workload|ingest] \\
-        [-- ARGS FOR THE BENCH, e.g. --policy starter --duration 10]
+        [--prefill-cache /work/wlcache] [-- ARGS FOR THE BENCH, e.g. --policy starter --prefill 5000000]
 
 A machine shared with others, or simply warming up, drifts more than most changes move the
 figures, so one run of each says little. This exports REV (default HEAD~1) into a temporary
@@ -59,13 +59,12 @@ def export(root: Path, rev: str, into: Path) -> str:
     return sha
 
 
-def run_round(side: Side, bench: str, bench_args: list[str], scratch: Path, number: int) -> None:
+def run_round(side: Side, bench: str, bench_args: list[str], scratch: Path, number: int,
+              prefill_cache: Path | None = None) -> None:
     """One run of the benchmark on `side`'s code; its figures are appended to side.rounds."""
     figures = scratch / f"{side.name}-{number}.json"
     env = {**os.environ, "PYTHONPATH": str(side.root), "PYTHONUNBUFFERED": "1"}
-    # Each side prefills with its own code (its schema) once, then copies that log every round.
-    command = [sys.executable, str(BENCH / f"{bench}.py"), *bench_args, "--json", str(figures),
-               "--prefill-cache", str(scratch / f"prefill-{side.name}")]
+    command = bench_command(side, bench, bench_args, scratch, figures, prefill_cache)
     print(f"\n--- round {number}: {side.name}  (cwd and PYTHONPATH {side.root})", flush=True)
     subprocess.run(command, cwd=side.root, env=env, check=True)
     result = json.loads(figures.read_text())
@@ -73,6 +72,17 @@ def run_round(side: Side, bench: str, bench_args: list[str], scratch: Path, numb
     if Path(result["origin"]) != expected:
         raise SystemExit(f"{side.name}: the daemon imported {result['origin']}, not {expected}")
     side.rounds.append(result["rows"])
+
+
+def bench_command(side: Side, bench: str, bench_args: list[str], scratch: Path, figures: Path,
+                  prefill_cache: Path | None) -> list[str]:
+    """The benchmark's command line for one round of `side`. Each side prefills with its own
+    code (its schema) once, then copies that log every round; or, with `prefill_cache`, both
+    copy the logs found there (each daemon migrates its copy on open): a 5M-event log takes
+    minutes to build, and both sides then start from the very same events."""
+    cache = prefill_cache if prefill_cache is not None else scratch / f"prefill-{side.name}"
+    return [sys.executable, str(BENCH / f"{bench}.py"), *bench_args, "--json", str(figures),
+            "--prefill-cache", str(cache)]
 
 
 def median(values: list[float]) -> float:
@@ -115,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--against", default="HEAD~1", help="commit to compare with (default HEAD~1)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side (>= 1)")
     parser.add_argument("--bench", choices=("workload", "ingest"), default="workload")
+    parser.add_argument("--prefill-cache", type=Path, metavar="DIR",
+                        help="both sides copy their prefilled logs from DIR (e.g. /work/wlcache; "
+                             "its files are only read) instead of each prefilling its own once")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: the bench's own options")
     args = parser.parse_args(argv)
     if args.bench_args[:1] == ["--"]:
@@ -138,7 +151,7 @@ def main() -> None:
         for number in range(1, args.rounds + 1):
             order = (tree, other) if number % 2 else (other, tree)
             for side in order:
-                run_round(side, args.bench, args.bench_args, scratch, number)
+                run_round(side, args.bench, args.bench_args, scratch, number, args.prefill_cache)
         print_table(tree, other)
 
 

@@ -149,3 +149,21 @@ def test_origin_is_the_checkout_the_daemon_imported(tmp_path: Path, monkeypatch:
         assert harness.trackalert_origin(daemon.process.pid) == str(checkout / "trackalert")
         pid = daemon.process.pid
     assert f"{pid} {checkout / 'trackalert' / '__init__.py'}" in marker.read_text().splitlines()
+
+
+def test_compare_rounds_share_a_prefill_cache_only_when_told(tmp_path: Path) -> None:
+    """Each side prefills its own log by default; `--prefill-cache DIR` makes both copy DIR's
+    (the bench's own --prefill-cache option, last on the line, is the one argparse keeps)."""
+    import compare
+    import workload
+
+    side = compare.Side("tree", tmp_path / "tree")
+    args = compare.parse_args(["--prefill-cache", str(tmp_path / "shared"), "--", "--prefill", "5"])
+    assert args.bench_args == ["--prefill", "5"]
+    own = compare.bench_command(side, "workload", args.bench_args, tmp_path, tmp_path / "f.json", None)
+    shared = compare.bench_command(side, "workload", args.bench_args, tmp_path, tmp_path / "f.json",
+                                   args.prefill_cache)
+    parsed = workload.parse_args(own[2:])
+    assert parsed.prefill_cache == tmp_path / "prefill-tree" and parsed.prefill == 5
+    assert workload.parse_args(shared[2:]).prefill_cache == tmp_path / "shared"
+    assert compare.parse_args([]).prefill_cache is None
