@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Awaitable, Callable
 
 import aiohttp
+import pytest
 from elasticsearch import AsyncElasticsearch
 
 from elastic_server import elastic_base, elastic_url  # noqa: F401  (fixtures)
@@ -202,3 +204,11 @@ async def wait_for_async(probe: Callable[[], Awaitable[int]], wanted: int,
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+def test_the_node_id_is_the_host_name_unless_given_and_must_be_a_plain_name() -> None:
+    assert parse_elastic_url("elasticsearch://h/p").node == socket.gethostname()[:64]
+    assert parse_elastic_url("elasticsearch://h/p?node=web-2.dc1").node == "web-2.dc1"
+    for bad in ("a:b", "a b", "x" * 65, "é"):
+        with pytest.raises(ValueError, match="node id"):
+            parse_elastic_url(f"elasticsearch://h/p?node={bad}")
