@@ -212,3 +212,27 @@ def test_the_node_id_is_the_host_name_unless_given_and_must_be_a_plain_name() ->
     for bad in ("a:b", "a b", "x" * 65, "é"):
         with pytest.raises(ValueError, match="node id"):
             parse_elastic_url(f"elasticsearch://h/p?node={bad}")
+
+
+async def test_the_runner_steps_from_each_of_a_nodes_blocks_to_its_next(elastic_url: str) -> None:
+    """Blocks of two nodes interleave in seq order; `seq_after` leads the policy runner from one
+    of node A's blocks straight to its next, so the events handed over in memory are run
+    without reading the log back (and B's seqs are never A's to wait for)."""
+    from test_eventlog_elasticsearch import report
+
+    clock = VirtualClock()
+    a = ElasticEventLog(parse_elastic_url(elastic_url + "?node=a"), clock)
+    b = ElasticEventLog(parse_elastic_url(elastic_url + "?node=b"), clock)
+    await a.open()
+    await b.open()
+    try:
+        for i in range(20):  # alternate batches of 1-3 reports
+            for log in (a, b):
+                await asyncio.gather(*(log.append(report(i)) for _ in range(1 + i % 3)))
+        own = [e.seq for e in await a.read(0, 1000)]
+        assert len(own) == sum(1 + i % 3 for i in range(20))
+        assert [a.seq_after(seq) for seq in own[:-1]] == own[1:]
+        assert await a.last_seq() == own[-1] and await b.last_seq() > own[-1]
+    finally:
+        await a.close()
+        await b.close()
