@@ -299,8 +299,11 @@ class Scheduler:
             run = self._start_run(job, due)
             if run is not None:
                 await asyncio.shield(run)  # stop() must not cancel a run that is in Lua
+                if job.last_status == "elsewhere":  # another node runs it: ask again later
+                    due = max(due, self._clock.time()) + max(job.schedule.seconds, SKIPPED_RETRY)
+                    continue
                 ended = job.last_finished if job.last_finished is not None else self._clock.time()
-                due = max(ended, due) + job.schedule.seconds  # a run left to another node ends at once
+                due = ended + job.schedule.seconds
             else:  # skipped: another schedule of this name is running; never spin on it
                 due = self._clock.time() + max(job.schedule.seconds, SKIPPED_RETRY)
 
