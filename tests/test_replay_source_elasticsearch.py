@@ -15,6 +15,7 @@ import pytest
 from elastic_server import elastic_base, elastic_url  # noqa: F401  (fixtures)
 from test_eventlog_elasticsearch_parity import EVENTS, START, both, make_reports  # noqa: F401
 from test_replay_engine import SEEING
+from trackalert.cli import export_main, import_main
 from trackalert.eventlog.elasticsearch import ElasticEventLog
 from trackalert.eventlog.es_client import async_client, parse_elastic_url
 from trackalert.eventlog import es_snapshot
@@ -110,3 +111,15 @@ async def test_a_missing_index_is_a_clear_error(elastic_url: str) -> None:
         await asyncio.to_thread(open_source, elastic_url)
     with pytest.raises(HistoryError, match="no event log there"):
         await asyncio.to_thread(exported, elastic_url)
+
+
+async def test_trackalert_export_takes_the_url_and_import_refuses_it(
+        tmp_path: Path, logs: tuple[Path, str, ElasticEventLog]) -> None:
+    path, url, _ = logs
+    out = tmp_path / "es.ndjson"
+    status = await asyncio.to_thread(export_main, ["--log", url, "--out", str(out), "--login",
+                                                   "user3@example.org"])
+    assert status == 0
+    assert out.read_text(encoding="utf-8") == exported(str(path), logins=["user3@example.org"])
+    assert out.stat().st_size > 0
+    assert await asyncio.to_thread(import_main, ["--log", url, str(out)]) != 0

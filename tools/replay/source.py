@@ -16,9 +16,9 @@ Why it is built this way:
   as a log file, with no second query engine to keep in step.
 * An Elasticsearch log (``elasticsearch://...``) is loaded the same way, from one point in time
   of its index (`trackalert.eventlog.es_snapshot`: read-only, as of the start). Why not answer
-  the helpers from the cluster: a replay asks several helpers per event, each a search over
-  HTTP (milliseconds), against about 20 µs in SQLite; loading the index is one sequential read,
-  and the replay then gives exactly a file's answers for the same events.
+  the helpers from the cluster: a replay asks several helpers per event, each then a search over
+  HTTP instead of a local SQLite query; loading the index is one sequential read, and the
+  replay then gives exactly a file's answers for the same events.
 """
 
 from __future__ import annotations
@@ -289,7 +289,13 @@ def open_source(path: str, scratch: str | None = None) -> LogSource:
     """The source at `path`: an SQLite log, or an NDJSON export or Elasticsearch log (a URL)
     loaded into a temporary log."""
     if path.lower().startswith("elasticsearch://"):
-        return _loaded(path, _elastic_events(path), scratch)
+        from trackalert.eventlog.es_client import parse_elastic_url
+
+        try:
+            where = parse_elastic_url(path).location  # never the credentials
+        except ValueError as exc:
+            raise SourceError(str(exc)) from None
+        return _loaded(where, _elastic_events(path), scratch)
     if not os.path.isfile(path):
         raise SourceError(f"{path}: no such file")
     if not _looks_like_ndjson(path):

@@ -16,6 +16,12 @@ Why it is built this way (docs/elasticsearch.md has the operator's side):
   An append returns only after the cluster acknowledged its bulk item, and listeners see the
   events first, in seq order.
 * **Cursors** are documents of the state index, written with the next bulk (or within a second).
+* **Several nodes.** Each event names the node that stored it; a node's cursors, `read` and
+  `last_seq` are its own, so each node's policy runner runs the reports it acknowledged, once,
+  and catches up on those alone after a restart. The block a node takes is stamped with the
+  later of its clock and the cluster's newest stamp (kept in the counter document), so
+  `received` never goes back in seq order. `leases` claims background runs once per cluster
+  (es_lease.py).
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ from trackalert.eventlog.base import (
     delivery_key,
 )
 from trackalert.eventlog.es_client import ElasticSettings, async_client, sync_client
-from trackalert.eventlog.es_lease import RunLeases
 from trackalert.eventlog.es_docs import delivery_ids, event_doc_id, fingerprint_text, from_doc, to_doc
+from trackalert.eventlog.es_lease import RunLeases
 from trackalert.eventlog.es_queries import ElasticQueries, Visibility
 from trackalert.eventlog.es_templates import install_templates
 from trackalert.eventlog.rows import encode_row
