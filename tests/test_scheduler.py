@@ -385,3 +385,28 @@ cronScheduleBackgroundFunc("* * * * *", "minutely")
     second = int(line.rsplit(":", 1)[1])
     # Lua's os.date reads the coarse kernel clock, which may still show the previous second
     assert min(second, 60 - second) <= 5, f"ran at {line}, not at the start of a minute"
+
+
+async def test_a_run_the_lease_gives_to_another_node_is_skipped_without_spinning() -> None:
+    """With a lease (several nodes on one log), a run it refuses is left to the other node:
+    nothing runs here, showSchedules says `elsewhere`, and a back-to-back schedule asks again
+    a second later instead of asking in a loop."""
+    config = """
+setBackground("f", function() _G.runs = (_G.runs or 0) + 1 end)
+intervalScheduleBackgroundFunc("00:00:00", "f")
+cronScheduleBackgroundFunc("* * * * *", "f")
+"""
+    asked: list[tuple[str, float, float]] = []
+
+    async def lease(name: str, due: float, ttl: float) -> bool:
+        asked.append((name, due, ttl))
+        return False
+
+    async with Harness(config) as h:
+        h.scheduler.set_lease(lease)
+        await h.scheduler.run_until(h.clock.time() + 120)
+    assert h.lua_count("runs") == 0
+    assert {job.last_status for job in h.scheduler.jobs} == {"elsewhere"}
+    cron = [a for a in asked if a[2] == 60.0]
+    assert [due - MONDAY.timestamp() for _, due, _ in cron] == [60.0, 120.0]
+    assert 100 <= len(asked) - len(cron) <= 125, "about one ask a second for the back-to-back one"

@@ -171,7 +171,8 @@ class _Config:
             url = settings.eventlog_url or settings.default_eventlog_url()
             from trackalert.eventlog import sqlite_path
 
-            self.log_path = os.path.abspath(sqlite_path(url))
+            elastic = url.lower().startswith("elasticsearch://")  # export reads it as it is
+            self.log_path = url if elastic else os.path.abspath(sqlite_path(url))
         except (StartupError, ValueError) as exc:
             raise _CliError(str(exc)) from None
         finally:
@@ -189,6 +190,8 @@ class _CliError(Exception):
 def _log_file(args: argparse.Namespace) -> tuple[str, "_Config | None"]:
     """--log, else the log of -C (or of the default config)."""
     config = _Config(args.config or default_config()) if args.config or not args.log else None
+    if args.log and "://" in args.log:  # an elasticsearch:// log (export reads it)
+        return args.log, config
     path = os.path.abspath(args.log) if args.log else config.log_path  # type: ignore[union-attr]
     return path, config
 
@@ -256,6 +259,8 @@ def import_main(argv: Sequence[str]) -> int:
     _quiet_logging()
     try:
         path, config = _log_file(args)
+        if "://" in path:
+            raise _CliError(f"{path}: import writes SQLite log files only")
     except _CliError as exc:
         sys.stderr.write(f"trackalert import: {exc}\n")
         return EXIT_ERROR

@@ -121,6 +121,9 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"Cannot open the event log {url}: {exc}") from exc
         self.host.eventlog = eventlog
+        leases = getattr(eventlog, "leases", None)  # a log shared by nodes: runs once per cluster
+        if leases is not None and self.host.scheduler is not None:
+            self.host.scheduler.set_lease(leases.claim)
         pool = LuaPool(self.workers, self.host.clock)
         runner = PolicyRunner(eventlog, pool, self.host)
         self.host.metrics.set_lag_source(runner.lag_events, runner.lag_seconds)

@@ -13,6 +13,9 @@ Differences from the C++ daemon, on purpose:
   once in two Lua states.
 * In the hour repeated when daylight saving time ends, a fixed-time job (no `*` in its minute
   and hour fields) runs once, as Vixie cron does, not twice.
+* Several nodes on one Elasticsearch log run each background run once in total: with a lease
+  (`set_lease`), a node asks for every run before starting it, and a run another node claimed
+  is left to it (eventlog/es_lease.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import datetime
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 from croniter import croniter
 from croniter.croniter import CroniterError
@@ -47,6 +50,9 @@ MAX_NAP = 60.0
 #: A back-to-back (interval 0) job whose name is busy under another schedule looks again after
 #: this long instead of spinning.
 SKIPPED_RETRY = 1.0
+
+#: Asked before a run: whether this node runs `name` due at `due`, keeping it `ttl` seconds.
+Lease = Callable[[str, float, float], Awaitable[bool]]
 
 _MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 
@@ -176,6 +182,11 @@ class Scheduler:
         self._runs: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Event | None = None
         self._warned_missing: set[str] = set()
+        self._lease: Lease | None = None
+
+    def set_lease(self, lease: Lease | None) -> None:
+        """Share the schedules with other nodes: each run goes ahead only if `lease` grants it."""
+        self._lease = lease
 
     # -- registration (config state: at load time or from the console) --------------------------
 
@@ -288,6 +299,9 @@ class Scheduler:
             run = self._start_run(job, due)
             if run is not None:
                 await asyncio.shield(run)  # stop() must not cancel a run that is in Lua
+                if job.last_status == "elsewhere":  # another node runs it: ask again later
+                    due = max(due, self._clock.time()) + max(job.schedule.seconds, SKIPPED_RETRY)
+                    continue
                 ended = job.last_finished if job.last_finished is not None else self._clock.time()
                 due = ended + job.schedule.seconds
             else:  # skipped: another schedule of this name is running; never spin on it
@@ -328,6 +342,9 @@ class Scheduler:
 
     async def _run(self, job: Job, due: float) -> None:
         try:
+            if not await self._granted(job, due):
+                job.last_status = "elsewhere"
+                return
             await self._acquire_slot()
             try:
                 job.last_started = self._clock.time()
@@ -340,6 +357,22 @@ class Scheduler:
             self._metrics.background_run(job.name, status)
         finally:
             self._running.discard(job.name)
+
+    async def _granted(self, job: Job, due: float) -> bool:
+        """Whether this node runs `job` due at `due` (always, without a lease). A lease that
+        cannot be asked (the cluster is away) runs nothing: every node would run it."""
+        if self._lease is None:
+            return True
+        if isinstance(job.schedule, CronSchedule):
+            ttl = job.schedule.next_after(due) - due  # the next due time is anybody's
+        else:
+            ttl = 2.0 * max(job.schedule.seconds, 1)
+        try:
+            return await self._lease(job.name, due, ttl)
+        except Exception as exc:
+            log.logger.error("Background function [%s]: cannot claim its run due at %s, not "
+                             "running it: %s", job.name, self._format_time(due), exc)
+            return False
 
     async def _call(self, name: str, due: float) -> str:
         """Run the function in a worker state behind the crash boundary; its status."""

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="the trackalert.conf to replay")
     parser.add_argument("--log", required=True, metavar="SOURCE",
-                        help="an SQLite event log file (opened read-only) or an NDJSON export")
+                        help="an SQLite event log file (opened read-only), an NDJSON export or an "
+                             "Elasticsearch log (elasticsearch://host:9200/prefix, read-only)")
     parser.add_argument("--from", dest="start", type=parse_time, metavar="T",
                         help="replay events received from T on (epoch or ISO date, UTC)")
     parser.add_argument("--to", dest="end", type=parse_time, metavar="T",
@@ -142,7 +143,7 @@ def _absolute(args: argparse.Namespace) -> None:
     for name in ("config", "log", "out", "summary_json", "compare", "compare_json", "baseline_out",
                  "lua_log", "report"):
         value = getattr(args, name, None)
-        if value is not None:
+        if value is not None and "://" not in value:  # an elasticsearch:// log is a URL
             setattr(args, name, os.path.abspath(value))
 
 

@@ -14,6 +14,11 @@ Why it is built this way:
 * An NDJSON export (`trackalert.eventlog.history.read_export`) is loaded into a temporary SQLite
   log first (`load_events`), so that it is answered by exactly the same SQL and projection code
   as a log file, with no second query engine to keep in step.
+* An Elasticsearch log (``elasticsearch://...``) is loaded the same way, from one point in time
+  of its index (`trackalert.eventlog.es_snapshot`: read-only, as of the start). Why not answer
+  the helpers from the cluster: a replay asks several helpers per event, each then a search over
+  HTTP instead of a local SQLite query; loading the index is one sequential read, and the
+  replay then gives exactly a file's answers for the same events.
 """
 
 from __future__ import annotations
@@ -281,18 +286,46 @@ def load_events(events: Iterable[Event], path: str) -> int:
 
 
 def open_source(path: str, scratch: str | None = None) -> LogSource:
-    """The source at `path`: an SQLite log, or an NDJSON export loaded into a temporary log."""
+    """The source at `path`: an SQLite log, or an NDJSON export or Elasticsearch log (a URL)
+    loaded into a temporary log."""
+    if path.lower().startswith("elasticsearch://"):
+        from trackalert.eventlog.es_client import parse_elastic_url
+
+        try:
+            where = parse_elastic_url(path).location  # never the credentials
+        except ValueError as exc:
+            raise SourceError(str(exc)) from None
+        return _loaded(where, _elastic_events(path), scratch)
     if not os.path.isfile(path):
         raise SourceError(f"{path}: no such file")
     if not _looks_like_ndjson(path):
         return LogSource(path)
-    from trackalert.eventlog.history import HistoryError, read_export
+    from trackalert.eventlog.history import read_export
+
+    return _loaded(path, read_export(path), scratch)
+
+
+def _elastic_events(url: str) -> Iterator[Event]:
+    """The events of an Elasticsearch log as of now, in log order (read-only)."""
+    from trackalert.eventlog.es_snapshot import ElasticSnapshot, SnapshotError
+
+    try:
+        with ElasticSnapshot(url) as snapshot:
+            for page in snapshot.events():
+                yield from page
+    except SnapshotError as exc:
+        raise SourceError(str(exc)) from None
+
+
+def _loaded(path: str, events: Iterable[Event], scratch: str | None) -> LogSource:
+    """`events` (of the source at `path`) in a temporary log file, removed on close."""
+    from trackalert.eventlog.history import HistoryError
 
     handle_fd, temporary = tempfile.mkstemp(prefix="trackalert-replay-", suffix=".db", dir=scratch)
     os.close(handle_fd)
     os.unlink(temporary)
     try:
-        load_events(read_export(path), temporary)
+        load_events(events, temporary)
     except BaseException as exc:  # an interrupted load must not leave its copy behind either
         _remove(temporary)
         if isinstance(exc, SourceError) or not isinstance(exc, Exception):

@@ -270,6 +270,11 @@ class EventLog(abc.ABC):
         """
         raise NotImplementedError(f"the {self.backend} event log has no narrow read")
 
+    def seq_after(self, seq: int) -> int:
+        """The seq of the event the policy runner runs after `seq`, when known: the next one;
+        on a log several nodes share, this node's next one past the other nodes' blocks."""
+        return seq + 1
+
     @abc.abstractmethod
     async def last_seq(self) -> int:
         """The highest seq ever committed; 0 for a log that never held an event."""

@@ -16,6 +16,12 @@ Why it is built this way (docs/elasticsearch.md has the operator's side):
   An append returns only after the cluster acknowledged its bulk item, and listeners see the
   events first, in seq order.
 * **Cursors** are documents of the state index, written with the next bulk (or within a second).
+* **Several nodes.** Each event names the node that stored it; a node's cursors, `read` and
+  `last_seq` are its own, so each node's policy runner runs the reports it acknowledged, once,
+  and catches up on those alone after a restart. The block a node takes is stamped with the
+  later of its clock and the cluster's newest stamp (kept in the counter document), so
+  `received` never goes back in seq order. `leases` claims background runs once per cluster
+  (es_lease.py).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from trackalert.eventlog.base import (
 )
 from trackalert.eventlog.es_client import ElasticSettings, async_client, sync_client
 from trackalert.eventlog.es_docs import delivery_ids, event_doc_id, fingerprint_text, from_doc, to_doc
+from trackalert.eventlog.es_lease import RunLeases
 from trackalert.eventlog.es_queries import ElasticQueries, Visibility
 from trackalert.eventlog.es_templates import install_templates
 from trackalert.eventlog.rows import encode_row
@@ -81,6 +88,9 @@ class _SeqCounter:
     def __init__(self, client: AsyncElasticsearch, index: str) -> None:
         self._client, self._index = client, index
         self.last = 0
+        #: The newest `received` handed out with a block: received never goes back in seq
+        #: order, across nodes too (a node whose clock is behind stamps the cluster's newest).
+        self.received = 0.0
         self._version: tuple[int, int] | None = None
 
     async def load(self) -> None:
@@ -95,24 +105,27 @@ class _SeqCounter:
             except ConflictError:  # another node created it first
                 doc = await self._client.get(index=self._index, id=SEQ_DOC)
         self.last = doc["_source"]["last"]
+        self.received = doc["_source"].get("received", 0.0)
         self._version = (doc["_seq_no"], doc["_primary_term"])
 
-    async def reserve(self, n: int) -> int:
-        """Take the next `n` seqs for this node; returns the first."""
+    async def reserve(self, n: int, received: float) -> tuple[int, float]:
+        """Take the next `n` seqs for this node, stamped `received` or the cluster's newest
+        stamp if later; returns the first seq and the stamp."""
         for _ in range(1000):
             assert self._version is not None
-            wanted = self.last + n
+            wanted, stamp = self.last + n, max(received, self.received)
             try:
                 done = await self._client.index(
-                    index=self._index, id=SEQ_DOC, document={"kind": "seq", "last": wanted},
+                    index=self._index, id=SEQ_DOC,
+                    document={"kind": "seq", "last": wanted, "received": stamp},
                     if_seq_no=self._version[0], if_primary_term=self._version[1],
                 )
             except ConflictError:  # another node took a block: read where it ended
                 await self.load()
                 continue
-            first, self.last = self.last + 1, wanted
+            first, self.last, self.received = self.last + 1, wanted, stamp
             self._version = (done["_seq_no"], done["_primary_term"])
-            return first
+            return first, stamp
         raise EventLogError("could not take seqs from the counter after 1000 conflicts")
 
     async def current(self) -> int:
@@ -143,6 +156,13 @@ class ElasticEventLog(EventLog):
         self._cursor_timer: asyncio.TimerHandle | None = None
         self._seen: OrderedDict[DeliveryKey, int] = OrderedDict()
         self._last_received = 0.0
+        #: This node's id on the cluster, its newest seq, and where each of its blocks is
+        #: followed by its next one (`seq_after`).
+        self.node = settings.node
+        self._own_last = 0
+        self._node_doc = f"node:{self.node}"
+        self._next_block: OrderedDict[int, int] = OrderedDict()
+        self.leases: RunLeases | None = None
         self._open = False
 
     def __repr__(self) -> str:
@@ -160,7 +180,7 @@ class ElasticEventLog(EventLog):
                 await _create_index(client, index)
             counter = _SeqCounter(client, self.state_index)
             await counter.load()
-            self._last_received = await self._newest_received(client)
+            self._last_received, self._own_last = await self._newest(client)
         except (TransportError, ApiError) as exc:
             await client.close()
             raise EventLogError(
@@ -168,16 +188,28 @@ class ElasticEventLog(EventLog):
                 f"({exc}): trackalert does not start without its event log"
             ) from exc
         self._client, self._counter = client, counter
+        self.leases = RunLeases(client, self.state_index, self.node, self.clock)
         self._visibility = Visibility()
         self._queries = ElasticQueries(sync_client(self.settings), self.events_index,
                                        self._visibility)
         self._open = True
 
-    async def _newest_received(self, client: AsyncElasticsearch) -> float:
+    async def _newest(self, client: AsyncElasticsearch) -> tuple[float, int]:
+        """The newest `received` in the log, and the newest seq this node stored."""
         await client.indices.refresh(index=self.events_index)
         hits = (await client.search(index=self.events_index, size=1, sort=[{"seq": "desc"}],
                                     source=["received"]))["hits"]["hits"]
-        return hits[0]["_source"]["received"] if hits else 0.0
+        own = (await client.search(index=self.events_index, size=1, sort=[{"seq": "desc"}],
+                                   query=self._own_query(), source=["seq"]))["hits"]["hits"]
+        try:  # written with each bulk: the search misses what retention deleted
+            noted = (await client.get(index=self.state_index, id=self._node_doc))["_source"]["last"]
+        except NotFoundError:
+            noted = 0
+        return ((hits[0]["_source"]["received"] if hits else 0.0),
+                max(noted, own[0]["_source"]["seq"] if own else 0))
+
+    def _own_query(self) -> dict[str, Any]:
+        return {"term": {"node": self.node}}
 
     async def close(self) -> None:
         if not self._open:
@@ -250,14 +282,18 @@ class ElasticEventLog(EventLog):
         fresh = [a for a in batch if a.doc_id is not None]
         received = max(self.clock.time(), self._last_received)
         if fresh:
-            first = await self._counter.reserve(len(fresh))
+            first, received = await self._counter.reserve(len(fresh), received)
+            self._own_block(first, first + len(fresh) - 1)
             for offset, item in enumerate(fresh):
                 item.seq = first + offset
                 if item.key is None:
                     item.doc_id = event_doc_id(item.seq, None)
         actions = [self._action(item, received) for item in fresh]
-        actions += [{"_op_type": "index", "_index": self.state_index, "_id": CURSOR_DOC + name,
+        actions += [{"_op_type": "index", "_index": self.state_index, "_id": self._cursor_id(name),
                      "_source": {"kind": "cursor", "seq": seq}} for name, seq in cursors.items()]
+        if fresh:  # this node's newest seq outlives retention, as the counter does
+            actions.append({"_op_type": "index", "_index": self.state_index, "_id": self._node_doc,
+                            "_source": {"kind": "node", "node": self.node, "last": self._own_last}})
         refused: dict[str, Exception] = {}
         if actions:
             _, errors = await async_bulk(self._client, actions, chunk_size=len(actions),
@@ -270,7 +306,7 @@ class ElasticEventLog(EventLog):
     def _action(self, item: _Append, received: float) -> dict[str, Any]:
         fp = item.key[1] if item.key is not None else None
         return {"_op_type": "create", "_index": self.events_index, "_id": item.doc_id,
-                "_source": to_doc(item.seq, received, item.report, item.delivery_id, fp)}
+                "_source": to_doc(item.seq, received, item.report, item.delivery_id, fp, self.node)}
 
     async def _sort_out(self, batch: list[_Append]) -> tuple[dict[int, Any], list[_Append]]:
         """Mark each keyed append new (its `doc_id` set) or a duplicate.
@@ -336,12 +372,15 @@ class ElasticEventLog(EventLog):
                 reason = info.get("error", {})
                 refused[info["_id"]] = ReportError(
                     f"the cluster refused the report: {reason.get('type')}: {reason.get('reason')}")
-            else:
-                name = info["_id"][len(CURSOR_DOC):]
+            elif info["_id"].startswith(self._cursor_id("")):
+                name = info["_id"][len(self._cursor_id("")):]
                 if name in cursors:
                     self._cursors.setdefault(name, cursors[name])
                 logger.error("event log %s: the cluster refused cursor %r: %s", self.location,
                              name, info.get("error"))
+            else:  # the node's newest seq: written again with the next bulk
+                logger.error("event log %s: the cluster refused %s: %s", self.location,
+                             info["_id"], info.get("error"))
         if conflicts:
             assert self._client is not None
             found = await self._client.mget(index=self.events_index, ids=conflicts, source=["seq"])
@@ -386,6 +425,18 @@ class ElasticEventLog(EventLog):
                 stats.duplicates_total += 1
             _settle(item.future, outcome)
 
+    def _own_block(self, first: int, last: int) -> None:
+        """Note this node's new block of seqs, so `seq_after` leads from its previous one to it."""
+        if self._own_last and first != self._own_last + 1:
+            self._next_block[self._own_last] = first
+            if len(self._next_block) > SEEN_KEYS:
+                self._next_block.popitem(last=False)
+        self._own_last = max(self._own_last, last)
+
+    def seq_after(self, seq: int) -> int:
+        """This node's seq after `seq`: the other nodes' blocks between are not ours to run."""
+        return self._next_block.get(seq, seq + 1)
+
     def _remember(self, key: DeliveryKey, seq: int) -> None:
         self._seen[key] = seq
         if len(self._seen) > SEEN_KEYS:
@@ -414,14 +465,17 @@ class ElasticEventLog(EventLog):
     # ------------------------------------------------------------------ reading
 
     async def read(self, after_seq: int, limit: int) -> list[Event]:
+        """The events after `after_seq` that this node stored: those its policy runner runs
+        (each node runs the reports it acknowledged; the others' are theirs to run)."""
         client = self._check_open()
         await self._make_visible(client)
         events: list[Event] = []
         after: list[Any] | None = None
+        query = {"bool": {"filter": [{"range": {"seq": {"gt": after_seq}}}, self._own_query()]}}
         while len(events) < limit:
             size = min(limit - len(events), READ_PAGE)
             hits = (await client.search(
-                index=self.events_index, query={"range": {"seq": {"gt": after_seq}}},
+                index=self.events_index, query=query,
                 sort=[{"seq": "asc"}], size=size, search_after=after, track_total_hits=False,
             ))["hits"]["hits"]
             events += [from_doc(hit["_source"]) for hit in hits]
@@ -437,9 +491,10 @@ class ElasticEventLog(EventLog):
             self._visibility.refreshed(target)
 
     async def last_seq(self) -> int:
+        """The newest seq this node stored (the policy runner's head; on a cluster shared by
+        several nodes, `describe` has the cluster's)."""
         self._check_open()
-        assert self._counter is not None
-        return await self._counter.current()
+        return self._own_last
 
     # ------------------------------------------------------------------ cursors
 
@@ -448,10 +503,14 @@ class ElasticEventLog(EventLog):
         if name in self._cursors:
             return self._cursors[name]
         try:
-            doc = await client.get(index=self.state_index, id=CURSOR_DOC + name)
+            doc = await client.get(index=self.state_index, id=self._cursor_id(name))
         except NotFoundError:
             return 0
         return doc["_source"]["seq"]
+
+    def _cursor_id(self, name: str) -> str:
+        """A consumer's cursor is this node's: its runner runs this node's events."""
+        return f"{CURSOR_DOC}{self.node}:{name}"
 
     def save_cursor(self, name: str, seq: int) -> None:
         self._cursors[name] = seq

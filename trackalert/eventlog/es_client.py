@@ -21,6 +21,8 @@ index templates), which is what the contract suite runs.
 from __future__ import annotations
 
 import dataclasses
+import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -31,7 +33,9 @@ from elasticsearch import AsyncElasticsearch, Elasticsearch
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_OPTIONS = ("tls", "ca_file", "verify_certs", "api_key", "templates", "timeout")
+_OPTIONS = ("tls", "ca_file", "verify_certs", "api_key", "templates", "timeout", "node")
+#: What a node id may hold: it is a keyword in every event and part of state document ids.
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,9 @@ class ElasticSettings:
     #: Install/update the index templates at start (needs the manage_index_templates privilege).
     install_templates: bool = True
     request_timeout: float = 10.0
+    #: This daemon's name on the cluster: stored in each event it appends, it names the
+    #: events its policy runner must run and its cursors (docs/elasticsearch.md, several nodes).
+    node: str = "node"
 
     @property
     def location(self) -> str:
@@ -73,7 +80,8 @@ def parse_elastic_url(url: str) -> ElasticSettings:
     """``elasticsearch://[user:password@]host[:port][,host[:port]...][/prefix][?options]``.
 
     Options: ``tls=1`` (https), ``ca_file=PATH``, ``verify_certs=0``, ``api_key=KEY``,
-    ``templates=0`` (do not install templates), ``timeout=SECONDS``. A URL
+    ``templates=0`` (do not install templates), ``timeout=SECONDS``, ``node=NAME`` (this
+    daemon's node id on a shared cluster; the host name by default). A URL
     rather than a table keeps setEventLog one string for both backends.
     """
     parts = urlsplit(url)
@@ -104,7 +112,15 @@ def parse_elastic_url(url: str) -> ElasticSettings:
         verify_certs=_flag(query, "verify_certs", True),
         install_templates=_flag(query, "templates", True),
         request_timeout=float(query.get("timeout", "10")),
+        node=_node_id(query.get("node") or socket.gethostname()[:64]),
     )
+
+
+def _node_id(node: str) -> str:
+    if not _NODE_ID.fullmatch(node):
+        raise ValueError(f"node id {node!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                         "(set node=NAME in the event log URL)")
+    return node
 
 
 def _host_port(host: str) -> str:

@@ -85,12 +85,15 @@ def fingerprint_text(fp: bytes) -> str:
 
 
 def to_doc(seq: int, received: float, report: Report, delivery_id: str | None,
-           fp: bytes | None) -> dict[str, Any]:
-    """The document of one event (the report was checked storable by `encode_row` before)."""
+           fp: bytes | None, node: str | None = None) -> dict[str, Any]:
+    """The document of one event (the report was checked storable by `encode_row` before);
+    `node` is the node that stored it (whose policy runner runs it)."""
     r = report
     doc: dict[str, Any] = {
         "seq": seq, "received": received, "@timestamp": round(received * 1000), "t": float(r.t),
     }
+    if node is not None:
+        doc["node"] = node
     for name in _PLAIN:
         doc[name] = getattr(r, name)
     if ip_key(r.remote) is not None:

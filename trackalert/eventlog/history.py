@@ -122,23 +122,38 @@ def export_events(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write the events with `from_ <= received < to` (and one of `logins`, if any), in seq
-    order, as export lines; returns how many. The time bounds become a seq range with one
-    seek each of the `received` index (received is non-decreasing in seq)."""
+    order, as export lines; returns how many. `log_path` is a log file, or an
+    ``elasticsearch://`` URL (read through `es_snapshot`, the same rows)."""
+    count = 0
+    for rows in _export_rows(log_path, from_, to, list(logins)):
+        out.write("".join(export_line(row) + "\n" for row in rows))
+        count += len(rows)
+        if progress is not None:
+            progress(count)
+    return count
+
+
+def _export_rows(log_path: str | os.PathLike[str], from_: float | None, to: float | None,
+                 logins: list[str]) -> Iterator[Sequence[Sequence[Any]]]:
+    """The selected `events` rows in seq order, a chunk at a time, from one consistent snapshot.
+    In a file, the time bounds become a seq range with one seek each of the `received` index
+    (received is non-decreasing in seq)."""
+    if os.fspath(log_path).lower().startswith("elasticsearch://"):
+        from trackalert.eventlog.es_snapshot import ElasticSnapshot, SnapshotError
+
+        try:
+            with ElasticSnapshot(os.fspath(log_path)) as snapshot:
+                yield from snapshot.rows(from_, to, logins)
+        except SnapshotError as exc:
+            raise HistoryError(str(exc)) from None
+        return
     conn = open_snapshot(log_path)
     try:
-        where, params = _export_filter(from_, to, list(logins))
+        where, params = _export_filter(from_, to, logins)
         columns = ", ".join(EVENT_COLUMNS)
         cursor = conn.execute(f"SELECT {columns} FROM events {where} ORDER BY seq", params)
-        count = 0
-        while True:
-            rows = cursor.fetchmany(2000)
-            if not rows:
-                break
-            out.write("".join(export_line(row) + "\n" for row in rows))
-            count += len(rows)
-            if progress is not None:
-                progress(count)
-        return count
+        while rows := cursor.fetchmany(2000):
+            yield rows
     finally:
         conn.close()
 

@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     """Where reports are stored before the policy sees them. `sqlite:///relative/path.db` or
     `sqlite:////absolute/path.db` (the default is `trackalert-events.db` next to the config
     file), or an Elasticsearch/OpenSearch cluster shared by several trackalert nodes:
-    `elasticsearch://[user:password@]host[:port][,host...]/prefix[?tls=1&ca_file=PATH&api_key=KEY&templates=0]`
-    (docs/elasticsearch.md). Read once at start; a cluster that cannot be reached then stops
-    the start with an error.""",
+    `elasticsearch://[user:password@]host[:port][,host...]/prefix[?tls=1&ca_file=PATH&api_key=KEY&templates=0&node=NAME]`
+    (docs/elasticsearch.md; `node` is this daemon's id among the nodes, the host name by
+    default: each node runs `report` for the reports it stored). Read once at start; a cluster
+    that cannot be reached then stops the start with an error.""",
     example='setEventLog("sqlite:////var/lib/trackalert/events.db")', topic="eventlog",
 )
 def _set_event_log(state: "LuaState") -> Callable[[Any], None]:

@@ -166,16 +166,16 @@ class PolicyRunner:
         buffer = self._buffer
         while buffer and buffer[0].seq <= self.dispatched:
             buffer.popleft()
-        expected = self.dispatched + 1
+        expected = self._log.seq_after(self.dispatched)
         if buffer and buffer[0].seq == expected:
             batch = []
             while buffer and buffer[0].seq == expected and len(batch) < self._batch_max:
                 batch.append(buffer.popleft())
-                expected += 1
+                expected = self._log.seq_after(expected)
             return batch
         gap = (buffer[0].seq - expected) if buffer else self._batch_max
         batch = await self._log.read(self.dispatched, min(self._batch_max, max(1, gap)))
-        if not buffer or (batch and batch[-1].seq >= buffer[0].seq - 1):
+        if not buffer or (batch and self._log.seq_after(batch[-1].seq) >= buffer[0].seq):
             self._oldest_unread = None
         return batch
 
