@@ -121,6 +121,8 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"Cannot open the event log {url}: {exc}") from exc
         self.host.eventlog = eventlog
+        assert self.host.webhooks is not None
+        self.host.webhooks.alerts = eventlog.alerts()  # runCustomWebHook records there
         pool = LuaPool(self.workers, self.host.clock)
         runner = PolicyRunner(eventlog, pool, self.host)
         self.host.metrics.set_lag_source(runner.lag_events, runner.lag_seconds)
@@ -162,6 +164,7 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.host.webhooks.alerts = None
             await eventlog.close()
             pool.close()
 
