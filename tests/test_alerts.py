@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
+import sys
 import threading
 from pathlib import Path
 import uuid
@@ -265,3 +267,32 @@ def test_the_table_is_one_readable_line_per_alert() -> None:
                                 "192.0.2.7", "42", "pending", "-"]
     assert lines[2].split()[2:8] == ["-", "-", "siem", "-", "-", "dropped"]
     assert lines[2].endswith("outbox full (5 deliveries)")
+
+
+async def test_trackalert_alerts_reads_the_config_log_and_never_creates_one(tmp_path: Path) -> None:
+    (tmp_path / "t.conf").write_text('setEventLog("sqlite:///ev.db")\n')  # relative to the config
+    log = SQLiteEventLog(tmp_path / "ev.db", VirtualClock(T0))
+    await log.open()
+    try:
+        for alert in history(30, seed=2):
+            await asyncio.to_thread(log.alerts().record, alert)
+    finally:
+        await log.close()
+    want = _filled(history(30, seed=2)).recent(AlertFilter(login="bob"), 1000, AlertAsOf())[::-1]
+    listed = subprocess.run([sys.executable, "-m", "trackalert", "alerts", "-C", str(tmp_path / "t.conf"),
+                             "--login", "bob", "--json"], capture_output=True, text=True, timeout=60,
+                            cwd="/")
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["delivery_id"] for line in listed.stdout.splitlines()] == [
+        a.delivery_id for a in want] and want
+    missing = subprocess.run([sys.executable, "-m", "trackalert", "alerts", "--log",
+                              str(tmp_path / "nope.db")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "cannot open the event log" in missing.stderr
+    assert not (tmp_path / "nope.db").exists()
+
+
+def _filled(alerts: list[Alert]) -> MemoryAlerts:
+    store = MemoryAlerts()
+    for alert in alerts:
+        store.record(alert)
+    return store

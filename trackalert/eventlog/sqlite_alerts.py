@@ -9,8 +9,10 @@ connection behind a lock: the workers and the webhook sender's thread share it.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import urllib.parse
 from typing import Any
 
 from trackalert.eventlog.alerts import Alert, AlertAsOf, AlertFilter, AlertStore, time_bounds
@@ -29,7 +31,12 @@ class SQLiteAlerts(AlertStore):
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # mode=rw: a mistyped path is an error, not a new empty file
+            uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
+            try:
+                db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            except sqlite3.OperationalError as exc:
+                raise EventLogError(f"cannot open the event log {self.path}: {exc}") from None
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA synchronous=FULL")  # recorded means on disk, as the outbox
             if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'alerts'").fetchone() is None:
