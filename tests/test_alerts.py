@@ -158,9 +158,10 @@ async def test_every_store_gives_the_memory_stores_answers(store: AlertStore) ->
     alerts = history(400, seed=11)
     reference = MemoryAlerts()
     for alert in alerts:
-        await asyncio.to_thread(store.record, alert)
+        assert await asyncio.to_thread(store.record, alert) is True
         reference.record(alert)
-    await asyncio.to_thread(store.record, alerts[0])  # the same alert again: still one record
+    again = await asyncio.to_thread(store.record, alerts[0])
+    assert again is False, "the same alert again (same delivery id): still one record"
     rng = random.Random(3)
     nonzero = checked = 0
     for point in as_ofs(rng, 12, len(alerts)):

@@ -217,10 +217,12 @@ class WebHooks:
             )
             return False
         delivery = build_delivery(hook, body, self._clock.time(), cause, seq)
+        new = self._record(delivery, time)  # first: the sender may settle it at once
         try:
             self.outbox().enqueue(delivery, self._settings.webhooks.queue_size)
         except OutboxFull as full:
-            self._record(delivery, time, "dropped", f"outbox full ({full.depth} deliveries)")
+            if new:
+                self._settled(delivery, "dropped", 0, f"outbox full ({full.depth} deliveries)")
             self._metrics.webhook_outbox_full(hook.id, hook.url)
             log.logger.error(
                 "runCustomWebHook: webhook outbox at max size (%d) - NOT queueing webhook id=%d "
@@ -229,13 +231,13 @@ class WebHooks:
             )
             return False
         except (sqlite3.Error, OSError) as exc:
-            self._record(delivery, time, "dropped", f"outbox: {exc}")
+            if new:
+                self._settled(delivery, "dropped", 0, f"outbox: {exc}")
             log.logger.error(
                 "runCustomWebHook: cannot store webhook id=%d for event (%s) in the outbox %s: %s",
                 hook.id, name, self.outbox_path(), exc,
             )
             return False
-        self._record(delivery, time)
         loop = self._loop
         if loop is not None:
             try:
@@ -244,21 +246,22 @@ class WebHooks:
                 pass
         return True
 
-    def _record(self, delivery: Delivery, time: float | None, outcome: str = "pending",
-                error: str = "") -> None:
-        """The alert record of one call. Its failure is logged, not raised: the outbox has the
-        delivery, and an alert is worth more sent than recorded."""
+    def _record(self, delivery: Delivery, time: float | None) -> bool:
+        """The alert record of one call, before the outbox has it (once it has, the sender may
+        settle it before a record written after would exist); True when it is new. A failure
+        is logged, not raised: an alert is worth more sent than recorded."""
         alerts = self.alerts
         if alerts is None:
-            return
+            return False
         alert = new_alert(delivery.delivery_id, delivery.hook_name, delivery.body,
                           delivery.created if time is None else time, delivery.created,
-                          delivery.seq, outcome, error)
+                          delivery.seq)
         try:
-            alerts.record(alert)
+            return alerts.record(alert)
         except Exception as exc:  # noqa: BLE001 - any store's error (SQLite, Elasticsearch)
             log.logger.error("runCustomWebHook: cannot record alert %s of webhook %s in the event "
                              "log: %s", delivery.delivery_id, delivery.hook_name, exc)
+            return False
 
     def _settled(self, delivery: Delivery, outcome: str, attempts: int, error: str) -> None:
         """The sender's outcome of one attempt, written back to the alert record (in the
@@ -266,7 +269,7 @@ class WebHooks:
         alerts = self.alerts
         if alerts is None:
             return
-        at = None if outcome == "pending" else self._clock.time()
+        at = None if outcome == "pending" else self._clock.time()  # dropped: settled at once
         try:
             alerts.settle(delivery.delivery_id, outcome, attempts, error, at)
         except Exception as exc:  # noqa: BLE001 - as in _record

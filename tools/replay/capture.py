@@ -4,9 +4,9 @@ The daemon's own classes are used with one thing changed each: `AlertCapture` is
 `WebHooks` registry (the same `addCustomWebHook` validation and ids) whose `run` records an
 alert record instead of writing the outbox, and keeps it in its `alerts` store too, so that
 `countAlerts`/`recentAlerts` answer from the replay's own alerts as the daemon's answer from the
-ones it stored (never delivered here: their outcome stays `pending`); `ReplayHost` is the daemon's `Host` whose crash
-boundary records the error with the event it happened on; `ReplayPool` is the daemon's `LuaPool`
-noting a background function's error the same way. Log lines of `infoLog` & co. are collected by
+ones it stored (never delivered here: their outcome stays `pending`); `ReplayHost` is the
+daemon's `Host` whose crash boundary records the error with the event it happened on;
+`ReplayPool` is the daemon's `LuaPool` noting a background function's error the same way. Log lines of `infoLog` & co. are collected by
 a logging handler for as long as the replay runs.
 """
 

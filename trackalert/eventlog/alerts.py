@@ -187,8 +187,8 @@ class AlertStore(abc.ABC):
     returns once the record is stored) and from the webhook sender's outbox thread."""
 
     @abc.abstractmethod
-    def record(self, alert: Alert) -> None:
-        """Store `alert`; one already stored under its delivery id is left as it is."""
+    def record(self, alert: Alert) -> bool:
+        """Store `alert`; one already stored under its delivery id is left as it is (False)."""
 
     @abc.abstractmethod
     def settle(self, delivery_id: str, outcome: str, attempts: int, error: str,
@@ -219,8 +219,8 @@ class MemoryAlerts(AlertStore):
     def __init__(self) -> None:
         self._alerts: dict[str, Alert] = {}
 
-    def record(self, alert: Alert) -> None:
-        self._alerts.setdefault(alert.delivery_id, alert)
+    def record(self, alert: Alert) -> bool:
+        return self._alerts.setdefault(alert.delivery_id, alert) is alert
 
     def settle(self, delivery_id: str, outcome: str, attempts: int, error: str,
                at: float | None) -> None:

@@ -30,13 +30,15 @@ class ElasticAlerts(AlertStore):
         self._lock = threading.Lock()
         self._written = 0  # writes since the last refresh
 
-    def record(self, alert: Alert) -> None:
+    def record(self, alert: Alert) -> bool:
         try:
             self._client.create(index=self.index, id=alert.delivery_id, document=_doc(alert))
         except ApiError as exc:
             if exc.meta.status != 409:  # 409: recorded before (same delivery id)
                 raise
+            return False
         self._wrote()
+        return True
 
     def settle(self, delivery_id: str, outcome: str, attempts: int, error: str,
                at: float | None) -> None:

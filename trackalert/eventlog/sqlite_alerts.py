@@ -50,8 +50,12 @@ class SQLiteAlerts(AlertStore):
         with self._lock:
             return self._connection().execute(sql, args).fetchall()
 
-    def record(self, alert: Alert) -> None:
-        self._execute(
+    def _change(self, sql: str, args: tuple) -> int:
+        with self._lock:
+            return self._connection().execute(sql, args).rowcount
+
+    def record(self, alert: Alert) -> bool:
+        return 1 == self._change(
             f"INSERT INTO alerts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (delivery_id) DO NOTHING",
             (alert.delivery_id, alert.time, alert.created, alert.seq, alert.hook, alert.policy,
@@ -61,7 +65,7 @@ class SQLiteAlerts(AlertStore):
 
     def settle(self, delivery_id: str, outcome: str, attempts: int, error: str,
                at: float | None) -> None:
-        self._execute("UPDATE alerts SET outcome = ?, attempts = ?, error = ?, settled = ? "
+        self._change("UPDATE alerts SET outcome = ?, attempts = ?, error = ?, settled = ? "
                       "WHERE delivery_id = ?", (outcome, attempts, error, at, delivery_id))
 
     def count(self, flt: AlertFilter, as_of: AlertAsOf) -> int:
@@ -75,9 +79,7 @@ class SQLiteAlerts(AlertStore):
         return [_alert(row) for row in rows]
 
     def prune(self, older_than: float) -> int:
-        with self._lock:
-            return self._connection().execute("DELETE FROM alerts WHERE time < ?",
-                                              (older_than,)).rowcount
+        return self._change("DELETE FROM alerts WHERE time < ?", (older_than,))
 
     def close(self) -> None:
         with self._lock:
