@@ -264,8 +264,8 @@ class WebHooks:
             return False
 
     def _settled(self, delivery: Delivery, outcome: str, attempts: int, error: str) -> None:
-        """The sender's outcome of one attempt, written back to the alert record (in the
-        sender's outbox thread)."""
+        """An attempt's outcome written back to the alert record: from the sender's outbox
+        thread, or from `run` (the worker) when the outbox refused the delivery."""
         alerts = self.alerts
         if alerts is None:
             return
