@@ -4,7 +4,8 @@ Differences on purpose: `-f` selects the syslog facility for real, `-R` is honou
 parsing), `-d` is a real daemon whose parent waits for readiness, and every start-up failure exits
 non-zero with a message that says what to fix.
 
-New: `trackalert export` and `trackalert import` move a log's history as NDJSON (docs/history.md).
+New: `trackalert export` and `trackalert import` move a log's history as NDJSON (docs/history.md);
+`trackalert alerts` lists the alerts policies sent (docs/alerts.md).
 A first argument that names a subcommand picks it; anything else is the daemon's command line,
 so every C++ option keeps working as it was.
 """
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Track login reports in a persisted event log and run Lua policies over them.",
         epilog="subcommands:\n  export    write the event log (or part of it) as NDJSON\n"
                "  import    load NDJSON exports or wforce report lines into an event log\n"
-               "(`trackalert export --help`, `trackalert import --help`)",
+               "  alerts    list the alerts the policies sent\n"
+               "(`trackalert export --help`, `trackalert import --help`, ...)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-C", "--config", metavar="FILE", help="configuration file")
@@ -171,8 +173,11 @@ class _Config:
             url = settings.eventlog_url or settings.default_eventlog_url()
             from trackalert.eventlog import sqlite_path
 
-            elastic = url.lower().startswith("elasticsearch://")  # export reads it as it is
-            self.log_path = url if elastic else os.path.abspath(sqlite_path(url))
+            if url.lower().startswith("elasticsearch://"):
+                self.url = self.log_path = url  # export and `trackalert alerts` read it as it is
+            else:
+                self.log_path = os.path.abspath(sqlite_path(url))
+                self.url = "sqlite:///" + self.log_path
         except (StartupError, ValueError) as exc:
             raise _CliError(str(exc)) from None
         finally:
@@ -193,6 +198,8 @@ def _log_file(args: argparse.Namespace) -> tuple[str, "_Config | None"]:
     if args.log and "://" in args.log:  # an elasticsearch:// log (export reads it)
         return args.log, config
     path = os.path.abspath(args.log) if args.log else config.log_path  # type: ignore[union-attr]
+    if not path:
+        raise _CliError(f"the event log of the config is {config.url}: give --log FILE")  # type: ignore[union-attr]
     return path, config
 
 
@@ -319,8 +326,49 @@ def _open_input(name: str) -> IO[bytes]:
     return open(name, "rb")
 
 
+def alerts_main(argv: Sequence[str]) -> int:
+    parser = _history_parser("alerts", "List the alerts the policies sent (runCustomWebHook "
+                             "calls), oldest first: a table, or NDJSON with --json.")
+    parser.add_argument("--url", metavar="URL", help="the event log URL (sqlite:///... or "
+                        "elasticsearch://...) instead of --log or -C")
+    for key in ("policy", "login", "hook", "outcome"):
+        parser.add_argument(f"--{key}", metavar=key.upper(), help=f"only alerts of this {key}")
+    parser.add_argument("--from", dest="since", metavar="TIME", type=parse_time,
+                        help="only alerts at or after TIME (epoch or ISO date/time)")
+    parser.add_argument("--to", dest="until", metavar="TIME", type=parse_time,
+                        help="only alerts at or before TIME")
+    parser.add_argument("-n", "--limit", type=int, default=1000, metavar="N",
+                        help="the newest N that match (default 1000)")
+    parser.add_argument("--json", action="store_true", help="NDJSON, one alert per line")
+    args = parser.parse_args(argv)
+    _quiet_logging()
+    from trackalert.eventlog import open_alerts
+    from trackalert.eventlog.alerts import AlertAsOf, alert_table, parse_alert_filter
+
+    try:
+        url = args.url or ("sqlite:///" + os.path.abspath(args.log) if args.log
+                           else _Config(args.config or default_config()).url)
+        keys = ("policy", "login", "hook", "outcome", "since", "until")
+        flt = parse_alert_filter((k, getattr(args, k)) for k in keys if getattr(args, k) is not None)
+        store = open_alerts(url)
+        try:
+            found = store.recent(flt, args.limit, AlertAsOf())[::-1]
+        finally:
+            store.close()
+    except Exception as exc:  # noqa: BLE001 - any store's error, said in one line
+        sys.stderr.write(f"trackalert alerts: {exc}\n")
+        return EXIT_ERROR
+    import json
+
+    lines = (json.dumps(a.to_json_dict(), ensure_ascii=False) for a in found) if args.json \
+        else alert_table(found)
+    for line in lines:
+        sys.stdout.write(line + "\n")
+    return EXIT_OK
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "export": export_main, "import": import_main,
+    "export": export_main, "import": import_main, "alerts": alerts_main,
 }
 
 

@@ -124,6 +124,8 @@ class Daemon:
         leases = getattr(eventlog, "leases", None)  # a log shared by nodes: runs once per cluster
         if leases is not None and self.host.scheduler is not None:
             self.host.scheduler.set_lease(leases.claim)
+        assert self.host.webhooks is not None
+        self.host.webhooks.alerts = eventlog.alerts()  # runCustomWebHook records there
         pool = LuaPool(self.workers, self.host.clock)
         runner = PolicyRunner(eventlog, pool, self.host)
         self.host.metrics.set_lag_source(runner.lag_events, runner.lag_seconds)
@@ -165,6 +167,7 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.host.webhooks.alerts = None
             await eventlog.close()
             pool.close()
 

@@ -111,6 +111,7 @@ class Sender:
         metrics: "Metrics",
         clock: "Clock",
         on_result: Callable[["Delivery", bool], None] = lambda delivery, ok: None,
+        on_settled: Callable[["Delivery", str, int, str], None] = lambda d, outcome, n, error: None,
         rng: random.Random | None = None,
         policy: RetryPolicy | None = None,
     ) -> None:
@@ -119,6 +120,10 @@ class Sender:
         self._metrics = metrics
         self._clock = clock
         self._on_result = on_result
+        #: (delivery, outcome, attempts, error) after each attempt, in the outbox thread, before
+        #: the outbox is updated (a crash in between sends it again, as before): outcome
+        #: "delivered", "refused", "expired", or "pending" when it is retried.
+        self._on_settled = on_settled
         self._rng = rng or random.Random()
         self._policy = policy or RetryPolicy()
         self.concurrency = max(1, settings.threads) * max(1, settings.conns_per_thread)
@@ -280,15 +285,17 @@ class Sender:
         ok = outcome == "ok"
         self._metrics.webhook_result(delivery.hook_id, delivery.url, ok)
         self._on_result(delivery, ok)
+        attempts = delivery.attempts + 1
         if ok:
+            await self._call_db(self._on_settled, delivery, "delivered", attempts, "")
             await self._call_db(self._outbox.remove, delivery.row)
             if log.verbose():
                 log.logger.info("Webhook id=%d succeeded to url (%s)", delivery.hook_id, delivery.url)
             return
-        attempts = delivery.attempts + 1
         now = self._clock.time()
         deadline = delivery.created + self._settings.expiry_seconds
         if outcome == "permanent":
+            await self._call_db(self._on_settled, delivery, "refused", attempts, error)
             await self._call_db(self._outbox.remove, delivery.row)
             self._metrics.webhook_permanent_failure(delivery.hook_id, delivery.url)
             log.logger.error(
@@ -297,6 +304,7 @@ class Sender:
                 delivery.delivery_id, delivery.hook_name, attempts,
             )
         elif now >= deadline:
+            await self._call_db(self._on_settled, delivery, "expired", attempts, error)
             await self._call_db(self._outbox.remove, delivery.row)
             self._metrics.webhook_expired(delivery.hook_id, delivery.url)
             log.logger.error(
@@ -307,6 +315,7 @@ class Sender:
         else:
             wait = self._policy.delay(attempts, self._rng, retry_after)
             next_attempt = min(now + wait, deadline)
+            await self._call_db(self._on_settled, delivery, "pending", attempts, error)
             await self._call_db(self._outbox.reschedule, delivery.row, attempts, next_attempt, error)
             self._metrics.webhook_retry(delivery.hook_id, delivery.url)
             log.logger.error(

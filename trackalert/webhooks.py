@@ -5,6 +5,11 @@ signature, delivery id), stores it in the persisted outbox and only then returns
 is on disk before the policy goes on, and the sender (`trackalert.webhook_sender`, on the event
 loop) delivers it with retries. When the outbox is full the call returns false and says so in
 the log and in `trackalert_webhook_outbox_full_total`; nothing is dropped quietly.
+
+Each call is also recorded in the event log's alerts (`WebHooks.alerts`, eventlog/alerts.py)
+under its delivery id, and the sender writes each attempt's outcome back to that record: the
+outbox holds a delivery while it is in flight, the record keeps it for as long as retention
+keeps events (docs/alerts.md).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from trackalert import log
+from trackalert.eventlog.alerts import new_alert
 from trackalert.outbox import Delivery, Outbox, OutboxFull
 from trackalert.webhook_sender import RetryPolicy, Sender, expand_url
 
 if TYPE_CHECKING:
     from trackalert.clock import Clock
+    from trackalert.eventlog.alerts import AlertStore
     from trackalert.metrics import Metrics
     from trackalert.settings import Settings
 
@@ -147,6 +154,9 @@ class WebHooks:
         self._outbox: Outbox | None = None
         self.sender: Sender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Where each call is recorded: the event log's alerts, set once the log is open (None:
+        #: not recorded, e.g. a config checked without its log).
+        self.alerts: "AlertStore | None" = None
 
     # -- registration ----------------------------------------------------------------------------
 
@@ -191,12 +201,15 @@ class WebHooks:
 
     # -- runCustomWebHook (Lua worker threads) ---------------------------------------------------
 
-    def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None) -> bool:
+    def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None,
+            time: float | None = None) -> bool:
         """Store one delivery durably; true once it is on disk, false (and logged) otherwise.
 
         `cause` (what made the policy send it, see `caused_delivery_id`) makes the delivery id
         repeatable; the same alert again while the first still waits in the outbox is stored
-        once. `seq` (the event `report` judged) is stored with it to trace the alert."""
+        once. `seq` (the event `report` judged) is stored with it to trace the alert. The call
+        is recorded in `alerts` (dropped when the outbox refused it) at `time`, the causing
+        event's received (default: now)."""
         hook = self.find(name)
         if hook is None:
             log.logger.error(
@@ -204,9 +217,12 @@ class WebHooks:
             )
             return False
         delivery = build_delivery(hook, body, self._clock.time(), cause, seq)
+        new = self._record(delivery, time)  # first: the sender may settle it at once
         try:
             self.outbox().enqueue(delivery, self._settings.webhooks.queue_size)
         except OutboxFull as full:
+            if new:
+                self._settled(delivery, "dropped", 0, f"outbox full ({full.depth} deliveries)")
             self._metrics.webhook_outbox_full(hook.id, hook.url)
             log.logger.error(
                 "runCustomWebHook: webhook outbox at max size (%d) - NOT queueing webhook id=%d "
@@ -215,6 +231,8 @@ class WebHooks:
             )
             return False
         except (sqlite3.Error, OSError) as exc:
+            if new:
+                self._settled(delivery, "dropped", 0, f"outbox: {exc}")
             log.logger.error(
                 "runCustomWebHook: cannot store webhook id=%d for event (%s) in the outbox %s: %s",
                 hook.id, name, self.outbox_path(), exc,
@@ -227,6 +245,36 @@ class WebHooks:
             except RuntimeError:  # the loop is gone (shutting down): the next start sends it
                 pass
         return True
+
+    def _record(self, delivery: Delivery, time: float | None) -> bool:
+        """The alert record of one call, before the outbox has it (once it has, the sender may
+        settle it before a record written after would exist); True when it is new. A failure
+        is logged, not raised: an alert is worth more sent than recorded."""
+        alerts = self.alerts
+        if alerts is None:
+            return False
+        alert = new_alert(delivery.delivery_id, delivery.hook_name, delivery.body,
+                          delivery.created if time is None else time, delivery.created,
+                          delivery.seq)
+        try:
+            return alerts.record(alert)
+        except Exception as exc:  # noqa: BLE001 - any store's error (SQLite, Elasticsearch)
+            log.logger.error("runCustomWebHook: cannot record alert %s of webhook %s in the event "
+                             "log: %s", delivery.delivery_id, delivery.hook_name, exc)
+            return False
+
+    def _settled(self, delivery: Delivery, outcome: str, attempts: int, error: str) -> None:
+        """An attempt's outcome written back to the alert record: from the sender's outbox
+        thread, or from `run` (the worker) when the outbox refused the delivery."""
+        alerts = self.alerts
+        if alerts is None:
+            return
+        at = None if outcome == "pending" else self._clock.time()  # dropped: settled at once
+        try:
+            alerts.settle(delivery.delivery_id, outcome, attempts, error, at)
+        except Exception as exc:  # noqa: BLE001 - as in _record
+            log.logger.error("Webhook delivery %s: cannot record its outcome (%s) in the event "
+                             "log: %s", delivery.delivery_id, outcome, exc)
 
     # -- the outbox ------------------------------------------------------------------------------
 
@@ -279,7 +327,7 @@ class WebHooks:
             return
         self.sender = Sender(
             self.outbox(), self._settings.webhooks, self._metrics, self._clock,
-            on_result=self._count, rng=self._rng, policy=self._policy,
+            on_result=self._count, on_settled=self._settled, rng=self._rng, policy=self._policy,
         )
         await self.sender.start()
 

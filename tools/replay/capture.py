@@ -2,9 +2,11 @@
 
 The daemon's own classes are used with one thing changed each: `AlertCapture` is the daemon's
 `WebHooks` registry (the same `addCustomWebHook` validation and ids) whose `run` records an
-alert record instead of writing the outbox; `ReplayHost` is the daemon's `Host` whose crash
-boundary records the error with the event it happened on; `ReplayPool` is the daemon's `LuaPool`
-noting a background function's error the same way. Log lines of `infoLog` & co. are collected by
+alert record instead of writing the outbox, and keeps it in its `alerts` store too, so that
+`countAlerts`/`recentAlerts` answer from the replay's own alerts as the daemon's answer from the
+ones it stored (never delivered here: their outcome stays `pending`); `ReplayHost` is the
+daemon's `Host` whose crash boundary records the error with the event it happened on;
+`ReplayPool` is the daemon's `LuaPool` noting a background function's error the same way. Log lines of `infoLog` & co. are collected by
 a logging handler for as long as the replay runs.
 """
 
@@ -15,9 +17,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from trackalert.eventlog.alerts import MemoryAlerts, new_alert
 from trackalert.lua.host import Host
 from trackalert.lua.pool import LuaPool
-from trackalert.webhooks import WebHooks
+from trackalert.webhooks import WebHooks, caused_delivery_id
 
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event
@@ -119,13 +122,16 @@ class AlertCapture(WebHooks):
         self.state: "LuaState | None" = None
         self._cause: str | None = None
         self._sent: set[tuple[str, bytes]] = set()
+        self.alerts = MemoryAlerts()
 
-    def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None) -> bool:
+    def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None,
+            time: float | None = None) -> bool:
         """As `WebHooks.run`; `seq` (for the daemon's outbox row) is the position's seq here."""
         state = self.state
         assert state is not None, "the replay's worker state is set before anything runs"
         seq, event = cause_of(state, self._position)
-        if self.find(name) is None:
+        hook = self.find(name)
+        if hook is None:
             self._findings.error(seq, f"{lua_location(state)}runCustomWebHook(): no custom webhook "
                                       f"named '{name}' (addCustomWebHook registers them)")
             return False
@@ -137,6 +143,10 @@ class AlertCapture(WebHooks):
         else:
             record = alert_record(seq, self._host_clock.time(), name, "", "", body)
         self._findings.alerts.append(record)
+        number = len(self._findings.alerts)
+        delivery_id = caused_delivery_id(cause, hook, body) if cause else f"replay-{number}"
+        self.alerts.record(new_alert(delivery_id, name, body, record["time"], self._host_clock.time(),
+                                     state.as_of_seq))
         return True
 
     def _repeated(self, cause: str | None, name: str, body: bytes) -> bool:

@@ -8,7 +8,7 @@ paid for by code that only needs the types.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from trackalert.clock import Clock
 from trackalert.eventlog.base import (
@@ -24,6 +24,9 @@ from trackalert.eventlog.base import (
     SchemaVersionError,
 )
 
+if TYPE_CHECKING:
+    from trackalert.eventlog.alerts import AlertStore
+
 __all__ = [
     "AppendFailure",
     "Appended",
@@ -36,6 +39,7 @@ __all__ = [
     "Listener",
     "SchemaVersionError",
     "SUPPORTED_SCHEMES",
+    "open_alerts",
     "open_event_log",
 ]
 
@@ -74,6 +78,22 @@ def open_event_log(url: str, clock: Clock) -> EventLog:
             f"elasticsearch://host:9200/prefix)"
         )
     return factory(url, clock)
+
+
+def open_alerts(url: str) -> "AlertStore":
+    """The alerts of the log at `url`, without opening the log itself (`trackalert alerts`
+    reads them beside a running daemon). A SQLite file must have been opened by this version
+    once (migration 0007)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme == "elasticsearch":
+        from trackalert.eventlog.es_alerts import ElasticAlerts
+        from trackalert.eventlog.es_client import parse_elastic_url, sync_client
+
+        settings = parse_elastic_url(url)
+        return ElasticAlerts(sync_client(settings), f"{settings.prefix}-alerts")
+    from trackalert.eventlog.sqlite_alerts import SQLiteAlerts
+
+    return SQLiteAlerts(sqlite_path(url))
 
 
 def sqlite_path(url: str) -> str:

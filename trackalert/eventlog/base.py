@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from trackalert.report import Report, fingerprint, parse_delivery_id
 
 if TYPE_CHECKING:
+    from trackalert.eventlog.alerts import AlertStore
     from trackalert.eventlog.filters import AsOf, Field, Filter
 
 
@@ -302,6 +303,10 @@ class EventLog(abc.ABC):
     def queries(self) -> EventQueries:
         """The long-term helpers' query engine for this log (while it is open)."""
         raise NotImplementedError(f"the {self.backend} event log does not answer long-term queries")
+
+    def alerts(self) -> "AlertStore":
+        """Where this log keeps the alerts policies send (eventlog/alerts.py), while it is open."""
+        raise NotImplementedError(f"the {self.backend} event log keeps no alerts")
 
     @abc.abstractmethod
     async def describe(self) -> dict:

@@ -48,6 +48,7 @@ from trackalert.eventlog.base import (
     Listener,
     delivery_key,
 )
+from trackalert.eventlog.es_alerts import ElasticAlerts
 from trackalert.eventlog.es_client import ElasticSettings, async_client, sync_client
 from trackalert.eventlog.es_docs import delivery_ids, event_doc_id, fingerprint_text, from_doc, to_doc
 from trackalert.eventlog.es_lease import RunLeases
@@ -145,6 +146,8 @@ class ElasticEventLog(EventLog):
         self.failure: AppendFailure | None = None
         self.events_index = f"{settings.prefix}-events"
         self.state_index = f"{settings.prefix}-state"
+        self.alerts_index = f"{settings.prefix}-alerts"
+        self._alerts: ElasticAlerts | None = None
         self._client: AsyncElasticsearch | None = None
         self._counter: _SeqCounter | None = None
         self._queries: ElasticQueries | None = None
@@ -176,7 +179,7 @@ class ElasticEventLog(EventLog):
             await client.info()
             if self.settings.install_templates:
                 await install_templates(client, self.settings.prefix)
-            for index in (self.events_index, self.state_index):
+            for index in (self.events_index, self.state_index, self.alerts_index):
                 await _create_index(client, index)
             counter = _SeqCounter(client, self.state_index)
             await counter.load()
@@ -192,6 +195,7 @@ class ElasticEventLog(EventLog):
         self._visibility = Visibility()
         self._queries = ElasticQueries(sync_client(self.settings), self.events_index,
                                        self._visibility)
+        self._alerts = ElasticAlerts(sync_client(self.settings), self.alerts_index)
         self._open = True
 
     async def _newest(self, client: AsyncElasticsearch) -> tuple[float, int]:
@@ -228,12 +232,19 @@ class ElasticEventLog(EventLog):
             logger.error("event log %s: cursors %s could not be saved", self.location, self._cursors)
         assert self._client is not None and self._queries is not None
         self._queries.close()
+        if self._alerts is not None:
+            self._alerts.close()
         await self._client.close()
 
     def _check_open(self) -> AsyncElasticsearch:
         if not self._open or self._client is None:
             raise EventLogClosed(f"the event log {self.location} is not open")
         return self._client
+
+    def alerts(self) -> ElasticAlerts:
+        if self._alerts is None or not self._open:
+            raise EventLogClosed(f"the event log {self.location} is not open")
+        return self._alerts
 
     def queries(self) -> EventQueries:
         if self._queries is None or not self._open:

@@ -51,6 +51,7 @@ from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.queries import SQLiteQueries
 from trackalert.eventlog.rows import DELIVERY_COLUMN, decode_row, encode_row
 from trackalert.eventlog.schema import cursors, deliveries, events
+from trackalert.eventlog.sqlite_alerts import SQLiteAlerts
 from trackalert.report import Report, parse_delivery_id
 
 logger = logging.getLogger("trackalert")
@@ -745,6 +746,7 @@ class SQLiteEventLog(EventLog):
         self._reads_done = asyncio.Event()
         self._reads_done.set()
         self._queries = SQLiteQueries(self.path)  # connects lazily, per thread
+        self._alerts: SQLiteAlerts | None = None
 
     def __repr__(self) -> str:
         return f"<SQLiteEventLog {self.path} {self._state}>"
@@ -838,6 +840,8 @@ class SQLiteEventLog(EventLog):
             if self._engine is not None:
                 await self._engine.dispose()
             self._queries.close()
+            if self._alerts is not None:
+                self._alerts.close()
             await asyncio.to_thread(self._checkpoint)
             self._state = _CLOSED
 
@@ -1183,6 +1187,13 @@ class SQLiteEventLog(EventLog):
         async with self._reading() as conn:
             row = (await conn.execute(select(cursors.c.seq).where(cursors.c.name == name))).first()
         return int(row[0]) if row else 0
+
+    def alerts(self) -> SQLiteAlerts:
+        """The alerts table of this file, on a connection of its own (sqlite_alerts.py)."""
+        self._check_open()
+        if self._alerts is None:
+            self._alerts = SQLiteAlerts(self.path)
+        return self._alerts
 
     def queries(self) -> SQLiteQueries:
         """The long-term helpers' engine: per-thread read-only connections (eventlog/queries.py)."""

@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.durations import format_span, parse_span
+from trackalert.lua.api_alerts import report_time
 from trackalert.lua.convert import describe, number_text, scalar_text, table_items
 from trackalert.lua.registry import Where, lua_global
 
@@ -72,9 +73,11 @@ def _add_custom_webhook(state: "LuaState") -> Callable[[Any, Any], None]:
     after a crash carry the same ids as the first time; in a custom endpoint it is unique
     (random). The delivery also records the seq of the event `report(lt)` judged, to trace a
     live alert to its report (`showWebHookOutbox`); background functions, custom endpoints
-    and the console judge no single event, so their deliveries carry none. Returns false, and
-    logs why, when the name is unknown or the outbox is full (`setWebHookQueueSize`;
-    `trackalert_webhook_outbox_full_total`); nothing is dropped silently.""",
+    and the console judge no single event, so their deliveries carry none. Every call with a
+    known hook is also recorded in the event log's alerts (hook, body, time, seq, delivery
+    outcome; `countAlerts`, `recentAlerts`, `trackalert alerts`, docs/alerts.md). Returns false,
+    and logs why, when the name is unknown or the outbox is full (`setWebHookQueueSize`;
+    `trackalert_webhook_outbox_full_total`; recorded as `dropped`); nothing is dropped silently.""",
     example='runCustomWebHook("alert", \'{"login":"\' .. lt.login .. \'"}\')', topic="webhooks",
 )
 def _run_custom_webhook(state: "LuaState") -> Callable[[Any, Any], bool]:
@@ -88,7 +91,8 @@ def _run_custom_webhook(state: "LuaState") -> Callable[[Any, Any], bool]:
             body = number_text(data).encode("utf-8")
         else:
             raise TypeError(f"webhook data must be a string, got {describe(data)}")
-        return _webhooks(state).run(name, body, alert_cause(state), state.as_of_seq)
+        return _webhooks(state).run(name, body, alert_cause(state), state.as_of_seq,
+                                    report_time(state))
 
     return run_custom_webhook
 
