@@ -539,7 +539,7 @@ def _parsed_blocks(source: IO[bytes], enrich: EnrichFactory | None,
     the input is one block or `workers` is 0. At most AHEAD blocks per worker are read ahead."""
     blocks = _blocks(source)
     head = list(itertools.islice(blocks, 2))
-    count = (len(os.sched_getaffinity(0)) if workers is None else workers) if len(head) > 1 else 0
+    count = (_cpus() if workers is None else workers) if len(head) > 1 else 0
     if count <= 0:
         enrich_one = enrich() if enrich is not None else None
         for first, data in itertools.chain(head, blocks):
@@ -557,6 +557,13 @@ def _parsed_blocks(source: IO[bytes], enrich: EnrichFactory | None,
     finally:
         pool.terminate()
         pool.join()
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, where known)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # pragma: no cover - not Linux
 
 
 def _blocks(source: IO[bytes]) -> Iterator[tuple[int, bytes]]:
