@@ -6,9 +6,11 @@ writes, and a log file alone holds every event after a graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
+import random
 import shutil
 import sqlite3
 from pathlib import Path
@@ -19,7 +21,7 @@ from test_daemon import hammer
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.history import (
-    ImportRefused, export_events, import_file, parse_line, read_export,
+    BLOCK, ImportRefused, export_events, import_file, parse_line, read_export,
 )
 from trackalert.eventlog.rows import encode_row
 from trackalert.eventlog.sqlite import HistoryOrderError, SQLiteEventLog
@@ -79,13 +81,13 @@ def export_text(path: Path, **filters) -> str:
 
 
 async def import_text(path: Path, text: str | bytes, name: str = "input", **options):
+    """As `trackalert import` does: the log opened (created, migrated) and closed, then the
+    input imported into the file."""
     log = SQLiteEventLog(path, VirtualClock(T0))
     await log.open()
-    try:
-        data = text.encode() if isinstance(text, str) else text
-        return await import_file(log, io.BytesIO(data), name, **options)
-    finally:
-        await log.close()
+    await log.close()
+    data = text.encode() if isinstance(text, str) else text
+    return await asyncio.to_thread(import_file, path, io.BytesIO(data), name, **options)
 
 
 def stored(path: Path) -> list[tuple]:
@@ -343,3 +345,127 @@ async def test_export_while_the_daemon_ingests_is_a_consistent_prefix(tmp_path: 
         assert lines == final[:len(lines)], "each export is the log as it was at one moment"
     assert sum(0 < len(text.splitlines()) < len(final) for text in exports) >= 2, \
         "exports overlapped ingestion"
+
+
+# --------------------------------------------------------------------------- at scale, in parallel
+
+
+def varied_export(count: int, seed: int) -> list[str]:
+    """Export lines with random fields, enrichment and delivery ids, received non-decreasing;
+    among them retried deliveries (the same line again, later) and colliding ids."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    received = T0
+    for i in range(count):
+        received += rng.choice([0.0, 0.001, 0.5])
+        if lines and rng.random() < 0.01:  # a retry: the same event under the same id again
+            again = json.loads(rng.choice(lines[-50:]))
+            if again["delivery_id"] is not None:
+                again["seq"], again["received"] = i + 1, received
+                lines.append(json.dumps(again, separators=(",", ":"), ensure_ascii=False))
+                continue
+        report = {"t": received - rng.random(), "login": f"user{rng.randrange(300)}@ex.org",
+                  "remote": rng.choice(["192.0.2.7", "2001:db8::5", f"198.51.100.{i % 250}"]),
+                  "pwhash": f"{rng.randrange(99):02x}", "success": rng.random() < 0.6,
+                  "device_id": rng.choice(["", "IMAP client", "Mozilla/5.0 Firefox/121"]),
+                  "attrs": {"cos": rng.choice(["basic", "gold"]), "groups": ["g1", "g2"]}}
+        if rng.random() < 0.3:
+            report["type"] = "wforce_report"
+        enrichment = ({"country": "SE", "city": None, "latitude": 55.6, "longitude": 13.0,
+                       "asn": rng.randrange(1, 9), "isp": "ISP ö"} if rng.random() < 0.5 else None)
+        delivery = rng.choice([None, f"d{i}", f"d{i - i % 7}"])  # some ids used by two bodies
+        lines.append(json.dumps({"seq": i + 1, "received": received, "delivery_id": delivery,
+                                 "report": report, "enrichment": enrichment},
+                                separators=(",", ":"), ensure_ascii=False))
+    return lines
+
+
+def index_sql(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [row[0] for row in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name")]
+
+
+def log_state(path: Path) -> tuple[str, str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return (db.execute("PRAGMA integrity_check").fetchone()[0],
+                db.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+async def test_a_file_of_many_blocks_parsed_by_workers_gives_the_log_one_process_gives(
+        tmp_path: Path) -> None:
+    """60,000 random lines (four parse blocks, so two worker processes take them) into an
+    empty log: the same log, byte for byte in its export, as parsing them here; the helper
+    indexes dropped for the load are back exactly as the migrations make them."""
+    lines = varied_export(60_000, seed=7)
+    text = "\n".join(lines) + "\n"
+    assert len(text.encode()) > 3 * BLOCK
+    results = {}
+    for workers in (0, 2):
+        results[workers] = await import_text(tmp_path / f"w{workers}.db", text, workers=workers)
+    assert results[0] == results[2]
+    assert results[2].imported + results[2].duplicates == len(lines)
+    assert results[2].duplicates > 100
+    await write_log(tmp_path / "fresh.db", [])
+    assert index_sql(tmp_path / "w2.db") == index_sql(tmp_path / "fresh.db")
+    assert len(index_sql(tmp_path / "fresh.db")) >= 4
+    assert log_state(tmp_path / "w2.db") == ("ok", "wal")
+    exported = export_text(tmp_path / "w2.db")
+    assert exported == export_text(tmp_path / "w0.db")
+    retried = {json.dumps(json.loads(line)["report"]) for line in exported.splitlines()}
+    assert len(exported.splitlines()) == results[2].imported and len(retried) > 1000
+    again = await import_text(tmp_path / "again.db", exported, workers=2)
+    assert export_text(tmp_path / "again.db") == exported  # export → import → export
+
+
+async def test_a_bad_line_in_a_late_block_leaves_nothing_and_the_indexes_in_place(
+        tmp_path: Path) -> None:
+    lines = varied_export(40_000, seed=3)
+    lines[33_333] = lines[33_333][:-30]
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / "log.db"
+    with pytest.raises(ImportRefused) as refused:
+        await import_text(path, text, "big", workers=2)
+    assert refused.value.lines == [33_334]
+    assert stored(path) == []
+    await write_log(tmp_path / "fresh.db", [])
+    assert index_sql(path) == index_sql(tmp_path / "fresh.db")
+    assert log_state(path) == ("ok", "wal")
+    result = await import_text(path, text, "big", workers=2, skip_bad=True)
+    assert (result.bad, result.bad_lines) == (1, [33_334])
+    assert result.imported + result.duplicates == len(lines) - 1
+
+
+async def test_order_is_checked_across_blocks_and_sorted_across_them(tmp_path: Path) -> None:
+    lines = [json.loads(line) for line in varied_export(40_000, seed=5)]
+    late = [5, 25_000, 39_000]  # one in the first block, one in the second, one in the last
+    for number in late:
+        lines[number]["received"] = lines[number - 1]["received"] - 100
+    text = "\n".join(json.dumps(line) for line in lines) + "\n"
+    with pytest.raises(ImportRefused) as refused:
+        await import_text(tmp_path / "a.db", text, workers=2)
+    assert refused.value.lines == [number + 1 for number in late]
+    assert stored(tmp_path / "a.db") == []
+    result = await import_text(tmp_path / "b.db", text, workers=2, sort=True)
+    assert (result.sorted, result.out_of_order) == (True, 3)
+    received = [row[1] for row in stored(tmp_path / "b.db")]
+    assert received == sorted(received) and len(received) == result.imported
+
+
+async def test_with_another_connection_open_the_import_stays_in_wal_and_is_still_whole(
+        tmp_path: Path) -> None:
+    """Leaving WAL needs the only connection to the file; with a reader open the import runs
+    in WAL, refusing as wholly as in rollback mode."""
+    path = tmp_path / "log.db"
+    await write_log(path, [])
+    lines = export_lines(30)
+    with contextlib.closing(sqlite3.connect(path)) as reader:
+        reader.execute("SELECT count(*) FROM events").fetchone()
+        bad = lines[:20] + ["{oops"] + lines[20:]
+        with pytest.raises(ImportRefused):
+            await import_text(path, "\n".join(bad))
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        result = await import_text(path, "\n".join(lines))
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (30,)
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert result.imported == 30

@@ -3,10 +3,13 @@ exit statuses (docs/history.md), and the config's log and GeoIP enrichment."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -127,3 +130,49 @@ def test_order_is_refused_or_sorted_and_later_files_are_not_half_imported(tmp_pa
     assert [row[2] for row in imported(log)] == ["user0", "user2", "user1"]
     later = run("import", "--log", str(log), str(first))
     assert later.returncode == 2 and "received would step back" in later.stderr
+
+
+def test_an_import_killed_half_way_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    """kill -9 while the import's transaction is open (its journal on disk, the helper indexes
+    dropped): the next open rolls it back, leaving the log empty, whole and indexed; the same
+    import then goes through."""
+    log = tmp_path / "log.db"
+    first = tmp_path / "first.ndjson"
+    first.write_text(report_line(0, T0) + "\n")
+    assert run("import", "--log", str(log), str(first)).returncode == 0
+    indexes = index_names(log)
+    path = tmp_path / "big.ndjson"
+    path.write_text("".join(report_line(i, T0 + 1 + i / 1000, device_id="x" * 200) + "\n"
+                            for i in range(300_000)))
+    journal = Path(str(log) + "-journal")
+    process = subprocess.Popen([sys.executable, "-m", "trackalert", "import", "--log", str(log),
+                                str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(3000):  # bounded: until the transaction has written its journal
+            if journal.exists() or process.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert journal.exists() and process.poll() is None, "the import ended before the kill"
+        process.kill()
+    finally:
+        process.wait(timeout=60)
+        process.stdout.close()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    early = tmp_path / "early.ndjson"
+    early.write_text(report_line(9, T0 - 5) + "\n")
+    again = run("import", "--log", str(log), str(early))  # opens the log as the daemon does
+    assert again.returncode == 2 and "received would step back" in again.stderr
+    assert [row[2] for row in imported(log)] == ["user0"]
+    assert index_names(log) == indexes and not journal.exists()
+    done = run("import", "--log", str(log), str(path))
+    assert done.returncode == 0, done.stderr
+    assert "300000 event(s) imported (seq 2-300001)" in done.stdout
+    with contextlib.closing(sqlite3.connect(log)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def index_names(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name")]

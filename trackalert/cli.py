@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import io
 import math
 import os
@@ -183,9 +184,18 @@ class _Config:
         finally:
             os.chdir(previous)
 
-    def enrich(self) -> "Callable[[Any], Any] | None":
+    def enrich(self) -> "Callable[[], Any] | None":
+        """What makes the config's enricher in each import process (a picklable factory)."""
         enricher = self.daemon.host.enricher
-        return enricher.enrich if enricher is not None else None
+        if enricher is None:
+            return None
+        return functools.partial(_enrich_from, enricher.snapshot())
+
+
+def _enrich_from(snapshot: dict) -> "Callable[[Any], Any]":
+    from trackalert.enrich import Enricher
+
+    return Enricher.from_snapshot(snapshot).enrich
 
 
 class _CliError(Exception):
@@ -272,15 +282,15 @@ def import_main(argv: Sequence[str]) -> int:
         sys.stderr.write(f"trackalert import: {exc}\n")
         return EXIT_ERROR
     enrich = config.enrich() if config is not None else None
-    return asyncio.run(_import_all(path, args, enrich))
+    return _import_all(path, args, enrich)
 
 
-async def _import_all(path: str, args: argparse.Namespace,
-                      enrich: "Callable[[Any], Any] | None") -> int:
-    from trackalert.clock import RealClock
+def _import_all(path: str, args: argparse.Namespace,
+                enrich: "Callable[[], Any] | None") -> int:
+    import sqlite3
+
     from trackalert.eventlog.base import EventLogError
-    from trackalert.eventlog.history import MAX_LISTED, ImportRefused, import_file
-    from trackalert.eventlog.sqlite import SQLiteEventLog
+    from trackalert.eventlog.history import MAX_LISTED, HistoryError, ImportRefused, import_file
 
     shown = [0]
 
@@ -289,35 +299,41 @@ async def _import_all(path: str, args: argparse.Namespace,
         if shown[0] <= MAX_LISTED:
             sys.stderr.write(f"trackalert import: {name}:{line}: {why}\n")
 
-    eventlog = SQLiteEventLog(path, RealClock())
     try:
-        await eventlog.open()
+        asyncio.run(_prepare_log(path))
     except (EventLogError, OSError) as exc:
         sys.stderr.write(f"trackalert import: cannot open the event log {path}: {exc}\n")
         return EXIT_ERROR
-    try:
-        for name in args.inputs:
-            progress = _progress(f"import {name}")
-            try:
-                with _open_input(name) as source:
-                    result = await import_file(
-                        eventlog, source, name, enrich=enrich, skip_bad=args.skip_bad,
-                        sort=args.sort, on_bad=on_bad, progress=progress)
-            except ImportRefused as exc:
-                sys.stderr.write(f"trackalert import: {exc}\ntrackalert import: nothing of "
-                                 f"{name} was imported\n")
-                return EXIT_REFUSED
-            except (EventLogError, OSError) as exc:
-                sys.stderr.write(f"trackalert import: {name}: {exc}\ntrackalert import: "
-                                 f"nothing of {name} was imported\n")
-                return EXIT_ERROR
-            finally:
-                if progress is not None:
-                    progress.close()
-            print(result.summary(), flush=True)
-        return EXIT_OK
-    finally:
-        await eventlog.close()
+    for name in args.inputs:
+        progress = _progress(f"import {name}")
+        try:
+            with _open_input(name) as source:
+                result = import_file(
+                    path, source, name, enrich=enrich, skip_bad=args.skip_bad,
+                    sort=args.sort, on_bad=on_bad, progress=progress)
+        except ImportRefused as exc:
+            sys.stderr.write(f"trackalert import: {exc}\ntrackalert import: nothing of "
+                             f"{name} was imported\n")
+            return EXIT_REFUSED
+        except (HistoryError, sqlite3.Error, OSError) as exc:
+            sys.stderr.write(f"trackalert import: {name}: {exc}\ntrackalert import: "
+                             f"nothing of {name} was imported\n")
+            return EXIT_ERROR
+        finally:
+            if progress is not None:
+                progress.close()
+        print(result.summary(), flush=True)
+    return EXIT_OK
+
+
+async def _prepare_log(path: str) -> None:
+    """Create the log, or check and migrate it, as the daemon does when it opens it."""
+    from trackalert.clock import RealClock
+    from trackalert.eventlog.sqlite import SQLiteEventLog
+
+    eventlog = SQLiteEventLog(path, RealClock())
+    await eventlog.open()
+    await eventlog.close()
 
 
 def _open_input(name: str) -> IO[bytes]:

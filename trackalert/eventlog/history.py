@@ -9,18 +9,24 @@ Why the formats and rules are what they are:
   the same events by the same seqs.
 * Export reads one SQLite snapshot (one read transaction) on a read-only connection: WAL lets it
   run beside a daemon that keeps writing, and neither waits for the other.
-* Import writes through the log's own writer (`SQLiteEventLog.submit_history`), a transaction per
-  chunk with two chunks in flight, so parsing the next chunk overlaps committing the last one.
-  A file is all or nothing: if it cannot be imported whole (a bad line without `skip_bad`,
-  `received` out of order without `sort`), what was committed of it is taken out again.
+* Import holds each input in one write transaction of its own connection (rollback journal):
+  a file is all or nothing by construction (a bad line without `skip_bad`, `received` out of
+  order without `sort`, a crash: the transaction is rolled back), and into an empty log each
+  page is written once and the helper indexes are built once, after the load.
+* Parsing (JSON, the daemon's validation, encoding the row) is most of an import's work, so
+  worker processes parse blocks of the input while this one writes (docs/history.md, Speed).
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
+import contextlib
 import dataclasses
+import gc
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import sqlite3
 import time
@@ -33,7 +39,9 @@ from trackalert.eventlog.rows import (
     DELIVERY_COLUMN, GEO_COLUMNS, _geo_from_columns, decode_row, encode_enriched, encode_row,
 )
 from trackalert.eventlog.schema import EVENT_COLUMNS
-from trackalert.eventlog.sqlite import BUSY_TIMEOUT_MS, SQLiteEventLog
+from trackalert.eventlog.sqlite import (
+    BUSY_TIMEOUT_MS, STATEMENT_CACHE, _immediate, log_end, store_history,
+)
 from trackalert.report import Report, ReportError, fingerprint, parse_delivery_id, report_from_dict
 
 #: The enrichment members of an export line, in the order of the log's columns.
@@ -326,121 +334,181 @@ class ImportResult:
 
 
 BadLine = Callable[[str, int, str], None]
+#: Makes the function that enriches a wforce report line (the config's GeoIP databases), or
+#: None. Called once in every process that parses, so it must pickle: the parse workers are
+#: spawned, not forked (the caller may have threads).
+EnrichFactory = Callable[[], "Callable[[Report], Report] | None"]
+#: A parsed block: history items (as for `store_history`), their line numbers, bad lines.
+_Block = tuple[list[tuple], list[int], list[tuple[int, str]]]
+
+#: Bytes of input one parse task takes (cut after a line end): about 5,000 export lines, so
+#: that handing it to a worker and its rows back (pickled) is a small part of parsing it.
+BLOCK = 4 << 20
+#: Parse tasks queued per worker: enough to keep it busy, few enough to bound the memory.
+AHEAD = 2
+#: The import connection's page cache: the deferred index builds sort in it.
+IMPORT_CACHE_MB = 256
 
 
-async def import_file(
-    log: SQLiteEventLog,
+def import_file(
+    log_path: str | os.PathLike[str],
     source: IO[bytes],
     name: str,
     *,
-    enrich: Callable[[Report], Report] | None = None,
+    enrich: EnrichFactory | None = None,
     skip_bad: bool = False,
     sort: bool = False,
     on_bad: BadLine | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> ImportResult:
-    """Import one input into an open log, whole or not at all (see the module docstring).
+    """Import one input into a log file (created and migrated already), whole or not at all.
 
-    Raises ImportRefused (the log left as it was) for a bad line without `skip_bad`, `received`
-    out of order without `sort`, or input older than what the log already holds."""
+    `workers` parse processes (default: one per CPU; 0 parses here, as does an input of one
+    block). Raises ImportRefused (the log left as it was) for a bad line without `skip_bad`,
+    `received` out of order without `sort`, or input older than what the log already holds;
+    sqlite3.Error when the log cannot be written (another process holds its write lock)."""
     result = ImportResult(name)
-    lines = _parsed_lines(source, name, enrich, skip_bad, result, on_bad)
-    start_seq = await log.last_seq()
-    newest = (await log.describe())["newest_received"]
-    if sort:
-        lines = iter(_sorted(list(lines), result))
-    writer = _ChunkWriter(log, result, progress)
+    blocks = _parsed_blocks(source, enrich, workers)
     try:
-        await _write_in_order(lines, writer, newest, result, name)
-    except BaseException:
-        await writer.drain(ignore_errors=True)
-        await log.discard_history(start_seq)
-        raise
-    await writer.drain()
+        with _import_transaction(log_path) as conn:
+            _Load(conn, result, name, progress).run(blocks, skip_bad, sort, on_bad)
+    finally:
+        blocks.close()
     return result
 
 
-def _parsed_lines(source: IO[bytes], name: str, enrich: Callable[[Report], Report] | None,
-                  skip_bad: bool, result: ImportResult, on_bad: BadLine | None) -> Iterator[Parsed]:
-    for number, text in enumerate(source, 1):
-        if not text.strip():
-            continue
+@contextlib.contextmanager
+def _import_transaction(log_path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
+    """One write transaction over the whole input, in rollback-journal mode when it can be.
+
+    Why: a refusal or a crash at any point leaves the log as it was (SQLite rolls the
+    transaction back, after a crash when the file is next opened), with no clean-up of our own.
+    A rollback journal holds only pages that were in the file before, so a load into an empty
+    log writes each page once, where WAL writes it twice (the log, then the checkpoint).
+    Leaving WAL needs the only connection to the file; when another one has it open (a reader,
+    a daemon) the import stays in WAL, as slow as before but as whole. WAL comes back after."""
+    path = os.fspath(log_path)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                           cached_statements=STATEMENT_CACHE)
+    mode = "wal"
+    try:
         try:
-            parsed = parse_line(text, number, enrich)
-        except ReportError as exc:
+            mode = str(conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]).lower()
+        except sqlite3.OperationalError:  # locked by another process's transaction
+            pass
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA cache_size={-1024 * IMPORT_CACHE_MB}")
+        with _immediate(conn), _none_bound_fast():
+            yield conn
+    finally:
+        if mode != "wal":
+            try:  # committed or rolled back already: a failure here must not say otherwise
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error:  # pragma: no cover - the daemon sets WAL when it opens it
+                pass
+        conn.close()
+
+
+_NONE_ADAPTER = (type(None), sqlite3.PrepareProtocol)
+
+
+@contextlib.contextmanager
+def _none_bound_fast() -> Iterator[None]:
+    """While importing, bind None (a third of a row's values) through a registered adapter
+    that returns it unchanged: without one, sqlite3 looks for `__adapt__` and `__conform__`
+    on every None (two failed attribute lookups, ~170 ns each time; CPython 3.11). A no-op for
+    what is stored, so harmless to anyone else in the process meanwhile."""
+    added = _NONE_ADAPTER not in sqlite3.adapters
+    if added:
+        sqlite3.register_adapter(type(None), {}.get)  # {}.get(None) is None, in C
+    try:
+        yield
+    finally:
+        if added:
+            sqlite3.adapters.pop(_NONE_ADAPTER, None)
+
+
+class _Load:
+    """One input's items into the import transaction, in line order: the order checks, the
+    counts, chunks through `store_history`; into an empty log, the helper indexes are dropped
+    first and built once at the end (one sort instead of a random B-tree insert per event)."""
+
+    def __init__(self, conn: sqlite3.Connection, result: ImportResult, name: str,
+                 progress: Callable[[int], None] | None) -> None:
+        self.conn, self.result, self.name, self.progress = conn, result, name, progress
+        self.seq, self.floor, nonempty = log_end(conn)
+        self.newest = self.floor if nonempty else None
+        self.indexes = [] if nonempty else _drop_indexes(conn)
+        self.previous = -math.inf
+        self.late: list[int] = []
+        self.chunk: list[tuple] = []
+
+    def run(self, blocks: Iterator[_Block], skip_bad: bool, sort: bool,
+            on_bad: BadLine | None) -> None:
+        if sort:
+            items, lines = [], []
+            for block_items, block_lines, bad in blocks:
+                self._bad(bad, skip_bad, on_bad)
+                items += block_items
+                lines += block_lines
+            self._add(*_sorted(items, lines, self.result))
+        else:
+            for block_items, block_lines, bad in blocks:
+                self._bad(bad, skip_bad, on_bad)
+                self._add(block_items, block_lines)
+        if self.late:
+            late = self.late
+            listed = (", ".join(map(str, late[:MAX_LISTED]))
+                      + (", ..." if len(late) > MAX_LISTED else ""))
+            raise ImportRefused(
+                f"{self.name}: {len(late)} line(s) received before the line above them (lines "
+                f"{listed}): received must not step back in seq order; use --sort to import "
+                "them sorted", late)
+        self._flush()
+        for sql in self.indexes:
+            self.conn.execute(sql)
+
+    def _bad(self, bad: list[tuple[int, str]], skip_bad: bool, on_bad: BadLine | None) -> None:
+        result = self.result
+        for number, why in bad:
             if not skip_bad:
-                raise ImportRefused(f"{name}:{number}: {exc}", [number]) from None
+                raise ImportRefused(f"{self.name}:{number}: {why}", [number])
             if on_bad is not None:
-                on_bad(name, number, str(exc))
+                on_bad(self.name, number, why)
             result.bad += 1
             if len(result.bad_lines) < MAX_LISTED:
                 result.bad_lines.append(number)
-        else:
-            parsed.report = None
-            yield parsed
 
-
-def _sorted(parsed: list[Parsed], result: ImportResult) -> list[Parsed]:
-    """Stable sort by received, counting the lines that stepped back."""
-    previous = -math.inf
-    for item in parsed:
-        if item.received < previous:
-            result.out_of_order += 1
-        else:
-            previous = item.received
-    result.sorted = True
-    if result.out_of_order:
-        parsed.sort(key=lambda item: item.received)
-    return parsed
-
-
-async def _write_in_order(lines: Iterator[Parsed], writer: "_ChunkWriter",
-                          newest: float | None, result: ImportResult, name: str) -> None:
-    previous = -math.inf
-    late: list[int] = []
-    for item in lines:
-        if newest is not None and previous == -math.inf and item.received < newest:
+    def _add(self, items: list[tuple], lines: list[int]) -> None:
+        previous, late, chunk = self.previous, self.late, self.chunk
+        if previous == -math.inf and items and self.newest is not None \
+                and items[0][3] < self.newest:
             raise ImportRefused(
-                f"{name}:{item.line}: received {item.received!r} is before the newest event "
-                f"already in the log ({newest!r}): received would step back. Import into a new "
-                "log file (or merge both exports, import with --sort into a new one).",
-                [item.line])
-        if item.received < previous:
-            late.append(item.line)
-            continue
-        previous = item.received
-        if not late:
-            await writer.add(item)
-    if late:
-        listed = ", ".join(map(str, late[:MAX_LISTED])) + (", ..." if len(late) > MAX_LISTED else "")
-        raise ImportRefused(
-            f"{name}: {len(late)} line(s) received before the line above them (lines {listed}): "
-            "received must not step back in seq order; use --sort to import them sorted",
-            late)
+                f"{self.name}:{lines[0]}: received {items[0][3]!r} is before the newest event "
+                f"already in the log ({self.newest!r}): received would step back. Import into "
+                "a new log file (or merge both exports, import with --sort into a new one).",
+                lines[:1])
+        for item, line in zip(items, lines):
+            received = item[3]
+            if received < previous:
+                late.append(line)
+            else:
+                previous = received
+                if not late:
+                    chunk.append(item)
+        self.previous = previous
+        if len(chunk) >= CHUNK:
+            self._flush()
+        if self.progress is not None:
+            self.progress(self.result.imported + self.result.duplicates + len(self.chunk))
 
-
-class _ChunkWriter:
-    """Groups parsed lines into chunks and keeps at most two of them in the writer's queue."""
-
-    def __init__(self, log: SQLiteEventLog, result: ImportResult,
-                 progress: Callable[[int], None] | None) -> None:
-        self.log, self.result, self.progress = log, result, progress
-        self.chunk: list[tuple] = []
-        self.in_flight: list[asyncio.Future[Any]] = []
-
-    async def add(self, item: Parsed) -> None:
-        self.chunk.append((item.row, item.seq, item.key, item.received))
-        if len(self.chunk) >= CHUNK:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        if self.chunk:
-            self.in_flight.append(self.log.submit_history(self.chunk))
-            self.chunk = []
-        while len(self.in_flight) > 1:
-            self._count(await self.in_flight.pop(0))
-
-    def _count(self, done: Any) -> None:
+    def _flush(self) -> None:
+        if not self.chunk:
+            return
+        done, self.floor = store_history(self.conn, self.chunk, self.seq, self.floor)
+        self.chunk = []
+        self.seq = done.last_seq
         result = self.result
         result.imported += done.stored
         result.duplicates += done.duplicates
@@ -448,19 +516,127 @@ class _ChunkWriter:
         if done.stored:
             result.first_seq = result.first_seq or done.first_seq
             result.last_seq = done.last_seq
-        if self.progress is not None:
-            self.progress(result.imported + result.duplicates)
 
-    async def drain(self, ignore_errors: bool = False) -> None:
-        if not ignore_errors:
-            await self._flush()
-        while self.in_flight:
-            future = self.in_flight.pop(0)
-            try:
-                self._count(await future)
-            except Exception:
-                if not ignore_errors:
-                    raise
+
+def _drop_indexes(conn: sqlite3.Connection) -> list[str]:
+    """Drop the events table's own indexes (not the primary key); returns their CREATE
+    statements, exactly as the migrations made them, to build them again."""
+    found = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND "
+                         "tbl_name = 'events' AND sql IS NOT NULL").fetchall()
+    for index, _ in found:
+        conn.execute(f'DROP INDEX "{index}"')
+    return [sql for _, sql in found]
+
+
+def _sorted(items: list[tuple], lines: list[int],
+            result: ImportResult) -> tuple[list[tuple], list[int]]:
+    """Stable sort by received, counting the lines that stepped back."""
+    previous = -math.inf
+    for item in items:
+        if item[3] < previous:
+            result.out_of_order += 1
+        else:
+            previous = item[3]
+    result.sorted = True
+    if not result.out_of_order:
+        return items, lines
+    order = sorted(range(len(items)), key=lambda i: items[i][3])
+    return [items[i] for i in order], [lines[i] for i in order]
+
+
+# --------------------------------------------------------------------------- parsing, in parallel
+
+
+def _parsed_blocks(source: IO[bytes], enrich: EnrichFactory | None,
+                   workers: int | None) -> Iterator[_Block]:
+    """The input's blocks parsed, in order: by a pool of worker processes (the parse is most
+    of an import's work, and the interpreter lock keeps threads from sharing it), here when
+    the input is one block or `workers` is 0. At most AHEAD blocks per worker are read ahead."""
+    blocks = _blocks(source)
+    head = list(itertools.islice(blocks, 2))
+    count = (_cpus() if workers is None else workers) if len(head) > 1 else 0
+    if count <= 0:
+        enrich_one = enrich() if enrich is not None else None
+        for first, data in itertools.chain(head, blocks):
+            yield _parse_block(first, data, enrich_one)
+        return
+    pool = multiprocessing.get_context("spawn").Pool(count, _start_worker, (enrich,))
+    try:
+        pending: collections.deque[Any] = collections.deque()
+        for block in itertools.chain(head, blocks):
+            pending.append(pool.apply_async(_parse_in_worker, block))
+            if len(pending) >= count * AHEAD:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, where known)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # pragma: no cover - not Linux
+
+
+def _blocks(source: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(number of its first line, bytes) of about BLOCK bytes each, cut after a newline."""
+    line, rest = 1, b""
+    while True:
+        data = source.read(BLOCK)
+        if not data:
+            if rest:
+                yield line, rest
+            return
+        data = rest + data if rest else data
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            rest = data
+            continue
+        block, rest = data[:cut], data[cut:]
+        yield line, block
+        line += block.count(b"\n")
+
+
+_worker_enrich: "Callable[[Report], Report] | None" = None
+
+
+def _start_worker(enrich: EnrichFactory | None) -> None:
+    global _worker_enrich
+    # Parsing makes no reference cycles: the collector would only rescan the block's objects.
+    gc.disable()
+    _worker_enrich = enrich() if enrich is not None else None
+
+
+def _parse_in_worker(first: int, data: bytes) -> _Block:
+    return _parse_block(first, data, _worker_enrich)
+
+
+def _parse_block(first: int, data: bytes,
+                 enrich: "Callable[[Report], Report] | None") -> _Block:
+    items: list[tuple] = []
+    lines: list[int] = []
+    bad: list[tuple[int, str]] = []
+    texts = data.split(b"\n")
+    if not texts[-1]:
+        texts.pop()
+    for number, text in enumerate(texts, first):
+        if not text.strip():
+            continue
+        try:
+            parsed = parse_line(text, number, enrich)
+        except ReportError as exc:
+            bad.append((number, str(exc)))
+        else:
+            row = parsed.row
+            # success, policy_reject and tls as the integers SQLite stores them as: a bool is
+            # bound through sqlite3's adapter lookup, eight times slower than an int.
+            row = row[:4] + (int(row[4]), int(row[5]), row[6], int(row[7])) + row[8:]
+            items.append((row, parsed.seq, parsed.key, parsed.received))
+            lines.append(number)
+    return items, lines, bad
 
 
 class Progress:

@@ -216,37 +216,59 @@ class _HistoryAppend(_HistoryItem):
         self.items = items
 
     def run(self, writer: "_Writer", conn: sqlite3.Connection) -> HistoryChunk:
-        known, _ = writer._known_deliveries(conn, self.items)
-        seq, floor = writer.last_seq, writer.last_received
-        rows: list[tuple] = []
-        new_deliveries: list[tuple] = []
-        duplicates = renumbered = 0
-        for row, wanted, key, received in self.items:
-            if not received >= floor:  # NaN fails too
-                raise HistoryOrderError(
-                    f"an event received at {received!r} would follow one received at {floor!r}: "
-                    "received must not step back in seq order"
-                )
-            if key is not None:
-                if key in known:
-                    duplicates += 1
-                    continue
-            if wanted is not None and wanted > seq:
-                seq = wanted
-            else:
-                seq += 1
-                renumbered += wanted is not None
-            if key is not None:
-                known[key] = seq
-                new_deliveries.append(key + (seq, received))
-            rows.append((seq, received) + row)
-            floor = received
-        conn.executemany(_INSERT_EVENT, rows)
-        if new_deliveries:
-            conn.executemany(_INSERT_DELIVERY, new_deliveries)
-        first = rows[0][0] if rows else 0
-        writer.last_seq, writer.last_received = seq, floor
-        return HistoryChunk(len(rows), duplicates, renumbered, first, seq)
+        chunk, writer.last_received = store_history(conn, self.items, writer.last_seq,
+                                                    writer.last_received)
+        writer.last_seq = chunk.last_seq
+        return chunk
+
+
+def store_history(conn: sqlite3.Connection, items: list[tuple], last_seq: int,
+                  last_received: float) -> tuple[HistoryChunk, float]:
+    """Insert a chunk of history (items as for `SQLiteEventLog.submit_history`) after a log
+    that ends at `last_seq`, `last_received`, inside the caller's transaction; returns what was
+    stored and the new last received. Shared by the writer's chunks and `trackalert import`,
+    which holds a file in one transaction of its own. Raises HistoryOrderError (having written
+    nothing of the chunk) if `received` would step back."""
+    known, _ = _Writer._known_deliveries(conn, items)
+    seq, floor = last_seq, last_received
+    rows: list[tuple] = []
+    new_deliveries: list[tuple] = []
+    duplicates = renumbered = 0
+    for row, wanted, key, received in items:
+        if not received >= floor:  # NaN fails too
+            raise HistoryOrderError(
+                f"an event received at {received!r} would follow one received at {floor!r}: "
+                "received must not step back in seq order"
+            )
+        if key is not None:
+            if key in known:
+                duplicates += 1
+                continue
+        if wanted is not None and wanted > seq:
+            seq = wanted
+        else:
+            seq += 1
+            renumbered += wanted is not None
+        if key is not None:
+            known[key] = seq
+            new_deliveries.append(key + (seq, received))
+        rows.append((seq, received) + row)
+        floor = received
+    # Multi-row statements (insert_rows): one step per 256 rows, not per row; 4.7 instead of
+    # 6.4 s CPU for 1,000,000 events in one transaction, no helper indexes (2 Dec 2026).
+    insert_rows(conn, _INSERT_EVENT, rows)
+    insert_rows(conn, _INSERT_DELIVERY, new_deliveries)
+    first = rows[0][0] if rows else 0
+    return HistoryChunk(len(rows), duplicates, renumbered, first, seq), floor
+
+
+def log_end(conn: sqlite3.Connection) -> tuple[int, float, bool]:
+    """(the highest seq ever stored, the newest event's received or 0.0, whether the log holds
+    any event): where the next event goes (see `_Writer.load_position`)."""
+    newest = conn.execute("SELECT seq, received FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    high = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    last_seq = max(newest[0] if newest else 0, high[0] if high else 0)
+    return last_seq, newest[1] if newest else 0.0, newest is not None
 
 
 class _HistoryDiscard(_HistoryItem):
@@ -462,14 +484,7 @@ class _Writer:
         by retention still continues after its old last seq instead of reusing numbers.
         """
         assert self.conn is not None
-        newest = self.conn.execute(
-            "SELECT seq, received FROM events ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
-        high = self.conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
-        ).fetchone()
-        self.last_seq = max(newest[0] if newest else 0, high[0] if high else 0)
-        self.last_received = newest[1] if newest else 0.0
+        self.last_seq, self.last_received, _ = log_end(self.conn)
 
     def start(
         self, loop: asyncio.AbstractEventLoop, committed: _Committed, failed: _Failed
