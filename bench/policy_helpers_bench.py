@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import random
 import sqlite3
 import sys
@@ -90,7 +91,7 @@ def events_near_end(path: Path, events: int, samples: int) -> list[tuple]:
         login, remote, pwhash, country, device = conn.execute(
             "SELECT login, remote, pwhash, country, json_extract(device_attrs, "
             "'$.\"browser.family\"') FROM events WHERE seq = ?", (seq,)).fetchone()
-        network = remote.rsplit(".", 1)[0] + ".0/24"
+        network = str(ipaddress.ip_network(f"{remote}/24", strict=False))  # newNetmaskFromCA(lt.remote, 24)
         out.append((seq, login, remote, network, pwhash, country or "", device or ""))
     conn.close()
     return out

@@ -33,7 +33,8 @@ ComboAddress), `netmask` (`"192.0.2.0/24"`), `success` (boolean), `protocol`, `p
 time each report was received). Fastest: inside `report(lt)`, `countReports` and `countDistinct`
 (of `login`, `remote`, `remote/<bits>`, `pwhash`, `country`, `protocol` or `asn`) whose filter
 has only equal-to keys, `success` and a `window` (no `since`/`until`) answer in O(1) from window
-counts kept in memory in step with the policy runner, exactly as the query would; the first call
+counts kept in memory in step with the policy runner, exactly as the query would (and so does
+`topValues` of `login`, `pwhash`, `country`, `protocol` or `asn`, from the same counts); the first call
 of a new such filter shape starts building it from the log (a query answers meanwhile; some
 seconds per million events its window holds); so do `recentReports` with `n` up to 200 and
 `lastSeen` with such a filter (`window` optional), from the newest 16 rows of each key kept in
