@@ -112,20 +112,19 @@ class Shape:
     def __init__(self, shape_id: ShapeId) -> None:
         self.id = shape_id
         specs, self.success, self.window, counted = shape_id
-        self._success = self.success
         self._key = key_function(specs)
         self._value = _counted(counted) if counted else None
         self.counts: dict[tuple, Any] = {}
 
     def add_all(self, rows: Iterable[Row]) -> None:
         """Count `rows` (a tight loop: builds see millions)."""
-        add, success = self.add, self._success
+        add, success = self.add, self.success
         for row in rows:
             if success is None or row[SUCCESS] == success:
                 add(row)
 
     def remove_all(self, rows: Iterable[Row]) -> None:
-        remove, success = self.remove, self._success
+        remove, success = self.remove, self.success
         for row in rows:
             if success is None or row[SUCCESS] == success:
                 remove(row)
