@@ -116,18 +116,56 @@ class Shape:
         self._value = _counted(counted) if counted else None
         self.counts: dict[tuple, Any] = {}
 
-    def add_all(self, rows: Iterable[Row]) -> None:
-        """Count `rows` (a tight loop: builds see millions)."""
-        add, success = self.add, self.success
+    def _keyed(self, rows: Iterable[Row]) -> Iterator[tuple[tuple, Row]]:
+        """(key tuple, row) of the rows this shape counts (a tight loop: builds see millions)."""
+        success, key_of = self.success, self._key
         for row in rows:
-            if success is None or row[SUCCESS] == success:
-                add(row)
+            if success is not None and row[SUCCESS] != success:
+                continue
+            key = key_of(row)
+            if key is not None:
+                yield key, row
+
+    # add_all/remove_all are add/remove over many rows, inlined: a call per row made the
+    # builds of 10M events ~35 % slower (bench/policy_helpers_bench.py)
+    def add_all(self, rows: Iterable[Row]) -> None:
+        counts, value_of = self.counts, self._value
+        if value_of is None:
+            for key, _ in self._keyed(rows):
+                counts[key] = counts.get(key, 0) + 1
+            return
+        for key, row in self._keyed(rows):
+            value = value_of(row)
+            if value is None:  # count(DISTINCT x) ignores NULL
+                continue
+            seen = counts.get(key)
+            if seen is None:
+                counts[key] = {value: 1}
+            else:
+                seen[value] = seen.get(value, 0) + 1
 
     def remove_all(self, rows: Iterable[Row]) -> None:
-        remove, success = self.remove, self.success
-        for row in rows:
-            if success is None or row[SUCCESS] == success:
-                remove(row)
+        counts, value_of = self.counts, self._value
+        if value_of is None:
+            for key, _ in self._keyed(rows):
+                left = counts[key] - 1
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
+            return
+        for key, row in self._keyed(rows):
+            value = value_of(row)
+            if value is None:
+                continue
+            seen = counts[key]
+            left = seen[value] - 1
+            if left:
+                seen[value] = left
+            elif len(seen) > 1:
+                del seen[value]
+            else:
+                del counts[key]
 
     def add(self, row: Row) -> None:
         """Count one row of this shape's `success` (the caller checked it)."""
