@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import random
 import sqlite3
 import sys
@@ -90,7 +91,7 @@ def events_near_end(path: Path, events: int, samples: int) -> list[tuple]:
         login, remote, pwhash, country, device = conn.execute(
             "SELECT login, remote, pwhash, country, json_extract(device_attrs, "
             "'$.\"browser.family\"') FROM events WHERE seq = ?", (seq,)).fetchone()
-        network = remote.rsplit(".", 1)[0] + ".0/24"
+        network = str(ipaddress.ip_network(f"{remote}/24", strict=False))  # newNetmaskFromCA(lt.remote, 24)
         out.append((seq, login, remote, network, pwhash, country or "", device or ""))
     conn.close()
     return out
@@ -169,6 +170,14 @@ def load_recent_rows(path: Path, log: SQLiteEventLog, projection: WindowProjecti
           f"({grown * 2**20 / max(1, shape['rows']):.0f} bytes per row)")
 
 
+def one_per_family(picks: list[tuple]) -> list[tuple]:
+    """The fields of the first picked event with an IPv4 address and of the first with IPv6."""
+    found: dict[bool, tuple] = {}
+    for _, *fields in picks:
+        found.setdefault(":" in fields[1], tuple(fields))
+    return list(found.values())
+
+
 def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state: LuaState,
                     shapes: list, make_lt, picks: list[tuple], events: int,
                     path: Path) -> list[list[float]]:
@@ -193,9 +202,10 @@ def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state:
             steps.append(time.perf_counter() - t0)
             state.as_of_seq = event.seq
             if i == 0:  # the first report registers every shape; they build in the background
-                lt = make_lt(*next(iter(by_seq.values()))[0])
-                for fn in shapes:
-                    fn(lt)
+                for fields in one_per_family(picks):  # IPv4 and IPv6 /24s are shapes of their own
+                    lt = make_lt(*fields)
+                    for fn in shapes:
+                        fn(lt)
                 built = time.perf_counter()
                 projection.wait_built(3600)
                 print(f"  projection: shapes built from the log in {time.perf_counter() - built:.1f} s, "

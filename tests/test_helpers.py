@@ -499,21 +499,21 @@ def test_recent_reports_do_no_python_work_per_report(rich) -> None:
     assert len(many) == len(few), (Counter(many) - Counter(few)).most_common(8)
 
 
-def test_a_filter_is_parsed_once_and_a_window_once(worker) -> None:
-    """A report's policies ask several helpers with one filter, and every report the same
-    windows: neither is parsed again (parse_filter and parse_span were run on every call)."""
+def test_a_filter_is_parsed_once_per_shape_and_a_window_once(worker) -> None:
+    """The starter policies ask the same filters with another login on every report: a filter's
+    keys are parsed once (its plan, eventlog/bound.py), and each call only converts its values;
+    a window is parsed once (parse_filter and parse_span ran on every call of a new login)."""
     state, _, _ = worker
-    count = state.execute("""return function(login, window)
-        return countReports({login=login, success=true, window=window}) end""")[0]
-    unique = f"parse-once-{random.random()}"
-    window = f"{random.randrange(10**6, 10**7)}s"  # never seen before, even in a rerun
-    first = _python_calls(lambda: count(unique, window))
-    assert "parse_filter" in first and "parse_span" in first
-    again = _python_calls(lambda: count(unique, window))
-    assert "parse_filter" not in again
-    other_login = _python_calls(lambda: count(unique + "-other", window))
-    assert "parse_filter" in other_login and "parse_span" not in other_login
-    assert count(unique, window) == count(unique + "-other", window) == 0
+    key = f"attrs.k{random.randrange(10**9)}"  # a shape never seen before, even in a rerun
+    count = state.execute(f"""return function(login, window)
+        return countReports({{login=login, success=true, window=window, ["{key}"]="v"}}) end""")[0]
+    window = f"{random.randrange(10**6, 10**7)}s"
+    first = _python_calls(lambda: count("alice", window))
+    assert "key_converter" in first and "parse_span" in first
+    for login in ("alice", "bob"):
+        again = _python_calls(lambda: count(login, window))
+        assert not {"key_converter", "parse_filter", "parse_span"} & set(again), again
+    assert count("alice", window) == count("bob", window) == 0
 
 
 def test_filters_read_in_one_call_keep_their_errors_and_values(worker) -> None:

@@ -24,9 +24,10 @@ from test_console_server import KEY, connect, control_ports
 from trackalert.clock import VirtualClock
 from trackalert.console.protocol import encode_key
 from trackalert.eventlog.base import Event
+from trackalert.eventlog.bound import BoundFilter, bind_pairs
 from trackalert.eventlog.filters import AsOf, Field, Filter, parse_field, parse_filter
 from trackalert.eventlog.sqlite import SQLiteEventLog
-from trackalert.eventlog.windows import WindowProjection, cover, event_fields
+from trackalert.eventlog.windows import Cursor, WindowProjection, cover, event_fields
 from trackalert.lua.host import Host
 from trackalert.lua.pool import LuaPool
 from trackalert.lua.runner import PolicyRunner
@@ -161,6 +162,22 @@ async def test_event_fields_are_the_stored_row(log) -> None:
     assert eventlog.read_fields(0, 5, events[-1].received + 1) == []
 
 
+async def test_a_tail_takes_in_one_list_what_it_takes_in_runs(log) -> None:
+    """The runner's tails (take_before: a short scan, then bisection) take exactly the rows
+    take_while_before's runs hold, across chunk ends, with ties and bursts in `received`."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(8), 12_000)  # more than two chunks
+    rng = random.Random(8)
+    runs, one = Cursor(eventlog.read_fields, 0), Cursor(eventlog.read_fields, 0)
+    threshold = events[0].received
+    while runs.after < events[-1].seq:
+        threshold += rng.choice([0.0, 1.0, 30.0, HOUR, 3 * DAY])
+        upto = min(events[-1].seq, runs.after + rng.choice([1, 5, 9, 100, 6000]))
+        expected = [row for run in runs.take_while_before(threshold, upto) for row in run]
+        assert one.take_before(threshold, upto) == expected
+        assert one.after == runs.after
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_every_shape_equals_sql_at_every_event(log, seed: int) -> None:
     eventlog, clock = log
@@ -168,17 +185,28 @@ async def test_every_shape_equals_sql_at_every_event(log, seed: int) -> None:
     projection = WindowProjection(eventlog)
     projection.start_at(0)
     register_all(projection, events)
-    compared = 0
+    compared = tops = 0
+    rng = random.Random(seed)
     for event in events:
         projection.begin(event)
-        for counted, flt in parsed(starter_calls(event)):
+        for (counted, flt), (_, pairs) in zip(parsed(starter_calls(event)), starter_calls(event)):
             expected = sql_answer(eventlog, counted, flt, event.seq)
             assert projection_answer(projection, counted, flt, event.seq) == expected, (
                 event.seq, counted, flt)
+            # as a helper called from Lua asks: the filter bound to the plan of its keys
+            bound = bind_pairs(tuple(item for pair in pairs.items() for item in pair))
+            assert type(bound) is BoundFilter
+            assert projection_answer(projection, counted, bound, event.seq) == expected
+            if counted is not None and counted.kind == "column" and counted.name != "remote":
+                as_of = AsOf(before_seq=event.seq)
+                n = rng.choice([1, 2, 3, 50])
+                top = projection.top(bound, counted, n, as_of)
+                assert top == eventlog.queries().top_values(counted, flt, n, as_of), (event.seq, flt)
+                tops += bool(top)
             compared += 1
         projection.finish(event)
     projection.close()
-    assert compared == 16 * len(events)
+    assert compared == 16 * len(events) and tops > len(events)
     sizes = projection.describe()["shapes"]
     assert len(sizes) == 19 and any(s["distinct_pairs"] for s in sizes)
 

@@ -12,7 +12,7 @@ import functools
 import ipaddress
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from trackalert.durations import DurationError, parse_span
 from trackalert.netaddr import AddressError, parse_combo
@@ -111,39 +111,54 @@ def parse_filter(items: Iterable[tuple[Any, Any]]) -> Filter:
     values: dict[str, Any] = {}
     maps: dict[str, list[tuple[str, str]]] = {"device_attrs": [], "attrs": []}
     for key, value in items:
-        if not isinstance(key, str):
-            raise FilterError(f"filter keys must be strings, got {_kind(key)} {key!r}")
-        if key in ("login", "protocol", "pwhash", "country"):
-            values[key] = _text(key, value)
-        elif key == "remote":
-            values[key] = _remote(value)
-        elif key == "netmask":
-            values[key] = _netmask(value)
-        elif key == "success":
-            if not isinstance(value, bool):
-                raise FilterError(f"filter key 'success' must be a boolean, got {_kind(value)}")
-            values[key] = value
-        elif key == "asn":
-            number = _number(key, value)
-            if not number.is_integer() or number < 0:
-                raise FilterError("filter key 'asn' must be a non-negative integer")
-            values[key] = int(number)
-        elif key == "window":
-            values[key] = _window(value)
-        elif key in ("since", "until"):
-            values[key] = _number(key, value)
+        attribute, name, convert = key_converter(key)
+        if name:
+            maps[attribute].append((name, convert(value)))
         else:
-            for prefix in MAP_PREFIXES:
-                if key.startswith(prefix):
-                    maps[prefix[:-1]].append((_map_key(key, prefix), _text(key, value)))
-                    break
-            else:
-                raise FilterError(
-                    f"unknown filter key '{key}' (known keys: {', '.join(FILTER_KEYS)}, "
-                    f"device_attrs.<key>, attrs.<key>)"
-                )
+            values[attribute] = convert(value)
     return Filter(device_attrs=tuple(sorted(maps["device_attrs"])),
                   attrs=tuple(sorted(maps["attrs"])), **values)
+
+
+#: What one filter key's value becomes: (Filter attribute, map key or "", checking converter).
+KeyConverter = tuple[str, str, Callable[[Any], Any]]
+
+
+def key_converter(key: Any) -> KeyConverter:
+    """How `parse_filter` reads the value of `key`: shared with the filter plans (bound.py), so
+    that a filter parsed once per shape checks each value exactly as parse_filter does."""
+    if not isinstance(key, str):
+        raise FilterError(f"filter keys must be strings, got {_kind(key)} {key!r}")
+    return _key_converter(key)
+
+
+@functools.lru_cache(maxsize=1024)  # errors (unknown keys) are not remembered
+def _key_converter(key: str) -> KeyConverter:
+    if key in ("login", "protocol", "pwhash", "country"):
+        return key, "", functools.partial(_text, key)
+    simple = _CONVERTERS.get(key)
+    if simple is not None:
+        return key, "", simple
+    for prefix in MAP_PREFIXES:
+        if key.startswith(prefix):
+            return prefix[:-1], _map_key(key, prefix), functools.partial(_text, key)
+    raise FilterError(
+        f"unknown filter key '{key}' (known keys: {', '.join(FILTER_KEYS)}, "
+        f"device_attrs.<key>, attrs.<key>)"
+    )
+
+
+def _success(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise FilterError(f"filter key 'success' must be a boolean, got {_kind(value)}")
+    return value
+
+
+def _asn(value: Any) -> int:
+    number = _number("asn", value)
+    if not number.is_integer() or number < 0:
+        raise FilterError("filter key 'asn' must be a non-negative integer")
+    return int(number)
 
 
 def parse_field(name: Any) -> Field:
@@ -208,3 +223,14 @@ def _window(value: Any) -> float:
     if seconds <= 0:
         raise FilterError("filter key 'window' must be longer than 0s")
     return float(seconds)
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "remote": _remote,
+    "netmask": _netmask,
+    "success": _success,
+    "asn": _asn,
+    "window": _window,
+    "since": functools.partial(_number, "since"),
+    "until": functools.partial(_number, "until"),
+}

@@ -11,11 +11,14 @@ import functools
 import ipaddress
 import json
 import operator
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.filters import Filter
 from trackalert.eventlog.ipkey import V4, V6, ip_key
+
+if TYPE_CHECKING:
+    from trackalert.eventlog.bound import BoundFilter
 
 #: Positions in an `event_fields` row.
 SEQ, RECEIVED, LOGIN, SUCCESS, IP, PWHASH, COUNTRY, PROTOCOL, ASN, DEVICE_ATTRS, ATTRS = range(11)
@@ -41,27 +44,33 @@ def event_fields(event: Event) -> Row:
             r.device_attrs, r.attrs)
 
 
+#: The plain equality keys of a filter, in the order of its key tuple.
+EQUALITY_ORDER = ("login", "remote", "netmask", "pwhash", "country", "protocol", "asn")
+
+
 @functools.lru_cache(maxsize=4096)
-def _network(text: str) -> tuple[str, bytes]:
+def network_key(text: str) -> tuple[str, bytes]:
     """(key spec, key value) of a filter's netmask: family and bits, and the masked address."""
     network = ipaddress.ip_network(text, strict=False)
     tag = V4 if network.version == 4 else V6
     return f"net{network.version}/{network.prefixlen}", tag + network.network_address.packed
 
 
-def equality_keys(flt: Filter) -> tuple[tuple[str, ...], tuple]:
+def equality_keys(flt: "Filter | BoundFilter") -> tuple[tuple[str, ...], tuple]:
     """(key specs, key values) of a filter's equality keys, as `key_function` reads them from
-    a row: what every projection keys its state by."""
+    a row: what every projection keys its state by. A bound filter (bound.py) knows its own."""
+    if type(flt) is not Filter:
+        return flt.equality
     specs: list[str] = []
     values: list[Any] = []
-    for name in ("login", "remote", "netmask", "pwhash", "country", "protocol", "asn"):
+    for name in EQUALITY_ORDER:
         value = getattr(flt, name)
         if value is None:
             continue
         if name == "remote":
             value = ip_key(value)  # None: SQL's `ip = NULL`, which matches nothing
         elif name == "netmask":
-            name, value = _network(value)
+            name, value = network_key(value)
         specs.append(name)
         values.append(value)
     for prefix, pairs in (("d:", flt.device_attrs), ("a:", flt.attrs)):

@@ -45,6 +45,7 @@ import collections
 from typing import Any, Callable
 
 from trackalert.eventlog.base import Event, EventQueries
+from trackalert.eventlog.bound import BoundFilter, as_filter
 from trackalert.eventlog.filters import AsOf, Filter
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.keys import RECEIVED, SEQ, SUCCESS, Row, equality_keys, key_function
@@ -100,7 +101,7 @@ def _fields(row: Row) -> Row:
             row[15], row[13])
 
 
-def recent_cover(flt: Filter) -> tuple[RecentId, tuple] | None:
+def recent_cover(flt: Filter | BoundFilter) -> tuple[RecentId, tuple] | None:
     """The shape answering `flt` and the key tuple to look up, or None when it is not covered."""
     if flt.since is not None or flt.until is not None:
         return None
@@ -239,7 +240,7 @@ class RecentProjection:
             if len(shape.keys) - shape.swept >= self.sweep_after:
                 shape.sweep(event.received, event.seq)
 
-    def answer(self, helper: str, flt: Filter, n: int, as_of: AsOf, judged: tuple[int, float],
+    def answer(self, helper: str, flt: Filter | BoundFilter, n: int, as_of: AsOf, judged: tuple[int, float],
                sql: EventQueries, pick: Answer) -> Any:
         """`pick` of the rows SQL would give as of the judged report (seq, received), or
         NOT_ANSWERED when SQL must answer the whole call (not covered, n over WIDE, too many
@@ -268,7 +269,7 @@ class RecentProjection:
         self._calls[helper, "sql"] += 1
         if bound > BOUND and not shape.is_wide(key) and not self._may_widen():
             return NOT_ANSWERED
-        loaded = sql.recent_rows(flt, bound, as_of)
+        loaded = sql.recent_rows(as_filter(flt), bound, as_of)
         shape.load(key, [self._compact(row) for row in loaded], bound)
         return pick(loaded[:n])
 

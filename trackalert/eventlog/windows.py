@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import heapq
 import logging
 import operator
 import threading
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from trackalert.eventlog.base import Event, EventLog, EventQueries
+from trackalert.eventlog.bound import BoundFilter, as_filter
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.keys import (ASN, COUNTRY, IP, LOGIN, PROTOCOL, PWHASH, RECEIVED, SEQ,
                                       SUCCESS, Row, equality_keys, event_fields, key_function)
@@ -59,6 +61,8 @@ logger = logging.getLogger("trackalert")
 CHUNK = 5000
 #: A building shape this close to the runner is handed over to the runner thread to finish.
 NEAR = 1000
+#: Rows a tail looks at one by one before it bisects (it expires about one row per event).
+SCAN = 8
 #: Shapes kept at most (a policy building windows from data must not grow memory without end).
 MAX_SHAPES = 64
 
@@ -72,7 +76,7 @@ _COUNTED_COLUMNS = {"login": LOGIN, "remote": IP, "pwhash": PWHASH, "country": C
 # ------------------------------------------------------------------------ filters -> shapes
 
 
-def cover(flt: Filter, counted: Field | None) -> tuple[ShapeId, tuple] | None:
+def cover(flt: Filter | BoundFilter, counted: Field | None) -> tuple[ShapeId, tuple] | None:
     """The shape answering `flt` and the key tuple to look up, or None when it is not covered."""
     if flt.window is None or flt.since is not None or flt.until is not None:
         return None
@@ -80,6 +84,15 @@ def cover(flt: Filter, counted: Field | None) -> tuple[ShapeId, tuple] | None:
         return None
     specs, values = equality_keys(flt)
     return (specs, flt.success, flt.window, counted.name if counted else None), values
+
+
+#: topValues' fields answered from a shape: those whose counted values are SQL's values (not
+#: `remote`: SQL counts its text, which a stored row may have without an address key).
+_TOP_VALUES = frozenset(("login", "pwhash", "country", "protocol", "asn"))
+
+
+def _by_count_then_value(item: tuple[Any, int]) -> tuple[int, Any]:
+    return -item[1], item[0]
 
 
 def _counted(name: str) -> Callable[[Row], Any]:
@@ -98,14 +111,14 @@ class Shape:
 
     def __init__(self, shape_id: ShapeId) -> None:
         self.id = shape_id
-        specs, self._success, self.window, counted = shape_id
+        specs, self.success, self.window, counted = shape_id
         self._key = key_function(specs)
         self._value = _counted(counted) if counted else None
         self.counts: dict[tuple, Any] = {}
 
     def _keyed(self, rows: Iterable[Row]) -> Iterator[tuple[tuple, Row]]:
         """(key tuple, row) of the rows this shape counts (a tight loop: builds see millions)."""
-        success, key_of = self._success, self._key
+        success, key_of = self.success, self._key
         for row in rows:
             if success is not None and row[SUCCESS] != success:
                 continue
@@ -113,6 +126,8 @@ class Shape:
             if key is not None:
                 yield key, row
 
+    # add_all/remove_all are add/remove over many rows, inlined: a call per row made the
+    # builds of 10M events ~35 % slower (bench/policy_helpers_bench.py)
     def add_all(self, rows: Iterable[Row]) -> None:
         counts, value_of = self.counts, self._value
         if value_of is None:
@@ -152,6 +167,49 @@ class Shape:
             else:
                 del counts[key]
 
+    def add(self, row: Row) -> None:
+        """Count one row of this shape's `success` (the caller checked it)."""
+        key = self._key(row)
+        if key is None:
+            return
+        counts = self.counts
+        if self._value is None:
+            counts[key] = counts.get(key, 0) + 1
+            return
+        value = self._value(row)
+        if value is None:  # count(DISTINCT x) ignores NULL
+            return
+        seen = counts.get(key)
+        if seen is None:
+            counts[key] = {value: 1}
+        else:
+            seen[value] = seen.get(value, 0) + 1
+
+    def remove(self, row: Row) -> None:
+        """Uncount one row `add` counted."""
+        key = self._key(row)
+        if key is None:
+            return
+        counts = self.counts
+        if self._value is None:
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+            return
+        value = self._value(row)
+        if value is None:
+            return
+        seen = counts[key]
+        left = seen[value] - 1
+        if left:
+            seen[value] = left
+        elif len(seen) > 1:
+            del seen[value]
+        else:
+            del counts[key]
+
     def answer(self, key: tuple) -> int:
         if None in key:
             return 0
@@ -159,6 +217,14 @@ class Shape:
         if found is None:
             return 0
         return found if self._value is None else len(found)
+
+    def top(self, key: tuple, n: int) -> list[tuple[Any, int]]:
+        """The `n` most frequent counted values of `key`, as SQL's topValues orders them
+        (count descending, then value)."""
+        seen = None if None in key else self.counts.get(key)
+        if not seen or n <= 0:
+            return []
+        return heapq.nsmallest(n, seen.items(), key=_by_count_then_value)
 
     def size(self) -> tuple[int, int]:
         """(key tuples, distinct pairs) held: what the memory of this shape grows with."""
@@ -206,6 +272,27 @@ class Cursor:
                 yield run
             if end < len(rows):
                 return
+
+    def take_before(self, threshold: float, upto: int) -> list[Row]:
+        """`take_while_before`'s rows in one list, for the runner's tails: a few rows per event,
+        so a short scan finds them (bisection only for longer runs)."""
+        taken: list[Row] = []
+        while self.after < upto and self._ready():
+            rows, start = self._rows, self._next
+            end, j = len(rows), start
+            while j < end and j - start < SCAN:
+                row = rows[j]
+                if row[RECEIVED] >= threshold or row[SEQ] > upto:
+                    break
+                j += 1
+            else:
+                if j < end:
+                    j = min(bisect.bisect_left(rows, threshold, j, key=_received),
+                            bisect.bisect_right(rows, upto, j, key=_seq))
+            taken += self._take(j)
+            if j < end:
+                break
+        return taken
 
     def take_upto(self, upto: int) -> Iterator[list[Row]]:
         """Runs of the rows with seq <= `upto`."""
@@ -304,21 +391,22 @@ class WindowProjection:
             self._reset(event.seq - 1)
         if self._near:
             self._install_near(event)
-        for window in list(self._windows.values()):
-            tail = window.tail
-            threshold = event.received - window.seconds
-            for run in tail.take_while_before(threshold, self.position):
+        for window in self._windows.values():
+            expired = window.tail.take_before(event.received - window.seconds, self.position)
+            if expired:
                 for shape in window.shapes:
-                    shape.remove_all(run)
+                    shape.remove_all(expired)
 
     def finish(self, event: Event) -> None:
         """After `report` on `event`: the head adds it."""
         self.judging = None
         if self._windows or self.recent.shapes:
             row = event_fields(event)
+            success = row[SUCCESS]
             for window in self._windows.values():
                 for shape in window.shapes:
-                    shape.add_all((row,))
+                    if shape.success is None or shape.success == success:
+                        shape.add(row)
             if self.recent.shapes:
                 self.recent.add(event, row)
         self.position = event.seq
@@ -341,8 +429,25 @@ class WindowProjection:
             if oldest > window.tail.after + 1 and window.tail.after < self.position:
                 self._invalidate(window)
 
-    def answer(self, helper: str, flt: Filter, counted: Field | None, as_of: AsOf) -> int | None:
+    def answer(self, helper: str, flt: Filter | BoundFilter, counted: Field | None, as_of: AsOf) -> int | None:
         """The projection's answer, or None when SQL must answer (counted in `calls`)."""
+        found = self._shape(helper, flt, counted, as_of)
+        return None if found is None else found[0].answer(found[1])
+
+    def top(self, flt: Filter | BoundFilter, counted: Field, n: int,
+            as_of: AsOf) -> list[tuple[Any, int]] | None:
+        """topValues from the countDistinct shape of `counted`, or None when SQL must answer:
+        for the columns whose counted values are SQL's values."""
+        if counted.name not in _TOP_VALUES:
+            if as_of.before_seq is not None and as_of.before_seq == self.judging:
+                self.calls["topValues", "sql"] += 1
+            return None
+        found = self._shape("topValues", flt, counted, as_of)
+        return None if found is None else found[0].top(found[1], n)
+
+    def _shape(self, helper: str, flt: Filter | BoundFilter, counted: Field | None,
+               as_of: AsOf) -> tuple[Shape, tuple] | None:
+        """The active shape answering `flt` and the key to look up, or None for SQL."""
         if as_of.before_seq is None or as_of.before_seq != self.judging:
             return None
         covered = cover(flt, counted)
@@ -356,9 +461,9 @@ class WindowProjection:
             self.calls[helper, "sql"] += 1
             return None
         self.calls[helper, "projection"] += 1
-        return shape.answer(key)
+        return shape, key
 
-    def recent_answer(self, helper: str, flt: Filter, n: int, as_of: AsOf, sql: EventQueries,
+    def recent_answer(self, helper: str, flt: Filter | BoundFilter, n: int, as_of: AsOf, sql: EventQueries,
                       pick: Answer) -> Any:
         """`pick` of the newest `n` rows matching `flt` from the recent rows (recent.py), or
         NOT_ANSWERED when SQL must answer (outside the report being judged, or not covered)."""
@@ -571,30 +676,32 @@ class ProjectedQueries(EventQueries):
         self._projection = projection
         self.sql = sql
 
-    def count_reports(self, flt: Filter, as_of: AsOf) -> int:
+    def count_reports(self, flt: Filter | BoundFilter, as_of: AsOf) -> int:
         found = self._projection.answer("countReports", flt, None, as_of)
-        return self.sql.count_reports(flt, as_of) if found is None else found
+        return self.sql.count_reports(as_filter(flt), as_of) if found is None else found
 
-    def count_distinct(self, field: Field, flt: Filter, as_of: AsOf) -> int:
+    def count_distinct(self, field: Field, flt: Filter | BoundFilter, as_of: AsOf) -> int:
         found = self._projection.answer("countDistinct", flt, field, as_of)
-        return self.sql.count_distinct(field, flt, as_of) if found is None else found
+        return self.sql.count_distinct(field, as_filter(flt), as_of) if found is None else found
 
-    def top_values(self, field: Field, flt: Filter, n: int, as_of: AsOf) -> list[tuple[Any, int]]:
-        return self.sql.top_values(field, flt, n, as_of)
+    def top_values(self, field: Field, flt: Filter | BoundFilter, n: int,
+                   as_of: AsOf) -> list[tuple[Any, int]]:
+        found = self._projection.top(flt, field, n, as_of)
+        return self.sql.top_values(field, as_filter(flt), n, as_of) if found is None else found
 
-    def first_seen(self, flt: Filter, as_of: AsOf) -> float | None:
-        return self.sql.first_seen(flt, as_of)
+    def first_seen(self, flt: Filter | BoundFilter, as_of: AsOf) -> float | None:
+        return self.sql.first_seen(as_filter(flt), as_of)
 
-    def last_seen(self, flt: Filter, as_of: AsOf) -> float | None:
+    def last_seen(self, flt: Filter | BoundFilter, as_of: AsOf) -> float | None:
         found = self._projection.recent_answer("lastSeen", flt, 1, as_of, self.sql, _newest_received)
-        return self.sql.last_seen(flt, as_of) if found is NOT_ANSWERED else found
+        return self.sql.last_seen(as_filter(flt), as_of) if found is NOT_ANSWERED else found
 
-    def recent_reports(self, flt: Filter, n: int, as_of: AsOf) -> list[Event]:
-        return self.sql.recent_reports(flt, n, as_of)
+    def recent_reports(self, flt: Filter | BoundFilter, n: int, as_of: AsOf) -> list[Event]:
+        return self.sql.recent_reports(as_filter(flt), n, as_of)
 
-    def recent_rows(self, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
+    def recent_rows(self, flt: Filter | BoundFilter, n: int, as_of: AsOf) -> list[tuple]:
         found = self._projection.recent_answer("recentReports", flt, n, as_of, self.sql, list)
-        return self.sql.recent_rows(flt, n, as_of) if found is NOT_ANSWERED else found
+        return self.sql.recent_rows(as_filter(flt), n, as_of) if found is NOT_ANSWERED else found
 
 
 def _newest_received(rows: list[Row]) -> float | None:

@@ -11,12 +11,12 @@ convention for worker-only functions would have it) answered every console quest
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any, Callable
 
+from trackalert.eventlog.bound import BoundFilter, as_filter, bind_pairs
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
 from trackalert.eventlog.windows import running_projection
-from trackalert.lua.convert import LT_TIME, counted_table, describe, filter_pairs, is_table, report_tables
+from trackalert.lua.convert import LT_TIME, counted_table, describe, is_table, report_tables
 from trackalert.lua.registry import Where, lua_global
 
 #: Worker states, and the config state that answers console commands.
@@ -33,7 +33,8 @@ ComboAddress), `netmask` (`"192.0.2.0/24"`), `success` (boolean), `protocol`, `p
 time each report was received). Fastest: inside `report(lt)`, `countReports` and `countDistinct`
 (of `login`, `remote`, `remote/<bits>`, `pwhash`, `country`, `protocol` or `asn`) whose filter
 has only equal-to keys, `success` and a `window` (no `since`/`until`) answer in O(1) from window
-counts kept in memory in step with the policy runner, exactly as the query would; the first call
+counts kept in memory in step with the policy runner, exactly as the query would (and so does
+`topValues` of `login`, `pwhash`, `country`, `protocol` or `asn`, from the same counts); the first call
 of a new such filter shape starts building it from the log (a query answers meanwhile; some
 seconds per million events its window holds); so do `recentReports` with `n` up to 200 and
 `lastSeen` with such a filter (`window` optional), from the newest 16 rows of each key kept in
@@ -47,8 +48,9 @@ events received up to now. An unknown key or a value of the wrong type raises a 
 it."""
 
 
-def _queries(state: "LuaState") -> "EventQueries":
-    """Inside the runner's report call, the window projection (falling back to SQL itself);
+def _queries(state: "LuaState", flt: "BoundFilter | Filter") -> "tuple[EventQueries, BoundFilter | Filter]":
+    """The queries to ask and the filter to give them: inside the runner's report call, the
+    window projection (falling back to SQL itself), which takes a bound filter as it is;
     everywhere else (console, background, custom functions, replays without it) SQL."""
     log = state.host.eventlog
     if log is None:
@@ -56,8 +58,8 @@ def _queries(state: "LuaState") -> "EventQueries":
                            "and custom functions and on the console of a running daemon)")
     projection = running_projection()
     if projection is not None and state.as_of_seq is not None:
-        return projection.queries(log.queries())
-    return log.queries()
+        return projection.queries(log.queries()), flt
+    return log.queries(), as_filter(flt)
 
 
 def _as_of(state: "LuaState") -> AsOf:
@@ -71,11 +73,18 @@ def _as_of(state: "LuaState") -> AsOf:
     return known
 
 
-def _filter(state: "LuaState", value: Any) -> Filter:
-    flat = filter_pairs(state, value)
-    if flat is not None:
-        return _parsed(*flat)
-    # not a table, or something only parse_filter can judge: read it item by item
+def _filter(state: "LuaState", value: Any) -> "BoundFilter | Filter":
+    """The filter of a helper's Lua argument, read in one call into Lua."""
+    flat = state.values.lib.flat(value)
+    return _flat_filter(state, flat if type(flat) is tuple else (flat,))
+
+
+def _flat_filter(state: "LuaState", flat: tuple) -> "BoundFilter | Filter":
+    """The filter of values.flat's (True, key, value, ...), bound to the plan of its keys
+    (bound.py); for its (False, value), the value read item by item."""
+    if flat[0] is True:
+        return bind_pairs(flat[1:])
+    value = flat[1]
     if value is None:
         return Filter()
     if not is_table(value):
@@ -84,13 +93,11 @@ def _filter(state: "LuaState", value: Any) -> Filter:
     return parse_filter((key, state.values.plain(item)) for key, item in value.items())
 
 
-@functools.lru_cache(maxsize=4096, typed=True)
-def _parsed(_: bool, *flat: Any) -> Filter:
-    """The Filter of flat (key, value, ...) pairs, remembered: a report's policies ask several
-    helpers with the same filter, and a background function asks the same ones on every run.
-    Typed, so that `success=true` and `success=1` (an error) are never taken for each other;
-    errors are not remembered, so each one is raised again, word for word."""
-    return parse_filter(zip(flat[::2], flat[1::2]))
+def _with_flat(generic: Callable[..., Any], flat: Callable[..., Any]) -> Callable[..., Any]:
+    """`generic` (the helper as Lua called it) carrying the flat form values.V.wrap_flat calls
+    when the filter crossed as flat pairs (the `filter_at` of its lua_global)."""
+    generic.flat = flat  # type: ignore[attr-defined]
+    return generic
 
 
 def _count(value: Any, what: str) -> int:
@@ -103,13 +110,17 @@ def _count(value: Any, what: str) -> int:
     "countReports", HELPERS, "countReports(filter) -> number",
     "How many logged reports match `filter`. " + _FILTER_DOC,
     example='local fails = countReports({login=lt.login, success=false, window="1h"})',
-    topic="helpers",
+    topic="helpers", filter_at=(1, 1),
 )
 def _count_reports(state: "LuaState") -> Callable[[Any], int]:
-    def count_reports(flt: Any = None) -> int:
-        return _queries(state).count_reports(_filter(state, flt), _as_of(state))
+    def ask(flt: "BoundFilter | Filter") -> int:
+        queries, flt = _queries(state, flt)
+        return queries.count_reports(flt, _as_of(state))
 
-    return count_reports
+    def count_reports(flt: Any = None) -> int:
+        return ask(_filter(state, flt))
+
+    return _with_flat(count_reports, lambda *flat: ask(_flat_filter(state, flat)))
 
 
 @lua_global(
@@ -119,13 +130,17 @@ def _count_reports(state: "LuaState") -> Callable[[Any], int]:
     `fail_type`, `session_id`, `"device_attrs.<key>"`, `"attrs.<key>"`, and `"remote/<bits>"`
     (networks, e.g. `"remote/24"`). Unknown values (no enrichment) are not counted. """ + _FILTER_DOC,
     example='local sprayed = countDistinct("login", {remote=lt.remote, success=false, window="1h"})',
-    topic="helpers",
+    topic="helpers", filter_at=(2, 2),
 )
 def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
-    def count_distinct(field: Any, flt: Any = None) -> int:
-        return _queries(state).count_distinct(parse_field(field), _filter(state, flt), _as_of(state))
+    def ask(field: Any, flt: "BoundFilter | Filter") -> int:
+        queries, flt = _queries(state, flt)
+        return queries.count_distinct(parse_field(field), flt, _as_of(state))
 
-    return count_distinct
+    def count_distinct(field: Any, flt: Any = None) -> int:
+        return ask(field, _filter(state, flt))
+
+    return _with_flat(count_distinct, lambda field, *flat: ask(field, _flat_filter(state, flat)))
 
 
 @lua_global(
@@ -135,14 +150,18 @@ def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
     """ + _FILTER_DOC,
     example='for _, v in ipairs(topValues("country", {login=lt.login, success=true, window="180d"}, 3)) do\n'
             '  infoLog("country", {country=v.value, count=v.count})\nend',
-    topic="helpers",
+    topic="helpers", filter_at=(3, 2),
 )
 def _top_values(state: "LuaState") -> Callable[[Any, Any, Any], Any]:
-    def top_values(field: Any, flt: Any = None, n: Any = 10) -> Any:
-        rows = _queries(state).top_values(parse_field(field), _filter(state, flt), _count(n, "n"), _as_of(state))
+    def ask(field: Any, flt: "BoundFilter | Filter", n: Any) -> Any:
+        queries, flt = _queries(state, flt)
+        rows = queries.top_values(parse_field(field), flt, _count(n, "n"), _as_of(state))
         return counted_table(state, rows)
 
-    return top_values
+    def top_values(field: Any, flt: Any = None, n: Any = 10) -> Any:
+        return ask(field, _filter(state, flt), n)
+
+    return _with_flat(top_values, lambda field, n, *flat: ask(field, _flat_filter(state, flat), n))
 
 
 @lua_global(
@@ -151,26 +170,34 @@ def _top_values(state: "LuaState") -> Callable[[Any, Any, Any], Any]:
     none. """ + _FILTER_DOC,
     example='if firstSeen({login=lt.login, country=lt.country, success=true}) == nil then\n'
             '  warnLog("first login from this country", {login=lt.login})\nend',
-    topic="helpers",
+    topic="helpers", filter_at=(1, 1),
 )
 def _first_seen(state: "LuaState") -> Callable[[Any], float | None]:
-    def first_seen(flt: Any = None) -> float | None:
-        return _queries(state).first_seen(_filter(state, flt), _as_of(state))
+    def ask(flt: "BoundFilter | Filter") -> float | None:
+        queries, flt = _queries(state, flt)
+        return queries.first_seen(flt, _as_of(state))
 
-    return first_seen
+    def first_seen(flt: Any = None) -> float | None:
+        return ask(_filter(state, flt))
+
+    return _with_flat(first_seen, lambda *flat: ask(_flat_filter(state, flat)))
 
 
 @lua_global(
     "lastSeen", HELPERS, "lastSeen(filter) -> time or nil",
     """When the last report matching `filter` was received (epoch seconds), or nil. """ + _FILTER_DOC,
     example='local last = lastSeen({login=lt.login, success=true})',
-    topic="helpers",
+    topic="helpers", filter_at=(1, 1),
 )
 def _last_seen(state: "LuaState") -> Callable[[Any], float | None]:
-    def last_seen(flt: Any = None) -> float | None:
-        return _queries(state).last_seen(_filter(state, flt), _as_of(state))
+    def ask(flt: "BoundFilter | Filter") -> float | None:
+        queries, flt = _queries(state, flt)
+        return queries.last_seen(flt, _as_of(state))
 
-    return last_seen
+    def last_seen(flt: Any = None) -> float | None:
+        return ask(_filter(state, flt))
+
+    return _with_flat(last_seen, lambda *flat: ask(_flat_filter(state, flat)))
 
 
 @lua_global(
@@ -180,11 +207,15 @@ def _last_seen(state: "LuaState") -> Callable[[Any], float | None]:
     `latitude`, `longitude`, `asn`, `isp` (nil/"" when unknown). """ + _FILTER_DOC,
     example='local prev = recentReports({login=lt.login, success=true}, 1)[1]\n'
             'if prev then infoLog("previous login", {from=prev.remote}) end',
-    topic="helpers",
+    topic="helpers", filter_at=(2, 1),
 )
 def _recent_reports(state: "LuaState") -> Callable[[Any, Any], Any]:
-    def recent_reports(flt: Any = None, n: Any = 10) -> Any:
-        rows = _queries(state).recent_rows(_filter(state, flt), _count(n, "n"), _as_of(state))
+    def ask(flt: "BoundFilter | Filter", n: Any) -> Any:
+        queries, flt = _queries(state, flt)
+        rows = queries.recent_rows(flt, _count(n, "n"), _as_of(state))
         return report_tables(state, rows)
 
-    return recent_reports
+    def recent_reports(flt: Any = None, n: Any = 10) -> Any:
+        return ask(_filter(state, flt), n)
+
+    return _with_flat(recent_reports, lambda n, *flat: ask(_flat_filter(state, flat), n))

@@ -116,36 +116,6 @@ function E.counted(a, count)
   return out
 end
 
--- A filter table's pairs, flat, in pairs() order, addresses and netmasks as their text (what
--- the filter takes): (true, key1, value1, ...). Just false for anything else (not a table, a key
--- that is not a string, a value that is neither a string, a number, a boolean nor one of those
--- objects, more than FLAT_MAX pairs): the caller then reads it item by item, which raises the
--- errors it always did.
-local ca_text, netmask_text = V.ca_text, V.netmask_text
-local FLAT_MAX = 16
-local collect
-local function prepend(k, v, ok, ...)
-  if not ok then return false end
-  return true, k, v, ...
-end
-collect = function(t, key, depth)
-  local k, v = next(t, key)
-  if k == nil then return true end
-  if depth >= FLAT_MAX or type(k) ~= "string" then return false end
-  local kind = type(v)
-  if kind == "table" then
-    v = ca_text(v) or netmask_text(v)
-    if v == nil then return false end
-  elseif kind ~= "string" and kind ~= "number" and kind ~= "boolean" then
-    return false
-  end
-  return prepend(k, v, collect(t, k, depth + 1))
-end
-function E.filter(t)
-  if type(t) ~= "table" then return false end
-  return collect(t, nil, 0)
-end
-
 return E
 """
 
@@ -203,15 +173,6 @@ def counted_table(state: "LuaState", pairs: list[tuple[Any, int]]) -> Any:
 def _flat(state: "LuaState", rows: list[tuple]) -> Any:
     """Rows as one Lua array, row after row: a single crossing whatever their number."""
     return state.lua.table_from(list(chain.from_iterable(rows)))
-
-
-def filter_pairs(state: "LuaState", value: Any) -> tuple[Any, ...] | None:
-    """A filter table's (True, key, value, key, value, ...) read in one call into Lua, addresses
-    and netmasks as their text; None for anything else (see E.filter in _EVENTS)."""
-    flat = _events(state).filter(value)
-    if flat is False:
-        return None
-    return (True,) if flat is True else flat
 
 
 #: state.cache key of (seq, received) of the report(lt) being run (see call_with_tuple).

@@ -39,6 +39,9 @@ class LuaGlobal:
     factory: Factory
     example: str = ""
     topic: str = "general"
+    #: (arity, position) of a filter argument that crosses flat (values.V.wrap_flat): the
+    #: factory's callable then has a `flat` attribute taking (other arguments..., flat pairs).
+    filter_at: tuple[int, int] | None = None
 
 
 REGISTRY: dict[str, LuaGlobal] = {}
@@ -51,13 +54,15 @@ def lua_global(
     doc: str,
     example: str = "",
     topic: str = "general",
+    filter_at: tuple[int, int] | None = None,
 ) -> Callable[[Factory], Factory]:
     """Declare a Lua global; the decorated function builds its implementation for one state."""
 
     def register(factory: Factory) -> Factory:
         if name in REGISTRY:
             raise ValueError(f"Lua global {name} declared twice")
-        REGISTRY[name] = LuaGlobal(name, where, signature, doc.strip(), factory, example, topic)
+        REGISTRY[name] = LuaGlobal(name, where, signature, doc.strip(), factory, example, topic,
+                                   filter_at)
         return factory
 
     return register

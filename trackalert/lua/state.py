@@ -81,10 +81,15 @@ class LuaState:
     def _install_globals(self) -> None:
         g = self.lua.globals()
         # A Lua function around each Python one, raising its errors at the caller's line.
-        wrap = self.values.lib.wrap
+        wrap, wrap_flat = self.values.lib.wrap, self.values.lib.wrap_flat
         for spec in load_all().values():
             if self.kind.value in spec.where:
-                g[spec.name] = wrap(guarded(spec.factory(self), self), spec.name)
+                impl = spec.factory(self)
+                if spec.filter_at is None:
+                    g[spec.name] = wrap(guarded(impl, self), spec.name)
+                else:
+                    g[spec.name] = wrap_flat(guarded(impl, self), guarded(impl.flat, self),  # type: ignore[attr-defined]
+                                             spec.name, *spec.filter_at)
             else:
                 g[spec.name] = wrap(None, spec.name)  # a silent no-op here, as in the C++ daemon
 

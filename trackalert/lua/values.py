@@ -80,6 +80,62 @@ function V.wrap(impl, name)
   return function(...) return finish(name, pcall(impl, ...)) end
 end
 
+-- A filter table's pairs, flat, in next() order, addresses and netmasks as their text (what the
+-- filter takes): (true, key1, value1, ...), so that a helper crosses into Python once, with
+-- plain values. (false, t) for anything else (not a table, a key that is not a string, a value
+-- that is neither a string, a number, a boolean nor one of those objects, more than FLAT_MAX
+-- pairs): Python then reads it item by item, which raises the errors it always did.
+local FLAT_MAX, flat_pairs, unpack, next, select = 16, {}, unpack, next, select
+local CA, NM  -- the address and netmask classes, below
+local function flat(t)
+  if type(t) ~= "table" then return false, t end
+  local n = 0
+  for k, v in next, t do
+    if n >= 2 * FLAT_MAX or type(k) ~= "string" then return false, t end
+    local kind = type(v)
+    if kind == "table" then
+      local mt = getmetatable(v)
+      if mt == CA then v = v._ip elseif mt == NM then v = v._net else return false, t end
+    elseif kind ~= "string" and kind ~= "number" and kind ~= "boolean" then
+      return false, t
+    end
+    flat_pairs[n + 1], flat_pairs[n + 2] = k, v
+    n = n + 2
+  end
+  return true, unpack(flat_pairs, 1, n)
+end
+V.flat = flat
+
+-- A helper taking a filter: called with exactly `arity` arguments, the filter (argument `at`)
+-- crosses flat, after the other arguments: fast(others..., flat(filter)); any other call goes
+-- to `impl` as it was made (its own errors, word for word).
+function V.wrap_flat(impl, fast, name, arity, at)
+  local slow = V.wrap(impl, name)
+  if arity == 1 then
+    return function(...)
+      if select("#", ...) ~= 1 then return slow(...) end
+      return finish(name, pcall(fast, flat((...))))
+    end
+  elseif arity == 2 and at == 1 then
+    return function(...)
+      if select("#", ...) ~= 2 then return slow(...) end
+      local f, b = ...
+      return finish(name, pcall(fast, b, flat(f)))
+    end
+  elseif arity == 2 then
+    return function(...)
+      if select("#", ...) ~= 2 then return slow(...) end
+      local a, f = ...
+      return finish(name, pcall(fast, a, flat(f)))
+    end
+  end
+  return function(...)
+    if select("#", ...) ~= 3 then return slow(...) end
+    local a, f, b = ...
+    return finish(name, pcall(fast, a, b, flat(f)))
+  end
+end
+
 -- Run fn(...) for Python: (true, results...) or (false, message with traceback). A message
 -- without a line of its own (a tail call, an error value that is not a string) is given the
 -- function that was run.
@@ -157,7 +213,8 @@ local function prefix(hex, bits)
 end
 
 ----------------------------------------------------------------------------- ComboAddress
-local CA, CA_M = class("ComboAddress")
+local CA_M
+CA, CA_M = class("ComboAddress")
 
 function V.ca(ip, port, hex, version, mapped)
   return setmetatable({ _ip = ip, _port = port, _hex = hex, _v = version, _mapped = mapped }, CA)
@@ -186,7 +243,8 @@ function V.ca_text(value)
 end
 
 -------------------------------------------------------------------------------- Netmask
-local NM, NM_M = class("Netmask")
+local NM_M
+NM, NM_M = class("Netmask")
 
 function V.netmask(version, bits, key, network, text)
   return setmetatable({ _v = version, _bits = bits, _key = key, _net = network, _text = text }, NM)
