@@ -31,7 +31,7 @@ from elasticsearch import AsyncElasticsearch, Elasticsearch
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_OPTIONS = ("tls", "ca_file", "verify_certs", "api_key", "templates", "timeout")
+_OPTIONS = ("tls", "ca_file", "verify_certs", "api_key", "templates", "timeout", "spool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,8 @@ class ElasticSettings:
     #: Install/update the index templates at start (needs the manage_index_templates privilege).
     install_templates: bool = True
     request_timeout: float = 10.0
+    #: The local spool file that takes reports while the cluster is away (None: no spool).
+    spool: str | None = None
 
     @property
     def location(self) -> str:
@@ -73,7 +75,8 @@ def parse_elastic_url(url: str) -> ElasticSettings:
     """``elasticsearch://[user:password@]host[:port][,host[:port]...][/prefix][?options]``.
 
     Options: ``tls=1`` (https), ``ca_file=PATH``, ``verify_certs=0``, ``api_key=KEY``,
-    ``templates=0`` (do not install templates), ``timeout=SECONDS``. A URL
+    ``templates=0`` (do not install templates), ``timeout=SECONDS``, ``spool=PATH`` (a local
+    SQLite file that takes the reports while the cluster is away, es_spool.py). A URL
     rather than a table keeps setEventLog one string for both backends.
     """
     parts = urlsplit(url)
@@ -104,6 +107,7 @@ def parse_elastic_url(url: str) -> ElasticSettings:
         verify_certs=_flag(query, "verify_certs", True),
         install_templates=_flag(query, "templates", True),
         request_timeout=float(query.get("timeout", "10")),
+        spool=query.get("spool") or None,
     )
 
 

@@ -178,6 +178,12 @@ def format_eventlog_summary(info: dict[str, Any]) -> str:
         ("Retention", _span(info.get("retention_seconds"))),
         ("Policy lag", f"{info.get('lag_events', 0)} events, {info.get('lag_seconds', 0.0):.1f} s"),
     ]
+    if "cluster" in info:
+        rows.append(("Cluster", str(info["cluster"])))
+    if "spool" in info:
+        spool = info["spool"]
+        rows.append(("Spool", f"{spool['depth']} reports, oldest {spool['age_seconds']:.1f} s "
+                              f"({spool['path']})"))
     if "projection" in info:
         rows.append(("Projection", _projection(info["projection"])))
     return "".join(f"{label + ':':<14}{value}\n" for label, value in rows)
