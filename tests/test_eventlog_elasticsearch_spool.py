@@ -174,6 +174,18 @@ async def test_a_start_without_the_cluster_needs_a_spool_that_has_seen_it(
         await log.open()
 
 
+async def test_a_refused_certificate_is_no_reason_to_spool(
+        url: str, open_log: ElasticEventLog, stoppable: Stoppable) -> None:
+    """Waiting does not fix a TLS failure (here: https to a plain-HTTP server): even with a
+    spool that has seen the cluster, the start fails instead of spooling for ever."""
+    await open_log.append(report(0))  # the spool has seen the cluster
+    await open_log.close()
+    log = ElasticEventLog(parse_elastic_url(url.replace("?", "?tls=1&", 1)), VirtualClock())
+    with pytest.raises(EventLogError, match="does not start without its event log"):
+        await log.open()
+    assert not log.spooling
+
+
 async def test_a_forward_repeated_after_a_crash_stores_nothing_twice(
         url: str, stoppable: Stoppable, tmp_path: Path) -> None:
     """The seqs a forward is about to use are in the spool before its bulk: rows left behind by

@@ -33,6 +33,7 @@ from typing import Any, Awaitable, Callable
 
 from elasticsearch import ApiError, AsyncElasticsearch, ConflictError, NotFoundError, TransportError
 from elasticsearch.helpers import async_bulk
+from elastic_transport import TlsError
 
 from trackalert.clock import Clock
 from trackalert.eventlog.base import (
@@ -208,14 +209,16 @@ class ElasticEventLog(EventLog):
     # ------------------------------------------------------------------ open / close
 
     async def open(self) -> None:
-        self._client = async_client(self.settings)
-        self._counter = _SeqCounter(self._client, self.state_index)
         if self.spool is not None:
             await self.spool.open()
+        self._client = async_client(self.settings)
+        self._counter = _SeqCounter(self._client, self.state_index)
         try:
             await self._connect()
         except EventLogError as exc:
-            if self.spool is None:
+            if self.spool is None or exc.__cause__ is None or not _is_away(exc.__cause__):
+                if self.spool is not None:  # e.g. a refused password: no use waiting for it
+                    await self.spool.close()
                 await self._client.close()
                 raise
             await self._start_spooled(exc)
@@ -837,6 +840,8 @@ def _is_away(exc: BaseException) -> bool:
     than that it refused the request (which a retry would not change)."""
     if isinstance(exc, ApiError):
         return exc.meta.status in AWAY_STATUSES
+    if isinstance(exc, TlsError):  # a certificate refused: waiting does not change it
+        return False
     return isinstance(exc, (TransportError, OSError, asyncio.TimeoutError))
 
 

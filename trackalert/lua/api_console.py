@@ -205,7 +205,9 @@ def _projection(summary: dict[str, Any]) -> str:
     """Console output: the event log's backend and location, how many events it holds (and
     their seq range), its size on disk, the oldest and newest event (UTC), the retention, how
     far the report policy lags behind (events and seconds), and the window projection: its
-    shapes and their sizes, and how many helper calls in `report` it answered vs SQL.""",
+    shapes and their sizes, and how many helper calls in `report` it answered vs SQL. An
+    Elasticsearch log with a spool adds the spool's depth and age, and whether the cluster
+    is away (docs/elasticsearch.md).""",
     topic="console",
 )
 def _show_event_log(state: "LuaState") -> Callable[[], None]:
