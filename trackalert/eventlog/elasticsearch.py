@@ -752,6 +752,8 @@ class ElasticEventLog(EventLog):
 
     def save_cursor(self, name: str, seq: int) -> None:
         self._cursors[name] = seq
+        if self.spooling:  # no bulk carries it while the cluster is away: the spool keeps it
+            self._keep_state(force=True)
         if self._flusher is None and self._cursor_timer is None and self._open:
             self._cursor_timer = asyncio.get_running_loop().call_later(CURSOR_DELAY, self._cursor_due)
 
