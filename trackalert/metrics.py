@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from typing import Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -109,6 +109,28 @@ class _EventLogCollector:
             family = GaugeMetricFamily(name, help_text)
             if stats is not None:
                 family.add_metric([], getattr(stats, field))
+            yield family
+        if stats is not None and hasattr(stats, "spool_depth"):  # an Elasticsearch log's spool
+            yield from self._spool(stats)
+
+    @staticmethod
+    def _spool(stats: Any) -> Iterator[Metric]:
+        families = (
+            (GaugeMetricFamily, "trackalert_eventlog_spool_depth",
+             "Reports in the local spool, answered 200 but not yet forwarded to the cluster.",
+             "spool_depth"),
+            (GaugeMetricFamily, "trackalert_eventlog_spool_age_seconds",
+             "How long the oldest spooled report has been waiting for the cluster (0: empty).",
+             "spool_age_seconds"),
+            (CounterMetricFamily, "trackalert_eventlog_spooled",
+             "Appends answered from the spool because the cluster was away.", "spooled_total"),
+            (CounterMetricFamily, "trackalert_eventlog_spool_refused",
+             "Spooled reports the cluster refused when they were forwarded (logged, dropped).",
+             "spool_refused_total"),
+        )
+        for kind, name, help_text, field in families:
+            family = kind(name, help_text)
+            family.add_metric([], getattr(stats, field))
             yield family
 
     def _read(self) -> EventLogStats | None:

@@ -33,7 +33,8 @@ from elasticsearch import AsyncElasticsearch, Elasticsearch
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_OPTIONS = ("tls", "ca_file", "verify_certs", "api_key", "templates", "timeout", "node")
+_OPTIONS = ("tls", "ca_file", "verify_certs", "api_key", "templates", "timeout", "node",
+            "spool")
 #: What a node id may hold: it is a keyword in every event and part of state document ids.
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -56,6 +57,8 @@ class ElasticSettings:
     #: This daemon's name on the cluster: stored in each event it appends, it names the
     #: events its policy runner must run and its cursors (docs/elasticsearch.md, several nodes).
     node: str = "node"
+    #: The local spool file that takes reports while the cluster is away (None: no spool).
+    spool: str | None = None
 
     @property
     def location(self) -> str:
@@ -81,7 +84,8 @@ def parse_elastic_url(url: str) -> ElasticSettings:
 
     Options: ``tls=1`` (https), ``ca_file=PATH``, ``verify_certs=0``, ``api_key=KEY``,
     ``templates=0`` (do not install templates), ``timeout=SECONDS``, ``node=NAME`` (this
-    daemon's node id on a shared cluster; the host name by default). A URL
+    daemon's node id on a shared cluster; the host name by default), ``spool=PATH`` (a local
+    SQLite file that takes the reports while the cluster is away, es_spool.py). A URL
     rather than a table keeps setEventLog one string for both backends.
     """
     parts = urlsplit(url)
@@ -113,6 +117,7 @@ def parse_elastic_url(url: str) -> ElasticSettings:
         install_templates=_flag(query, "templates", True),
         request_timeout=float(query.get("timeout", "10")),
         node=_node_id(query.get("node") or socket.gethostname()[:64]),
+        spool=query.get("spool") or None,
     )
 
 

@@ -178,6 +178,12 @@ def format_eventlog_summary(info: dict[str, Any]) -> str:
         ("Retention", _span(info.get("retention_seconds"))),
         ("Policy lag", f"{info.get('lag_events', 0)} events, {info.get('lag_seconds', 0.0):.1f} s"),
     ]
+    if "cluster" in info:
+        rows.append(("Cluster", str(info["cluster"])))
+    if "spool" in info:
+        spool = info["spool"]
+        rows.append(("Spool", f"{spool['depth']} reports, oldest {spool['age_seconds']:.1f} s "
+                              f"({spool['path']})"))
     if "projection" in info:
         rows.append(("Projection", _projection(info["projection"])))
     return "".join(f"{label + ':':<14}{value}\n" for label, value in rows)
@@ -199,7 +205,9 @@ def _projection(summary: dict[str, Any]) -> str:
     """Console output: the event log's backend and location, how many events it holds (and
     their seq range), its size on disk, the oldest and newest event (UTC), the retention, how
     far the report policy lags behind (events and seconds), and the window projection: its
-    shapes and their sizes, and how many helper calls in `report` it answered vs SQL.""",
+    shapes and their sizes, and how many helper calls in `report` it answered vs SQL. An
+    Elasticsearch log with a spool adds the spool's depth and age, and whether the cluster
+    is away (docs/elasticsearch.md).""",
     topic="console",
 )
 def _show_event_log(state: "LuaState") -> Callable[[], None]:
