@@ -18,6 +18,11 @@ during the run (peak and end), and the CPU time the core process and the web wor
 durable report during the load. It asserts nothing. With --prefill N the log first holds N events
 of the same vocabulary (written directly, as the daemon would store them).
 
+--elasticsearch runs the daemon on an Elasticsearch event log instead: a local osmem-server (the
+in-memory OpenSearch-compatible server of the tests, PyPI `osmem-server`) started for the run,
+`setEventLog("elasticsearch://127.0.0.1:PORT/bench")`; the figures then add the server's CPU per
+durable report (durable: counted by `_count` after a refresh; --prefill does not apply).
+
 --profile FILE records the core process with py-spy (`pip install py-spy` in the venv; not a
 dependency of trackalert) during the load and prints where the time goes.
 
@@ -29,14 +34,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 # Import trackalert as the daemon's `python -m trackalert` will (working directory, PYTHONPATH, the
 # venv), so that the policies and test data used are that checkout's; this repository last.
@@ -51,9 +60,9 @@ STARTER = ("new_country", "new_device", "impossible_travel", "password_spray", "
            "pwhash_spray")
 
 
-def daemon_config(policy: str, lua_states: int, web_processes: int) -> str:
+def daemon_config(policy: str, lua_states: int, web_processes: int, log_url: str | None = None) -> str:
     """The operator's config: enrichment as docs/lua-api.md shows, policies as docs/policies.md."""
-    config = listener_config() + f"""
+    config = listener_config() + (f'setEventLog("{log_url}")\n' if log_url else "") + f"""
 setNumLuaStates({lua_states})
 setNumWebProcesses({web_processes})
 newGeoIP2DB("City", "{reports.CITY_DB}")
@@ -130,24 +139,27 @@ def print_profile(path: Path, top: int = 15) -> None:
             print(f"    {100 * count / max(1, total):5.1f}%  {frame}")
 
 
-def measure(process: DaemonProcess, db_path: Path, script: Path, args: argparse.Namespace) -> dict[str, Any]:
+def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, args: argparse.Namespace,
+            server_pid: int | None = None) -> dict[str, Any]:
     metrics = process.url("/metrics")
     harness.run_wrk(process.url("/command/report"), 32, args.warmup, script, "warmup")
     if harness.wait_for_drain(metrics, args.drain_timeout) is None:
         print(f"  the warm-up's policy lag did not drain within {args.drain_timeout:.0f} s: "
               "the load starts behind", flush=True)
     with harness.MemorySampler(process.process.pid) as memory:
-        before_stored = harness.stored(db_path)
+        before_stored = stored()
         lag_at_start = harness.policy_lag(metrics)
         before_done = before_stored - lag_at_start
         profiler = Profiler(args.profile, process.process.pid, min(args.profile_seconds, args.duration),
                             args.profile_gil)
         started = time.monotonic()
+        server_before = harness.process_cpu_seconds(server_pid) if server_pid else 0.0
         with harness.CpuMeter(process.process.pid) as cpu:
             wrk = harness.run_wrk(process.url("/command/report"), args.connections, args.duration,
                                   script, "load")
+        server_s = harness.process_cpu_seconds(server_pid) - server_before if server_pid else 0.0
         elapsed = time.monotonic() - started
-        after_stored = harness.stored(db_path)
+        after_stored = stored()
         lag = harness.policy_lag(metrics)
         rss_load_end = memory.last_mib
         drain = harness.wait_for_drain(metrics, args.drain_timeout)
@@ -166,6 +178,8 @@ def measure(process: DaemonProcess, db_path: Path, script: Path, args: argparse.
         "cpu_core_us_per_report": 1e6 * cpu.core_s / max(1, after_stored - before_stored),
         "cpu_web_us_per_report": 1e6 * cpu.others_s / max(1, after_stored - before_stored),
         "cpu_core_share": cpu.core_s / cpu.wall_s if cpu.wall_s else 0.0,
+        "cpu_server_us_per_report": 1e6 * server_s / max(1, after_stored - before_stored),
+        "cpu_server_share": server_s / cpu.wall_s if cpu.wall_s else 0.0,
         "cpu_web_share": cpu.others_s / cpu.wall_s if cpu.wall_s else 0.0,
     }
 
@@ -185,15 +199,52 @@ def report_figures(f: dict[str, Any], drain_timeout: float) -> None:
     print(f"  daemon CPU          core {f['cpu_core_us_per_report']:.0f} µs/report "
           f"({100 * f['cpu_core_share']:.0f} % of a core), web workers "
           f"{f['cpu_web_us_per_report']:.0f} µs/report ({100 * f['cpu_web_share']:.0f} % of a core)")
+    if f["cpu_server_us_per_report"]:
+        print(f"  osmem-server CPU    {f['cpu_server_us_per_report']:.0f} µs/report "
+              f"({100 * f['cpu_server_share']:.0f} % of a core)")
     print(f"  log holds {f['log_events']:,} events")
 
 
+@contextlib.contextmanager
+def osmem_log() -> Iterator[tuple[str, Callable[[], int], int]]:
+    """A started osmem-server: the log URL, how many events it holds durably, its pid."""
+    from osmem_server import OsmemServer
+
+    server = OsmemServer.start(addr="127.0.0.1:0", japanese=False)
+    base = server.url.rstrip("/")
+
+    def stored() -> int:
+        for method, path in (("POST", "/bench-events/_refresh"), ("GET", "/bench-events/_count")):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(base + path, method=method),
+                                            timeout=30) as response:
+                    body = json.load(response)
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:  # no events index yet
+                    return 0
+                raise
+        return int(body["count"])
+
+    try:
+        yield f"elasticsearch://{base.split('://', 1)[1]}/bench", stored, server.pid
+    finally:
+        server.close()
+
+
 def run(args: argparse.Namespace, script: Path) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ta-workload-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ta-workload-") as tmp, contextlib.ExitStack() as stack:
         directory = Path(tmp)
-        db_path = directory / "trackalert-events.db"
-        reports.prepare_log(db_path, args.prefill, args.prefill_cache)
-        config = daemon_config(args.policy, args.lua_states, args.web_processes)
+        if args.elasticsearch:
+            if args.prefill:
+                sys.exit("--prefill writes a SQLite log; it does not apply with --elasticsearch")
+            log_url, stored, server_pid = stack.enter_context(osmem_log())
+            print(f"  osmem-server pid {server_pid}, log {log_url}", flush=True)
+        else:
+            db_path = directory / "trackalert-events.db"
+            reports.prepare_log(db_path, args.prefill, args.prefill_cache)
+            log_url, server_pid = None, None
+            stored = lambda: harness.stored(db_path)  # noqa: E731
+        config = daemon_config(args.policy, args.lua_states, args.web_processes, log_url)
         process = DaemonProcess(directory, config, args=("-s",))
         try:
             process.start(timeout=args.start_timeout)
@@ -202,7 +253,7 @@ def run(args: argparse.Namespace, script: Path) -> dict[str, Any]:
                 sys.exit(f"the daemon runs {origin}, but this script loaded the policies and data "
                          f"of {reports.CODE_ROOT}: run it from that checkout's directory")
             print(f"  daemon pid {process.process.pid} runs trackalert from {origin}", flush=True)
-            figures = measure(process, db_path, script, args)
+            figures = measure(process, stored, script, args, server_pid)
         finally:
             try:
                 process.stop()
@@ -219,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up load (32 connections)")
     parser.add_argument("--prefill", type=int, default=0, help="events already in the log")
     parser.add_argument("--prefill-cache", type=Path, help="keep prefilled logs here and copy them")
+    parser.add_argument("--elasticsearch", action="store_true",
+                        help="log into a local osmem-server started for the run")
     parser.add_argument("--lua-states", type=int, default=4)
     parser.add_argument("--web-processes", type=int, default=2)
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="longest wait for lag 0")
@@ -237,7 +290,7 @@ def main() -> None:
         handle.write(reports.wrk_script())
         script = Path(handle.name)
     try:
-        key = f"policy={args.policy} prefill={args.prefill}"
+        key = f"policy={args.policy} prefill={args.prefill}" + (" log=es" if args.elasticsearch else "")
         print(f"== workload: {key}, {args.connections} connections, {args.duration:.0f} s, "
               f"setNumLuaStates({args.lua_states}), setNumWebProcesses({args.web_processes})", flush=True)
         result = run(args, script)

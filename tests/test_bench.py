@@ -167,3 +167,22 @@ def test_compare_rounds_share_a_prefill_cache_only_when_told(tmp_path: Path) -> 
     assert parsed.prefill_cache == tmp_path / "prefill-tree" and parsed.prefill == 5
     assert workload.parse_args(shared[2:]).prefill_cache == tmp_path / "shared"
     assert compare.parse_args([]).prefill_cache is None
+
+
+def test_the_elasticsearch_workload_counts_what_the_daemon_stored(tmp_path: Path) -> None:
+    """workload.py --elasticsearch: the daemon logs into the osmem-server it started, and the
+    durable count its figures divide by is what the daemon acknowledged."""
+    import workload
+
+    requests = wrk_requests(60)
+    with workload.osmem_log() as (log_url, stored, server_pid):
+        assert stored() == 0
+        assert b"osmem" in Path(f"/proc/{server_pid}/cmdline").read_bytes()  # whose CPU is counted
+        config = workload.daemon_config("empty", 2, 0, log_url)
+        with DaemonProcess(tmp_path, config) as daemon:
+            for headers, body in requests:
+                assert post(daemon.url("/command/report"), body, headers) == (200, {"status": "ok"})
+            assert stored() == len(requests)
+        assert harness.process_cpu_seconds(server_pid) > 0
+    assert not (tmp_path / "trackalert-events.db").exists()
+    assert workload.parse_args(["--elasticsearch"]).elasticsearch

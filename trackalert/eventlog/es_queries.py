@@ -121,6 +121,19 @@ class ElasticQueries(EventQueries):
             return []
         return [to_report_row(hit["_source"]) for hit in self._hits(query, "desc", n)]
 
+    def search_body(self, body: dict, as_of: AsOf) -> dict:
+        """Run a whole search body (esQuery's stored queries) as of `as_of`: its query must
+        match and so must the as-of bounds, added as a filter (its scores stay its own)."""
+        bounds: list[dict] = []
+        if as_of.before_seq is not None:
+            bounds.append({"range": {"seq": {"lt": as_of.before_seq}}})
+        elif as_of.now is not None:
+            bounds.append({"range": {"received": {"lte": as_of.now}}})
+        query = body.get("query", {"match_all": {}})
+        body = {**body, "query": {"bool": {"must": [query], "filter": bounds}}}
+        self._make_visible(as_of)
+        return self._client.search(index=self._index, body=body).body
+
     # ------------------------------------------------------------------ searching
 
     def _edge(self, flt: Filter, as_of: AsOf, order: str) -> float | None:
