@@ -20,13 +20,13 @@ import pytest
 from elastic_server import elastic_base, with_prefix  # noqa: F401  (fixtures)
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.alerts import (
-    OUTCOMES, Alert, AlertAsOf, AlertFilter, AlertStore, MemoryAlerts, alert_table, new_alert,
+    OUTCOMES, Alert, AlertFilter, AlertStore, MemoryAlerts, alert_table, new_alert,
     parse_alert_filter,
 )
 from trackalert.eventlog.elasticsearch import ElasticEventLog
 from trackalert.eventlog.es_client import async_client, parse_elastic_url
 from trackalert.eventlog.es_templates import remove_templates
-from trackalert.eventlog.filters import FilterError
+from trackalert.eventlog.filters import AsOf, FilterError
 from trackalert.eventlog.retention import retention_pass
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.report import Report
@@ -93,12 +93,12 @@ def test_the_as_of_rule_in_report_sees_only_alerts_of_earlier_reports() -> None:
     store.record(new_alert("a", "h", body("p", "alice", None), T0, T0, seq=5))
     store.record(new_alert("b", "h", body("p", "alice", None), T0 + 1, T0 + 1, seq=None))
     store.record(new_alert("c", "h", body("p", "alice", None), T0 + 2, T0 + 2, seq=6))
-    counts = [store.count(AlertFilter(login="alice"), AlertAsOf(before_seq=s, now=T0 + 2))
+    counts = [store.count(AlertFilter(login="alice"), AsOf(before_seq=s, now=T0 + 2))
               for s in (5, 6, 7)]
     assert counts == [0, 1, 2], "report(lt) sees alerts of reports before lt, never background ones"
-    assert store.count(AlertFilter(), AlertAsOf(now=T0 + 1)) == 2  # elsewhere: all up to now
-    assert store.count(AlertFilter(window=1.5), AlertAsOf(now=T0 + 2)) == 2
-    assert [a.delivery_id for a in store.recent(AlertFilter(), 2, AlertAsOf())] == ["c", "b"]
+    assert store.count(AlertFilter(), AsOf(now=T0 + 1)) == 2  # elsewhere: all up to now
+    assert store.count(AlertFilter(window=1.5), AsOf(now=T0 + 2)) == 2
+    assert [a.delivery_id for a in store.recent(AlertFilter(), 2, AsOf())] == ["c", "b"]
 
 
 @pytest.fixture(params=["sqlite", "elasticsearch"])
@@ -145,12 +145,12 @@ def filters(rng: random.Random, count: int) -> list[AlertFilter]:
     return chosen
 
 
-def as_ofs(rng: random.Random, count: int, size: int) -> list[AlertAsOf]:
-    points = [AlertAsOf(), AlertAsOf(now=T0 + 60 * size)]
+def as_ofs(rng: random.Random, count: int, size: int) -> list[AsOf]:
+    points = [AsOf(), AsOf(now=T0 + 60 * size)]
     for _ in range(count):
         seq = rng.randrange(1, size + 2)
-        points.append(AlertAsOf(before_seq=seq, now=T0 + 60 * (seq - 1)))  # in report(lt)
-        points.append(AlertAsOf(now=T0 + 60 * rng.randrange(size)))  # background at a time
+        points.append(AsOf(before_seq=seq, now=T0 + 60 * (seq - 1)))  # in report(lt)
+        points.append(AsOf(now=T0 + 60 * rng.randrange(size)))  # background at a time
     return points
 
 
@@ -174,8 +174,8 @@ async def test_every_store_gives_the_memory_stores_answers(store: AlertStore) ->
             nonzero += want > 0
             checked += 1
     assert nonzero > checked // 3, "the filters must select something, or equal answers say little"
-    assert await asyncio.to_thread(store.count, AlertFilter(), AlertAsOf()) == 400
-    whole = await asyncio.to_thread(store.recent, AlertFilter(), 1000, AlertAsOf())
+    assert await asyncio.to_thread(store.count, AlertFilter(), AsOf()) == 400
+    whole = await asyncio.to_thread(store.recent, AlertFilter(), 1000, AsOf())
     assert sorted(whole, key=lambda a: a.delivery_id) == alerts  # every field round-trips
 
 
@@ -186,12 +186,12 @@ async def test_the_outcome_is_written_back_and_retention_prunes_by_time(store: A
     await asyncio.to_thread(store.settle, "d00004", "delivered", 1, "", T0 + 9)
     await asyncio.to_thread(store.settle, "unknown", "delivered", 1, "", T0 + 9)  # no error
     found = {a.delivery_id: a for a in await asyncio.to_thread(
-        store.recent, AlertFilter(), 100, AlertAsOf())}
+        store.recent, AlertFilter(), 100, AsOf())}
     assert (found["d00003"].outcome, found["d00003"].attempts, found["d00003"].error,
             found["d00003"].settled) == ("pending", 2, "Received 503", None)
     assert (found["d00004"].outcome, found["d00004"].settled) == ("delivered", T0 + 9)
     assert await asyncio.to_thread(store.prune, T0 + 60 * 20) == 20
-    left = await asyncio.to_thread(store.recent, AlertFilter(), 100, AlertAsOf())
+    left = await asyncio.to_thread(store.recent, AlertFilter(), 100, AsOf())
     assert sorted(a.delivery_id for a in left) == [f"d{i:05d}" for i in range(20, 50)]
 
 
@@ -213,12 +213,12 @@ async def test_retention_prunes_alerts_with_the_events_at_scale(tmp_path: Path) 
                     f"d{appended.seq}", "h", body("p", "alice", None), clock.time(), clock.time(),
                     seq=appended.seq))
             await clock.advance(1.0)
-        assert await asyncio.to_thread(store.count, AlertFilter(), AlertAsOf()) == 1000
+        assert await asyncio.to_thread(store.count, AlertFilter(), AsOf()) == 1000
         removed = await retention_pass(log, clock, keep_seconds=100, delivery_window=86400)
         assert removed == (5000, 0, 500)
-        left = await asyncio.to_thread(store.recent, AlertFilter(), 10_000, AlertAsOf())
+        left = await asyncio.to_thread(store.recent, AlertFilter(), 10_000, AsOf())
         assert len(left) == 500 and min(a.time for a in left) == T0 + 100
-        assert await asyncio.to_thread(store.count, AlertFilter(login="alice"), AlertAsOf(
+        assert await asyncio.to_thread(store.count, AlertFilter(login="alice"), AsOf(
             before_seq=10_001, now=clock.time())) == 500
     finally:
         await log.close()
@@ -240,7 +240,7 @@ async def test_many_threads_record_while_the_log_takes_appends(tmp_path: Path) -
                                       T0 + i, seq=i + 1)
                     store.record(alert)
                     store.settle(alert.delivery_id, "delivered", 1, "", T0 + i)
-                    store.count(AlertFilter(login=f"u{n}"), AlertAsOf(before_seq=i + 1, now=T0 + i))
+                    store.count(AlertFilter(login=f"u{n}"), AsOf(before_seq=i + 1, now=T0 + i))
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
@@ -250,7 +250,7 @@ async def test_many_threads_record_while_the_log_takes_appends(tmp_path: Path) -
         appended = await asyncio.gather(*(log.append(report(i)) for i in range(400)))
         await asyncio.to_thread(lambda: [t.join(timeout=120) for t in threads])
         assert errors == [] and len(appended) == 400
-        all_alerts = await asyncio.to_thread(store.recent, AlertFilter(), 10_000, AlertAsOf())
+        all_alerts = await asyncio.to_thread(store.recent, AlertFilter(), 10_000, AsOf())
         assert len(all_alerts) == 8 * 120  # ids repeat after 120: recorded once
         assert {a.outcome for a in all_alerts} == {"delivered"}
     finally:
@@ -279,7 +279,7 @@ async def test_trackalert_alerts_reads_the_config_log_and_never_creates_one(tmp_
             await asyncio.to_thread(log.alerts().record, alert)
     finally:
         await log.close()
-    want = _filled(history(30, seed=2)).recent(AlertFilter(login="bob"), 1000, AlertAsOf())[::-1]
+    want = _filled(history(30, seed=2)).recent(AlertFilter(login="bob"), 1000, AsOf())[::-1]
     listed = subprocess.run([sys.executable, "-m", "trackalert", "alerts", "-C", str(tmp_path / "t.conf"),
                              "--login", "bob", "--json"], capture_output=True, text=True, timeout=60,
                             cwd="/")

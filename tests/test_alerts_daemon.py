@@ -18,7 +18,8 @@ from aiohttp import web
 
 from elastic_server import elastic_base, elastic_url  # noqa: F401  (fixtures)
 from trackalert.eventlog import open_alerts
-from trackalert.eventlog.alerts import AlertAsOf, AlertFilter
+from trackalert.eventlog.alerts import AlertFilter
+from trackalert.eventlog.filters import AsOf
 from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,8 +139,8 @@ async def test_starter_alerts_are_recorded_delivered_asked_and_listed(
             store = open_alerts(log_url)
             try:
                 delivered = AlertFilter(outcome="delivered")
-                assert await wait_for(lambda: store.count(delivered, AlertAsOf()) == 20, timeout=30)
-                stored = store.recent(AlertFilter(), 100, AlertAsOf())
+                assert await wait_for(lambda: store.count(delivered, AsOf()) == 20, timeout=30)
+                stored = store.recent(AlertFilter(), 100, AsOf())
             finally:
                 store.close()
     finally:

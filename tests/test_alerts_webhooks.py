@@ -10,7 +10,8 @@ import pytest
 
 from test_webhooks import Hooks, Receiver, hook_config
 from trackalert.clock import VirtualClock
-from trackalert.eventlog.alerts import AlertAsOf, AlertFilter
+from trackalert.eventlog.alerts import AlertFilter
+from trackalert.eventlog.filters import AsOf
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.testing import wait_for
 
@@ -25,7 +26,7 @@ async def test_each_attempt_updates_the_record_until_its_outcome(tmp_path: Path)
             store = hooks.webhooks.alerts = log.alerts()
 
             def record(n: int = 10) -> dict:
-                return {a.body: a for a in store.recent(AlertFilter(), n, AlertAsOf())}
+                return {a.body: a for a in store.recent(AlertFilter(), n, AsOf())}
 
             assert hooks.run("alert", '{"policy": "p", "login": "alice"}')
             await hooks.until_attempted(1, count=1)
@@ -49,7 +50,7 @@ async def test_each_attempt_updates_the_record_until_its_outcome(tmp_path: Path)
             assert (dropped.outcome, dropped.error) == ("dropped", "outbox full (0 deliveries)")
             assert not hooks.run("nope", "unknown hook")  # no hook: not recorded
             assert len(record()) == 3
-            assert store.count(AlertFilter(login="alice", outcome="delivered"), AlertAsOf()) == 1
+            assert store.count(AlertFilter(login="alice", outcome="delivered"), AsOf()) == 1
             assert len(receiver.requests) == 3
     finally:
         await receiver.stop()

@@ -359,7 +359,8 @@ def alerts_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     _quiet_logging()
     from trackalert.eventlog import open_alerts
-    from trackalert.eventlog.alerts import AlertAsOf, alert_table, parse_alert_filter
+    from trackalert.eventlog.alerts import alert_table, parse_alert_filter
+    from trackalert.eventlog.filters import AsOf
 
     try:
         url = args.url or ("sqlite:///" + os.path.abspath(args.log) if args.log
@@ -368,7 +369,7 @@ def alerts_main(argv: Sequence[str]) -> int:
         flt = parse_alert_filter((k, getattr(args, k)) for k in keys if getattr(args, k) is not None)
         store = open_alerts(url)
         try:
-            found = store.recent(flt, args.limit, AlertAsOf())[::-1]
+            found = store.recent(flt, args.limit, AsOf())[::-1]
         finally:
             store.close()
     except Exception as exc:  # noqa: BLE001 - any store's error, said in one line

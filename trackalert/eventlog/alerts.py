@@ -30,10 +30,10 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
-from trackalert.eventlog.filters import FilterError, _kind, _number, _remote, _text, _window
+from trackalert.eventlog.filters import AsOf, FilterError, _kind, _number, _remote, _text, _window
 
 __all__ = [
-    "ALERT_FILTER_KEYS", "OUTCOMES", "Alert", "AlertAsOf", "AlertFilter", "AlertStore",
+    "ALERT_FILTER_KEYS", "OUTCOMES", "Alert", "AlertFilter", "AlertStore",
     "MemoryAlerts", "alert_table", "new_alert", "parse_alert_filter",
 ]
 
@@ -124,15 +124,6 @@ class AlertFilter:
     until: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AlertAsOf:
-    """In report(lt): `before_seq` = lt's seq, `now` = when lt was received. Elsewhere:
-    `before_seq` None and `now` the clock's time."""
-
-    before_seq: int | None = None
-    now: float | None = None
-
-
 def parse_alert_filter(items: Iterable[tuple[Any, Any]]) -> AlertFilter:
     """An `AlertFilter` from (key, value) pairs, e.g. a Lua table's items."""
     values: dict[str, Any] = {}
@@ -159,7 +150,7 @@ def parse_alert_filter(items: Iterable[tuple[Any, Any]]) -> AlertFilter:
     return AlertFilter(**values)
 
 
-def time_bounds(flt: AlertFilter, as_of: AlertAsOf) -> tuple[float | None, float | None]:
+def time_bounds(flt: AlertFilter, as_of: AsOf) -> tuple[float | None, float | None]:
     """(lowest, highest) alert time, both inclusive, the filter and the as-of rule allow."""
     low, high = flt.since, flt.until
     if as_of.now is not None:
@@ -170,7 +161,7 @@ def time_bounds(flt: AlertFilter, as_of: AlertAsOf) -> tuple[float | None, float
     return low, high
 
 
-def matches(alert: Alert, flt: AlertFilter, as_of: AlertAsOf) -> bool:
+def matches(alert: Alert, flt: AlertFilter, as_of: AsOf) -> bool:
     """The rule every store implements, spelt out once (MemoryAlerts uses it; the SQL and
     Elasticsearch stores translate it and are tested against it)."""
     if as_of.before_seq is not None and (alert.seq is None or alert.seq >= as_of.before_seq):
@@ -196,11 +187,11 @@ class AlertStore(abc.ABC):
         """Write a delivery's outcome (or, with outcome pending, a failed attempt) back."""
 
     @abc.abstractmethod
-    def count(self, flt: AlertFilter, as_of: AlertAsOf) -> int:
+    def count(self, flt: AlertFilter, as_of: AsOf) -> int:
         """How many alerts match."""
 
     @abc.abstractmethod
-    def recent(self, flt: AlertFilter, n: int, as_of: AlertAsOf) -> list[Alert]:
+    def recent(self, flt: AlertFilter, n: int, as_of: AsOf) -> list[Alert]:
         """Up to `n` matching alerts, newest first (by time, then delivery id)."""
 
     @abc.abstractmethod
@@ -229,10 +220,10 @@ class MemoryAlerts(AlertStore):
             self._alerts[delivery_id] = replace(alert, outcome=outcome, attempts=attempts,
                                                 error=error, settled=at)
 
-    def count(self, flt: AlertFilter, as_of: AlertAsOf) -> int:
+    def count(self, flt: AlertFilter, as_of: AsOf) -> int:
         return sum(1 for _ in self._matching(flt, as_of))
 
-    def recent(self, flt: AlertFilter, n: int, as_of: AlertAsOf) -> list[Alert]:
+    def recent(self, flt: AlertFilter, n: int, as_of: AsOf) -> list[Alert]:
         found = sorted(self._matching(flt, as_of), key=lambda a: (a.time, a.delivery_id), reverse=True)
         return found[:max(0, n)]
 
@@ -242,7 +233,7 @@ class MemoryAlerts(AlertStore):
             del self._alerts[key]
         return len(old)
 
-    def _matching(self, flt: AlertFilter, as_of: AlertAsOf) -> Iterator[Alert]:
+    def _matching(self, flt: AlertFilter, as_of: AsOf) -> Iterator[Alert]:
         return (alert for alert in self._alerts.values() if matches(alert, flt, as_of))
 
 

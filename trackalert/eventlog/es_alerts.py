@@ -19,8 +19,9 @@ from typing import Any
 from elasticsearch import ApiError, Elasticsearch, NotFoundError
 
 from trackalert.eventlog.alerts import (
-    MAX_RECENT, Alert, AlertAsOf, AlertFilter, AlertStore, time_bounds,
+    MAX_RECENT, Alert, AlertFilter, AlertStore, time_bounds,
 )
+from trackalert.eventlog.filters import AsOf
 
 
 class ElasticAlerts(AlertStore):
@@ -50,11 +51,11 @@ class ElasticAlerts(AlertStore):
             return  # pruned meanwhile
         self._wrote()
 
-    def count(self, flt: AlertFilter, as_of: AlertAsOf) -> int:
+    def count(self, flt: AlertFilter, as_of: AsOf) -> int:
         self._visible()
         return int(self._client.count(index=self.index, query=_query(flt, as_of))["count"])
 
-    def recent(self, flt: AlertFilter, n: int, as_of: AlertAsOf) -> list[Alert]:
+    def recent(self, flt: AlertFilter, n: int, as_of: AsOf) -> list[Alert]:
         if n <= 0:
             return []
         self._visible()
@@ -107,7 +108,7 @@ def _alert(source: dict[str, Any]) -> Alert:
     )
 
 
-def _query(flt: AlertFilter, as_of: AlertAsOf) -> dict[str, Any]:
+def _query(flt: AlertFilter, as_of: AsOf) -> dict[str, Any]:
     """alerts.matches as a bool query; values are data in the structure, never query text."""
     terms: list[dict[str, Any]] = []
     if as_of.before_seq is not None:

@@ -15,7 +15,8 @@ import threading
 import urllib.parse
 from typing import Any
 
-from trackalert.eventlog.alerts import Alert, AlertAsOf, AlertFilter, AlertStore, time_bounds
+from trackalert.eventlog.alerts import Alert, AlertFilter, AlertStore, time_bounds
+from trackalert.eventlog.filters import AsOf
 from trackalert.eventlog.base import EventLogError
 
 BUSY_TIMEOUT_MS = 5000
@@ -68,11 +69,11 @@ class SQLiteAlerts(AlertStore):
         self._change("UPDATE alerts SET outcome = ?, attempts = ?, error = ?, settled = ? "
                       "WHERE delivery_id = ?", (outcome, attempts, error, at, delivery_id))
 
-    def count(self, flt: AlertFilter, as_of: AlertAsOf) -> int:
+    def count(self, flt: AlertFilter, as_of: AsOf) -> int:
         where, args = _where(flt, as_of)
         return int(self._execute(f"SELECT count(*) FROM alerts WHERE {where}", args)[0][0])
 
-    def recent(self, flt: AlertFilter, n: int, as_of: AlertAsOf) -> list[Alert]:
+    def recent(self, flt: AlertFilter, n: int, as_of: AsOf) -> list[Alert]:
         where, args = _where(flt, as_of)
         rows = self._execute(f"SELECT {_COLUMNS} FROM alerts WHERE {where} "
                              "ORDER BY time DESC, delivery_id DESC LIMIT ?", (*args, max(0, n)))
@@ -88,7 +89,7 @@ class SQLiteAlerts(AlertStore):
                 self._db = None
 
 
-def _where(flt: AlertFilter, as_of: AlertAsOf) -> tuple[str, tuple]:
+def _where(flt: AlertFilter, as_of: AsOf) -> tuple[str, tuple]:
     """The SQL of alerts.matches; values bound, never spliced."""
     terms, args = ["1"], []  # type: list[str], list[Any]
     if as_of.before_seq is not None:

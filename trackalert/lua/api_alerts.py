@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.eventlog.alerts import (
-    ALERT_FILTER_KEYS, MAX_RECENT, AlertAsOf, AlertFilter, AlertStore, parse_alert_filter,
+    ALERT_FILTER_KEYS, MAX_RECENT, AlertFilter, AlertStore, parse_alert_filter,
 )
-from trackalert.eventlog.filters import FilterError
+from trackalert.eventlog.filters import AsOf, FilterError
 from trackalert.lua.convert import LT_TIME, describe, is_table
 from trackalert.lua.registry import Where, lua_global
 
@@ -51,10 +51,10 @@ def _store(state: "LuaState") -> AlertStore:
     return alerts
 
 
-def _as_of(state: "LuaState") -> AlertAsOf:
+def _as_of(state: "LuaState") -> AsOf:
     if state.as_of_seq is not None:
-        return AlertAsOf(before_seq=state.as_of_seq, now=report_time(state))
-    return AlertAsOf(now=state.host.clock.time())
+        return AsOf(before_seq=state.as_of_seq, now=report_time(state))
+    return AsOf(now=state.host.clock.time())
 
 
 def _filter(state: "LuaState", value: Any) -> AlertFilter:
