@@ -63,9 +63,16 @@ async def hammer(process: DaemonProcess, prefix: str, total: int, concurrency: i
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
 
 
-@pytest.mark.parametrize("web_processes", [0, 2])
-async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path, web_processes: int) -> None:
-    config = RECORDING_POLICY + f"setNumWebProcesses({web_processes})\n"
+def in_mode(config: str, policy_process: bool) -> str:
+    """`config` with the policy in the core (False) or in its own process (True)."""
+    return config + f"setPolicyProcess({str(policy_process).lower()})\n"
+
+
+@pytest.mark.parametrize("web_processes,policy_process", [(0, False), (2, False), (2, True)])
+async def test_kill_9_under_load_loses_nothing_acknowledged(
+    tmp_path: Path, web_processes: int, policy_process: bool,
+) -> None:
+    config = in_mode(RECORDING_POLICY + f"setNumWebProcesses({web_processes})\n", policy_process)
     process = DaemonProcess(tmp_path, config).start()
     acked: list[str] = []
     await hammer(process, "crash", total=20_000, concurrency=64, acked=acked, kill_after=2_000)
@@ -80,13 +87,15 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path, web_
     assert set(ran) == stored, "report ran for each stored event, and only for them"
 
 
-async def test_a_graceful_stop_saves_the_cursor(tmp_path: Path) -> None:
-    with DaemonProcess(tmp_path, RECORDING_POLICY) as process:
+@pytest.mark.parametrize("policy_process", [False, True])
+async def test_a_graceful_stop_saves_the_cursor(tmp_path: Path, policy_process: bool) -> None:
+    config = in_mode(RECORDING_POLICY, policy_process)
+    with DaemonProcess(tmp_path, config) as process:
         acked: list[str] = []
         await hammer(process, "graceful", total=500, concurrency=16, acked=acked)
         assert await wait_for(lambda: len(ran_logins(tmp_path)) == 500)
         assert process.stop() == 0
-    with DaemonProcess(tmp_path, RECORDING_POLICY) as process:
+    with DaemonProcess(tmp_path, config) as process:
         acked2: list[str] = []
         await hammer(process, "second", total=10, concurrency=2, acked=acked2)
         assert await wait_for(lambda: len(ran_logins(tmp_path)) == 510)
@@ -114,8 +123,11 @@ async def lag(process: DaemonProcess) -> float:
     raise AssertionError("no trackalert_policy_lag_events in /metrics")
 
 
-async def test_a_slow_policy_lags_behind_without_slowing_ingestion(tmp_path: Path) -> None:
-    with DaemonProcess(tmp_path, SLOW_POLICY) as process:
+@pytest.mark.parametrize("policy_process", [False, True])
+async def test_a_slow_policy_lags_behind_without_slowing_ingestion(
+    tmp_path: Path, policy_process: bool,
+) -> None:
+    with DaemonProcess(tmp_path, in_mode(SLOW_POLICY, policy_process)) as process:
         acked: list[str] = []
         await hammer(process, "slow", total=40, concurrency=8, acked=acked)
         assert len(acked) == 40  # all acknowledged though the policy needs ~2 s for them

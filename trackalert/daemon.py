@@ -31,6 +31,7 @@ from trackalert.lua.pool import LuaPool
 from trackalert.lua.runner import PolicyRunner
 from trackalert.lua.state import LuaError, LuaState, LuaSyntaxError, StateKind
 from trackalert.perfstats import log_every
+from trackalert.policyproc.supervisor import Launch, PolicyProcess
 from trackalert.settings import Settings
 from trackalert.console.service import ConsoleService, bind_control_sockets  # the console
 from trackalert.ingest import Ingest
@@ -127,12 +128,9 @@ class Daemon:
         assert self.host.webhooks is not None
         self.host.webhooks.alerts = eventlog.alerts()  # runCustomWebHook records there
         pool = LuaPool(self.workers, self.host.clock)
-        runner = PolicyRunner(eventlog, pool, self.host)
+        runner, describe = await self._start_runner(eventlog, pool, url)
         self.host.metrics.set_lag_source(runner.lag_events, runner.lag_seconds)
         self.host.metrics.set_eventlog_source(lambda: eventlog.stats)
-        if runner.projection is not None:
-            self.host.metrics.set_projection_calls(runner.projection.calls)
-        await runner.start()
         await self._start_alerting(pool)
         ingest = Ingest(self.host, eventlog)
         self.web = WebServer(self.host, ingest, pool)
@@ -142,7 +140,7 @@ class Daemon:
         # the local console only for a foreground daemon (it checks for a terminal itself)
         console = ConsoleService(
             self.host, self.config_state, pool, eventlog, lambda: (runner.lag_events(), runner.lag_seconds()),
-            runner.projection.describe if runner.projection else None,
+            describe,
         )
         await console.start(self.control_sockets, local_console=self.options.mode == "foreground")
         tasks = self._background_tasks(eventlog, pool)
@@ -170,6 +168,33 @@ class Daemon:
             self.host.webhooks.alerts = None
             await eventlog.close()
             pool.close()
+
+    async def _start_runner(
+        self, eventlog: EventLog, pool: LuaPool, url: str,
+    ) -> tuple[PolicyRunner | PolicyProcess, Callable[[], dict[str, Any]] | None]:
+        """The policy runner here, or in a process of its own (setPolicyProcess, SQLite only:
+        the process reads the file beside the writer); and what describes its projection."""
+        settings = self.host.settings
+        if settings.policy_process and eventlog.backend != "sqlite":
+            log.logger.warning("setPolicyProcess(true) needs a SQLite event log; the policy "
+                               "runs in the core process")
+        if settings.policy_process and eventlog.backend == "sqlite":
+            launch = Launch(os.path.abspath(self.options.config_file), settings.config_dir, url,
+                            self._log_options().arguments())
+            process = PolicyProcess(self.host, eventlog, launch)
+            self.host.metrics.set_projection_calls(process.projection_calls)
+            try:
+                await process.start()
+            except RuntimeError as exc:
+                await process.stop()
+                raise StartupError(str(exc)) from exc
+            log.logger.info("The policy runs in its own process")
+            return process, process.describe_projection
+        runner = PolicyRunner(eventlog, pool, self.host)
+        if runner.projection is not None:
+            self.host.metrics.set_projection_calls(runner.projection.calls)
+        await runner.start()
+        return runner, runner.projection.describe if runner.projection else None
 
     async def _start_web(self, ingest: Ingest) -> WebWorkers | None:
         """Serve HTTP here, or from web worker processes that hand reports to this one."""

@@ -219,6 +219,27 @@ lua_global(
     example="setNumWebProcesses(2)", topic="web",
 )(_setter("num_web_processes", _count("setNumWebProcesses", minimum=0)))
 
+def _flag(what: str) -> Callable[[Any], bool]:
+    def convert(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{what} takes true or false, got {describe(value)} {value!r}")
+        return value
+
+    return convert
+
+
+lua_global(
+    "setPolicyProcess", CONFIG, "setPolicyProcess(on)",
+    """Run `report(lt)` in a process of its own (true) or in the core process (false, the
+    default). The policy process runs the same configuration in its own Lua states, reads each
+    new event from the log (SQLite only; another log keeps the policy in the core) and leaves
+    the core's interpreter to ingestion. Its `runCustomWebHook` calls, cursor saves, custom
+    stats and error counts go to the core, which stores and counts them as before; a policy
+    process that dies is logged and restarted, and runs again from the saved cursor. Background
+    functions and custom endpoints stay in the core's states. Read at start.""",
+    example="setPolicyProcess(true)", topic="web",
+)(_setter("policy_process", _flag("setPolicyProcess")))
+
 lua_global(
     "setNumWorkerThreads", CONFIG, "setNumWorkerThreads(n)",
     """Accepted for compatibility. trackalert serves HTTP on one event loop and never runs Lua on

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from trackalert import log
 from trackalert.eventlog.windows import WindowProjection, set_running_projection
@@ -48,8 +48,12 @@ class PolicyRunner:
         batch_max: int = 256,
         buffer_max: int = BUFFER_MAX,
         projection: bool = True,
+        save_cursor: Callable[[int], None] | None = None,
     ) -> None:
         self._log = eventlog
+        #: Where `done` goes: the log's cursor here; in a runner process, a message to the core
+        #: (whose writer owns the file), sent after the batch's webhooks so they land first.
+        self._save_cursor = save_cursor or (lambda seq: eventlog.save_cursor(CURSOR_NAME, seq))
         self._pool = pool
         self._host = host
         self._batch_max = batch_max
@@ -100,7 +104,14 @@ class PolicyRunner:
             await asyncio.wait(self._tasks, timeout=timeout)
         if self.projection is not None:
             self.projection.close()
-        self._log.save_cursor(CURSOR_NAME, self.done)
+        self._save_cursor(self.done)
+
+    def notify_head(self, seq: int) -> None:
+        """The core committed up to `seq` (a runner process has no appends to listen to): the
+        events are read back from the log by the cursor."""
+        if seq > self.head:
+            self.head = seq
+            self._wake.set()
 
     def lag_events(self) -> int:
         return max(0, self.head - self.done)
@@ -203,7 +214,7 @@ class PolicyRunner:
         done = min(self._inflight) - 1 if self._inflight else self.dispatched
         if done > self.done:
             self.done = done
-            self._log.save_cursor(CURSOR_NAME, done)
+            self._save_cursor(done)
 
     def _run_in_state(self, state: "LuaState", batch: "list[Event]",
                       projection: WindowProjection | None) -> None:

@@ -1,0 +1,168 @@
+"""The policy runner in its own process (setPolicyProcess): every stored report still runs at
+least once across a kill -9 of the policy process or of the whole daemon (a real webhook
+receiver on loopback counts the alerts), the alerts and outbox rows carry the causing event's
+seq, and the core's /metrics counts what the policy process did."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from test_daemon import hammer, stored_logins
+from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+
+AUTH = basic_auth()
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that keeps each delivery's body (the login)."""
+
+    def __init__(self) -> None:
+        self.logins: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> "Receiver":
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.logins.append((await request.read()).decode())
+        return web.Response(text="{}")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def config(port: int) -> str:
+    return listener_config() + f"""
+setNumLuaStates(2)
+setPolicyProcess(true)
+addCustomWebHook("hook", {{url="http://127.0.0.1:{port}/hook"}})
+addCustomStat("judged")
+function report(lt)
+  incCustomStat("judged")
+  if lt.login == "boom" then error("policy fault") end
+  runCustomWebHook("hook", lt.login)
+end
+setReport(report)
+"""
+
+
+def policy_pid(daemon_pid: int) -> int | None:
+    """The policy process among the daemon's children (by its command line)."""
+    path = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children")
+    for child in path.read_text().split():
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"trackalert.policyproc.child" in cmdline:
+            return int(child)
+    return None
+
+
+def delivered_seqs(directory: Path) -> dict[str, int]:
+    """login -> seq of each recorded alert."""
+    with sqlite3.connect(directory / "trackalert-events.db") as db:
+        return {body.decode(): seq for body, seq in db.execute("SELECT body, seq FROM alerts")}
+
+
+async def test_a_kill_9_of_the_policy_process_reruns_and_never_skips(tmp_path: Path) -> None:
+    receiver = await Receiver().start()
+    try:
+        with DaemonProcess(tmp_path, config(receiver.port)) as process:
+            first = policy_pid(process.process.pid)
+            assert first is not None
+            acked: list[str] = []
+            load = asyncio.create_task(hammer(process, "k", total=3_000, concurrency=16, acked=acked))
+            assert await wait_for(lambda: len(receiver.logins) >= 300, timeout=60)
+            os.kill(first, signal.SIGKILL)
+            await load
+            assert await wait_for(
+                lambda: (policy_pid(process.process.pid) or first) != first, timeout=30)
+            stored = set(stored_logins(tmp_path))
+            assert set(acked) <= stored
+            assert await wait_for(lambda: set(receiver.logins) >= stored, timeout=60)
+            assert process.process.poll() is None, "the core survived its policy process"
+        assert "The policy process (pid %d) exited" % first in process.output()
+        assert set(receiver.logins) == stored, "alerts only for stored reports"
+    finally:
+        await receiver.stop()
+
+
+async def test_a_kill_9_of_the_daemon_reruns_from_the_saved_cursor(tmp_path: Path) -> None:
+    receiver = await Receiver().start()
+    try:
+        process = DaemonProcess(tmp_path, config(receiver.port)).start()
+        acked: list[str] = []
+        await hammer(process, "d", total=20_000, concurrency=32, acked=acked, kill_after=2_000)
+        assert process.process.returncode == -9
+        stored = set(stored_logins(tmp_path))
+        assert set(acked) <= stored
+        with DaemonProcess(tmp_path, config(receiver.port)):
+            assert await wait_for(lambda: set(receiver.logins) >= stored, timeout=90)
+        assert set(receiver.logins) == stored
+    finally:
+        await receiver.stop()
+
+
+async def test_alerts_and_outbox_rows_carry_the_seq_and_metrics_count(tmp_path: Path) -> None:
+    receiver = await Receiver().start()
+    try:
+        with DaemonProcess(tmp_path, config(receiver.port)) as process:
+            acked: list[str] = []
+            await hammer(process, "m", total=50, concurrency=4, acked=acked)
+            async with aiohttp.ClientSession() as session:
+                await session.post(process.url("/command/report"), headers=AUTH, data=json.dumps(
+                    {"login": "boom", "remote": "192.0.2.1", "success": True}))
+            assert await wait_for(lambda: len(receiver.logins) >= 50, timeout=30)
+
+            async def metric(name: str) -> float:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(process.url("/metrics"), headers=AUTH) as resp:
+                        for line in (await resp.text()).splitlines():
+                            if line.startswith(name + " "):
+                                return float(line.split()[1])
+                return -1.0
+
+            calls = 'trackalert_lua_calls_total{kind="report"}'
+            assert await wait_for_async(lambda: metric(calls), 51)
+            assert await wait_for_async(
+                lambda: metric('trackalert_custom_stats_total{metric="judged"}'), 51)
+            assert await wait_for_async(
+                lambda: metric('trackalert_lua_errors_total{function="report"}'), 1)
+            assert await wait_for_async(lambda: metric("trackalert_policy_lag_events"), 0)
+        assert "policy fault (event seq 51" in process.output(), "the error names its report"
+        seqs = delivered_seqs(tmp_path)
+        with sqlite3.connect(tmp_path / "trackalert-events.db") as db:
+            by_login = dict(db.execute("SELECT login, seq FROM events"))
+        assert seqs == {login: by_login[login] for login in acked}
+        with sqlite3.connect(tmp_path / "trackalert-outbox.db") as db:
+            columns = [row[1] for row in db.execute("PRAGMA table_info(deliveries)")]
+        assert "seq" in columns
+    finally:
+        await receiver.stop()
+
+
+async def wait_for_async(read, expected: float, timeout: float = 15.0) -> bool:
+    """Until the awaited figure equals `expected` (bounded: `timeout` in steps of 0.1 s)."""
+    for _ in range(int(timeout / 0.1)):
+        if await read() == expected:
+            return True
+        await asyncio.sleep(0.1)
+    return False

@@ -1,0 +1,248 @@
+"""The policy process: `report(lt)` over the event log, next to the core that writes it.
+
+Started by `trackalert.policyproc.supervisor` as `python -m trackalert.policyproc.child`, with
+its end of a socketpair as a file descriptor. It runs the operator's configuration in its own
+config state and worker states (like the C++ daemon's worker states, the config runs in each),
+opens the same SQLite log (it only reads it: WAL readers never block the writer) and runs the
+unchanged PolicyRunner, woken by the core's HEAD messages instead of a commit listener. What
+`report` does that belongs to the core goes there over the channel: runCustomWebHook calls (the
+core writes the outbox and the alert records), cursor saves (the core's writer owns the file),
+and counters (Lua calls and errors, custom stats). Lua errors are logged here, in the same format.
+If the core goes away the channel closes and this process stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any, Sequence
+
+from trackalert import log
+from trackalert.clock import RealClock
+from trackalert.eventlog import open_event_log
+from trackalert.frontend import ipc
+from trackalert.lua.host import Host
+from trackalert.lua.pool import LuaPool
+from trackalert.lua.runner import PolicyRunner
+from trackalert.lua.state import LuaError, LuaState, StateKind
+from trackalert.metrics import Metrics
+from trackalert.policyproc import protocol
+from trackalert.settings import Settings
+from trackalert.webhooks import WebHooks
+
+#: Worker states of the policy process: batches run one at a time, a second state takes over
+#: from a batch stuck in a runaway report (PolicyRunner._wait_turn).
+STATES = 2
+STATS_EVERY = 0.5
+
+
+class Counters(Metrics):
+    """The policy process's metrics, remembering what the core must add to its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._calls_delta: collections.Counter[str] = collections.Counter()
+        self._errors_delta: collections.Counter[str] = collections.Counter()
+        self._custom_delta: collections.Counter[str] = collections.Counter()
+
+    def lua_calls(self, kind: str, count: int = 1) -> None:
+        super().lua_calls(kind, count)
+        with self._lock:
+            self._calls_delta[kind] += count
+
+    def lua_error(self, function: str) -> None:
+        super().lua_error(function)
+        with self._lock:
+            self._errors_delta[function] += 1
+
+    def inc_custom_stat(self, name: str) -> None:
+        super().inc_custom_stat(name)
+        with self._lock:
+            self._custom_delta[name] += 1
+
+    def drain(self) -> dict[str, Any]:
+        with self._lock:
+            delta = {"calls": dict(self._calls_delta), "errors": dict(self._errors_delta),
+                     "custom": dict(self._custom_delta)}
+            self._calls_delta.clear()
+            self._errors_delta.clear()
+            self._custom_delta.clear()
+        return delta
+
+
+class ForwardedWebHooks(WebHooks):
+    """runCustomWebHook in the policy process: the call goes to the core, which stores it.
+
+    It returns true once handed over: the outbox is the core's, and the cursor that would skip
+    this report on a restart is only saved after the core has applied the call (same channel,
+    in order), so the at-least-once promise holds. A call the core's outbox refuses (full) is
+    logged and counted there, but `report` has already been told true."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, clock: RealClock,
+                 send: "Any") -> None:
+        super().__init__(settings, metrics, clock)
+        self._send = send
+
+    def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None,
+            time: float | None = None) -> bool:
+        if self.find(name) is None:
+            log.logger.error(
+                "Attempting to run custom webhook with name %s but no such webhook exists!", name
+            )
+            return False
+        self._send((protocol.WEBHOOK, name, bytes(body), cause, seq, time))
+        return True
+
+
+class CoreLink:
+    """The channel to the core; `send` may be called from any thread (Lua workers do)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.channel: ipc.Channel | None = None
+        self.runner: PolicyRunner | None = None
+        self.head = 0
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        channel = self.channel
+        if channel is None:
+            return
+        if threading.get_ident() == threading.main_thread().ident:
+            channel.send(message)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(channel.send, message)
+            except RuntimeError:  # the loop is closing: the report runs again after a restart
+                pass
+
+    def on_message(self, message: tuple[Any, ...]) -> None:
+        if message[0] == protocol.HEAD:
+            self.head = max(self.head, message[1])
+            if self.runner is not None:
+                self.runner.notify_head(message[1])
+
+
+def load_states(host: Host, config_file: str) -> list[LuaState]:
+    """The config state and the worker states, each having run the config (as the core's)."""
+    name = os.path.basename(config_file)
+    config = LuaState(StateKind.CONFIG, host)
+    config.run_file(config_file, name)
+    workers = []
+    for index in range(STATES):
+        state = LuaState(StateKind.WORKER, host, index)
+        state.run_file(config_file, name)
+        workers.append(state)
+    return workers
+
+
+class _NoSchedules:
+    """Background functions run in the core's states; here their schedules are accepted and
+    ignored (the config registers them in every state)."""
+
+    def add_cron(self, expression: str, name: str) -> object:
+        return None
+
+    def add_interval(self, seconds: int, name: str, text: str = "") -> object:
+        return None
+
+    def show(self) -> str:
+        return "Background functions run in the core process\n"
+
+
+async def serve(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    link = CoreLink(loop)
+    settings = Settings(config_file=args.config, config_dir=args.config_dir, verbose=log.verbose())
+    clock = RealClock()
+    host = Host(settings=settings, clock=clock, metrics=Counters())
+    host.scheduler = _NoSchedules()
+    host.webhooks = ForwardedWebHooks(settings, host.metrics, clock, link.send)
+    try:
+        workers = load_states(host, args.config)
+    except (OSError, LuaError) as exc:
+        log.logger.error("Policy process: cannot run the configuration: %s", exc)
+        return 1
+    eventlog = open_event_log(args.eventlog, clock)
+    await eventlog.open()
+    host.eventlog = eventlog
+    host.webhooks.alerts = eventlog.alerts()  # countAlerts/recentAlerts read the core's records
+    link.channel = await ipc.open_channel(socket.socket(fileno=args.ipc_fd), link.on_message)
+    pool = LuaPool(workers, clock)
+    runner = PolicyRunner(eventlog, pool, host,
+                          save_cursor=lambda seq: link.send((protocol.CURSOR, seq)))
+    link.runner = runner
+    await runner.start()
+    runner.notify_head(link.head)
+    link.send((protocol.READY, runner.done))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    stats = asyncio.create_task(_send_stats(link, host, runner))
+    await asyncio.wait(
+        [asyncio.create_task(stop.wait()), asyncio.create_task(link.channel.closed.wait())],
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    stats.cancel()
+    await runner.stop()
+    link.send((protocol.STATS, _stats(host, runner)))
+    link.channel.close()
+    host.webhooks.alerts = None
+    await eventlog.close()
+    pool.close()
+    return 0
+
+
+def _stats(host: Host, runner: PolicyRunner) -> dict[str, Any]:
+    assert isinstance(host.metrics, Counters)
+    delta = host.metrics.drain()
+    if runner.projection is not None:
+        delta["projection_calls"] = {tuple(key): int(n) for key, n in runner.projection.calls.items()}
+        # plain builtins for marshal (the description holds counters and the like)
+        delta["projection"] = json.loads(json.dumps(runner.projection.describe(), default=str))
+    return delta
+
+
+async def _send_stats(link: CoreLink, host: Host, runner: PolicyRunner) -> None:
+    while True:
+        await asyncio.sleep(STATS_EVERY)
+        link.send((protocol.STATS, _stats(host, runner)))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trackalert-policy-process")
+    parser.add_argument("--ipc-fd", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--config-dir", required=True)
+    parser.add_argument("--eventlog", required=True)
+    parser.add_argument("--loglevel", type=int, default=6)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--timestamps", action="store_true")
+    parser.add_argument("--console", action="store_true")
+    parser.add_argument("--facility", default="daemon")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    log.configure(
+        level=args.loglevel, verbose=args.verbose, console=args.console,
+        timestamps=args.timestamps, facility=args.facility,
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(serve(args))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""What the core and its policy process say to each other over their socketpair.
+
+Frames and batching are the web workers' (trackalert.frontend.ipc): the messages of one
+event-loop iteration leave as one frame, in order. Order is what makes the cursor safe: the
+webhooks a batch of reports ran are sent before the cursor that says the batch is done, and the
+core applies them in that order, so a saved cursor never passes an alert not yet in the outbox.
+"""
+
+from __future__ import annotations
+
+# core -> policy process
+HEAD = 20  # (HEAD, seq): the log is committed up to seq
+# policy process -> core
+READY = 21  # (READY, cursor): states built, log open, resuming after cursor
+WEBHOOK = 22  # (WEBHOOK, name, body, cause, seq, time): one runCustomWebHook call
+CURSOR = 23  # (CURSOR, seq): every event up to seq has run through report
+STATS = 24  # (STATS, {...}): counters since the last STATS, see child.Counters.drain
