@@ -225,6 +225,8 @@ class CpuMeter:
     pid: int
     core_s: float = 0.0
     others_s: float = 0.0
+    #: the policy process (setPolicyProcess), counted apart from the web workers
+    policy_s: float = 0.0
     wall_s: float = 0.0
     _start: dict[int, float] = field(default_factory=dict)
     _started: float = 0.0
@@ -238,7 +240,16 @@ class CpuMeter:
         self.wall_s = time.monotonic() - self._started
         used = {p: s - self._start.get(p, 0.0) for p, s in end.items()}
         self.core_s = used.pop(self.pid, 0.0)
+        policy = [p for p in used if _is_policy_process(p)]
+        self.policy_s = sum(used.pop(p) for p in policy)
         self.others_s = sum(used.values())
+
+
+def _is_policy_process(pid: int) -> bool:
+    try:
+        return b"trackalert.policyproc" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------- which code ran

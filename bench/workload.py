@@ -60,9 +60,11 @@ STARTER = ("new_country", "new_device", "impossible_travel", "password_spray", "
            "pwhash_spray")
 
 
-def daemon_config(policy: str, lua_states: int, web_processes: int, log_url: str | None = None) -> str:
+def daemon_config(policy: str, lua_states: int, web_processes: int, log_url: str | None = None,
+                  policy_process: bool = False) -> str:
     """The operator's config: enrichment as docs/lua-api.md shows, policies as docs/policies.md."""
-    config = listener_config() + (f'setEventLog("{log_url}")\n' if log_url else "") + f"""
+    config = listener_config() + (f'setEventLog("{log_url}")\n' if log_url else "")
+    config += "setPolicyProcess(true)\n" * policy_process + f"""
 setNumLuaStates({lua_states})
 setNumWebProcesses({web_processes})
 newGeoIP2DB("City", "{reports.CITY_DB}")
@@ -181,6 +183,8 @@ def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, arg
         "cpu_server_us_per_report": 1e6 * server_s / max(1, after_stored - before_stored),
         "cpu_server_share": server_s / cpu.wall_s if cpu.wall_s else 0.0,
         "cpu_web_share": cpu.others_s / cpu.wall_s if cpu.wall_s else 0.0,
+        "cpu_policy_us_per_report": 1e6 * cpu.policy_s / max(1, after_stored - before_stored),
+        "cpu_policy_share": cpu.policy_s / cpu.wall_s if cpu.wall_s else 0.0,
     }
 
 
@@ -199,6 +203,9 @@ def report_figures(f: dict[str, Any], drain_timeout: float) -> None:
     print(f"  daemon CPU          core {f['cpu_core_us_per_report']:.0f} µs/report "
           f"({100 * f['cpu_core_share']:.0f} % of a core), web workers "
           f"{f['cpu_web_us_per_report']:.0f} µs/report ({100 * f['cpu_web_share']:.0f} % of a core)")
+    if f["cpu_policy_share"]:
+        print(f"  policy process CPU  {f['cpu_policy_us_per_report']:.0f} µs/report "
+              f"({100 * f['cpu_policy_share']:.0f} % of a core)")
     if f["cpu_server_us_per_report"]:
         print(f"  osmem-server CPU    {f['cpu_server_us_per_report']:.0f} µs/report "
               f"({100 * f['cpu_server_share']:.0f} % of a core)")
@@ -244,7 +251,8 @@ def run(args: argparse.Namespace, script: Path) -> dict[str, Any]:
             reports.prepare_log(db_path, args.prefill, args.prefill_cache)
             log_url, server_pid = None, None
             stored = lambda: harness.stored(db_path)  # noqa: E731
-        config = daemon_config(args.policy, args.lua_states, args.web_processes, log_url)
+        config = daemon_config(args.policy, args.lua_states, args.web_processes, log_url,
+                               args.policy_process)
         process = DaemonProcess(directory, config, args=("-s",))
         try:
             process.start(timeout=args.start_timeout)
@@ -274,6 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="log into a local osmem-server started for the run")
     parser.add_argument("--lua-states", type=int, default=4)
     parser.add_argument("--web-processes", type=int, default=2)
+    parser.add_argument("--policy-process", action="store_true",
+                        help="setPolicyProcess(true): report(lt) in a process of its own")
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="longest wait for lag 0")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="longest wait for READY")
     parser.add_argument("--profile", metavar="FILE", help="py-spy raw profile of the core process")
@@ -291,6 +301,7 @@ def main() -> None:
         script = Path(handle.name)
     try:
         key = f"policy={args.policy} prefill={args.prefill}" + (" log=es" if args.elasticsearch else "")
+        key += " policy-process" * args.policy_process
         print(f"== workload: {key}, {args.connections} connections, {args.duration:.0f} s, "
               f"setNumLuaStates({args.lua_states}), setNumWebProcesses({args.web_processes})", flush=True)
         result = run(args, script)

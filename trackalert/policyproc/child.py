@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import os
 import signal
@@ -41,6 +42,8 @@ from trackalert.webhooks import WebHooks
 #: from a batch stuck in a runaway report (PolicyRunner._wait_turn).
 STATES = 2
 STATS_EVERY = 0.5
+#: The longest a runCustomWebHook call waits for the core to store it.
+STORE_TIMEOUT = 30.0
 
 
 class Counters(Metrics):
@@ -79,17 +82,22 @@ class Counters(Metrics):
 
 
 class ForwardedWebHooks(WebHooks):
-    """runCustomWebHook in the policy process: the call goes to the core, which stores it.
+    """runCustomWebHook in the policy process: the core stores the call, this one waits for it.
 
-    It returns true once handed over: the outbox is the core's, and the cursor that would skip
-    this report on a restart is only saved after the core has applied the call (same channel,
-    in order), so the at-least-once promise holds. A call the core's outbox refuses (full) is
-    logged and counted there, but `report` has already been told true."""
+    Waiting keeps the promises of the in-process runner: the call returns what the core's
+    outbox said (false when full), and the alert is recorded before it returns, so countAlerts
+    and recentAlerts in the next report see it (docs/alerts.md, "As of what"). It costs a round
+    trip per alert, and alerts are rare next to reports. Without an answer within
+    `STORE_TIMEOUT` (the core is gone) it returns false; the cursor cannot have passed the
+    report then, so it runs again."""
 
     def __init__(self, settings: Settings, metrics: Metrics, clock: RealClock,
                  send: "Any") -> None:
         super().__init__(settings, metrics, clock)
         self._send = send
+        self._calls = itertools.count(1)
+        self._waiting: dict[int, list[Any]] = {}  # call id -> [event, outcome]
+        self._waiting_lock = threading.Lock()
 
     def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None,
             time: float | None = None) -> bool:
@@ -98,8 +106,32 @@ class ForwardedWebHooks(WebHooks):
                 "Attempting to run custom webhook with name %s but no such webhook exists!", name
             )
             return False
-        self._send((protocol.WEBHOOK, name, bytes(body), cause, seq, time))
-        return True
+        call = next(self._calls)
+        waiter: list[Any] = [threading.Event(), False]
+        with self._waiting_lock:
+            self._waiting[call] = waiter
+        self._send((protocol.WEBHOOK, call, name, bytes(body), cause, seq, time))
+        answered = waiter[0].wait(STORE_TIMEOUT)
+        with self._waiting_lock:
+            self._waiting.pop(call, None)
+        if not answered:
+            log.logger.error("runCustomWebHook: the core did not store webhook %s within %.0f s; "
+                             "returned false", name, STORE_TIMEOUT)
+        return bool(waiter[1])
+
+    def stored(self, call: int, ok: bool) -> None:
+        with self._waiting_lock:
+            waiter = self._waiting.get(call)
+        if waiter is not None:
+            waiter[1] = ok
+            waiter[0].set()
+
+    def abandon(self) -> None:
+        """The core is gone: nothing waiting will be answered."""
+        with self._waiting_lock:
+            waiters = list(self._waiting.values())
+        for waiter in waiters:
+            waiter[0].set()
 
 
 class CoreLink:
@@ -109,6 +141,7 @@ class CoreLink:
         self._loop = loop
         self.channel: ipc.Channel | None = None
         self.runner: PolicyRunner | None = None
+        self.webhooks: ForwardedWebHooks | None = None
         self.head = 0
 
     def send(self, message: tuple[Any, ...]) -> None:
@@ -128,6 +161,8 @@ class CoreLink:
             self.head = max(self.head, message[1])
             if self.runner is not None:
                 self.runner.notify_head(message[1])
+        elif message[0] == protocol.STORED and self.webhooks is not None:
+            self.webhooks.stored(message[1], message[2])
 
 
 def load_states(host: Host, config_file: str) -> list[LuaState]:
@@ -164,7 +199,7 @@ async def serve(args: argparse.Namespace) -> int:
     clock = RealClock()
     host = Host(settings=settings, clock=clock, metrics=Counters())
     host.scheduler = _NoSchedules()
-    host.webhooks = ForwardedWebHooks(settings, host.metrics, clock, link.send)
+    host.webhooks = link.webhooks = ForwardedWebHooks(settings, host.metrics, clock, link.send)
     try:
         workers = load_states(host, args.config)
     except (OSError, LuaError) as exc:
@@ -191,6 +226,8 @@ async def serve(args: argparse.Namespace) -> int:
         return_when=asyncio.FIRST_COMPLETED,
     )
     stats.cancel()
+    if link.channel.closed.is_set():
+        link.webhooks.abandon()
     await runner.stop()
     link.send((protocol.STATS, _stats(host, runner)))
     link.channel.close()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 # core -> policy process
 HEAD = 20  # (HEAD, seq): the log is committed up to seq
+STORED = 25  # (STORED, call id, ok): the WEBHOOK call with that id is applied; what run() returned
 # policy process -> core
 READY = 21  # (READY, cursor): states built, log open, resuming after cursor
-WEBHOOK = 22  # (WEBHOOK, name, body, cause, seq, time): one runCustomWebHook call
+#: (WEBHOOK, call id, name, body, cause, seq, time): one runCustomWebHook call; the Lua call
+#: waits for its STORED, so the alert is recorded before runCustomWebHook returns, as in the core
+WEBHOOK = 22
 CURSOR = 23  # (CURSOR, seq): every event up to seq has run through report
 STATS = 24  # (STATS, {...}): counters since the last STATS, see child.Counters.drain

@@ -51,7 +51,7 @@ class PolicyProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: ipc.Channel | None = None
         self._ready = asyncio.Event()
-        self._inbox: asyncio.Queue[list[tuple[Any, ...]]] = asyncio.Queue()
+        self._inbox: asyncio.Queue[tuple[ipc.Channel, list[tuple[Any, ...]]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self._received: collections.deque[tuple[int, float]] = collections.deque(maxlen=RECEIVED_MAX)
@@ -127,7 +127,9 @@ class PolicyProcess:
                                    stdin=subprocess.DEVNULL)
         child.close()
         self._process = process
-        channel = await ipc.open_channel(parent, lambda message: None, self._inbox.put_nowait)
+        channel = await ipc.open_channel(
+            parent, lambda message: None, lambda messages: self._inbox.put_nowait((channel, messages))
+        )
         self._channel = channel
         channel.send((protocol.HEAD, self.head))
         return process, channel
@@ -156,15 +158,15 @@ class PolicyProcess:
 
     async def _consume(self) -> None:
         while True:
-            messages = await self._inbox.get()
+            channel, messages = await self._inbox.get()
             try:
-                await self._apply(messages)
+                await self._apply(channel, messages)
             except Exception as exc:  # a daemon fault; the cursor has not moved past it
                 log.logger.error("Policy process: cannot apply its messages: %s", exc)
             finally:
                 self._inbox.task_done()
 
-    async def _apply(self, messages: list[tuple[Any, ...]]) -> None:
+    async def _apply(self, channel: ipc.Channel, messages: list[tuple[Any, ...]]) -> None:
         webhooks: list[tuple[Any, ...]] = []
         for message in messages:
             kind = message[0]
@@ -172,7 +174,7 @@ class PolicyProcess:
                 webhooks.append(message)
                 continue
             if webhooks:  # the outbox writes off the event loop, before what follows them
-                await asyncio.to_thread(self._run_webhooks, webhooks)
+                await self._run_webhooks(channel, webhooks)
                 webhooks = []
             if kind == protocol.CURSOR:
                 self.done = message[1]
@@ -183,13 +185,20 @@ class PolicyProcess:
                 self.done = message[1]
                 self._ready.set()
         if webhooks:
-            await asyncio.to_thread(self._run_webhooks, webhooks)
+            await self._run_webhooks(channel, webhooks)
 
-    def _run_webhooks(self, messages: list[tuple[Any, ...]]) -> None:
+    async def _run_webhooks(self, channel: ipc.Channel, messages: list[tuple[Any, ...]]) -> None:
+        """Store the calls (off the event loop: the outbox syncs to disk) and answer each, to
+        the process that sent them (a restarted one counts its calls from 1 again)."""
+        outcomes = await asyncio.to_thread(self._store_webhooks, messages)
+        for message, ok in zip(messages, outcomes):
+            channel.send((protocol.STORED, message[1], ok))
+
+    def _store_webhooks(self, messages: list[tuple[Any, ...]]) -> list[bool]:
         webhooks = self._host.webhooks
         assert webhooks is not None
-        for _, name, body, cause, seq, time in messages:
-            webhooks.run(name, body, cause, seq, time)
+        return [webhooks.run(name, body, cause, seq, time)
+                for _, _, name, body, cause, seq, time in messages]
 
     def _merge(self, delta: dict[str, Any]) -> None:
         metrics = self._host.metrics
