@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from test_daemon import hammer, stored_logins
+from test_daemon import hammer, lag, stored_logins
 from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
 
 AUTH = basic_auth()
@@ -166,3 +166,39 @@ async def wait_for_async(read, expected: float, timeout: float = 15.0) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+ONCE_PER_LOGIN = """
+setNumLuaStates(2)
+setPolicyProcess(true)
+addCustomWebHook("hook", {{url="http://127.0.0.1:{port}/hook"}})
+function report(lt)
+  if countAlerts({{login=lt.login}}) == 0 then
+    local sent = runCustomWebHook("hook", '{{"login":"' .. lt.login .. '"}}')
+    infoLog("sent", {{login=lt.login, ok=tostring(sent)}})
+  end
+end
+setReport(report)
+"""
+
+
+async def test_the_next_report_sees_the_alert_the_policy_process_sent(tmp_path: Path) -> None:
+    """countAlerts in report N+1 sees report N's alert (the call waited for the core to record
+    it), in the same batch too: one alert per login however many reports."""
+    receiver = await Receiver().start()
+    try:
+        config = listener_config() + ONCE_PER_LOGIN.format(port=receiver.port)
+        with DaemonProcess(tmp_path, config) as process:
+            async with aiohttp.ClientSession() as session:
+                for i in range(30):
+                    body = json.dumps({"login": f"u{i % 3}", "remote": "192.0.2.1", "success": True})
+                    async with session.post(process.url("/command/report"), data=body,
+                                            headers=AUTH) as resp:
+                        assert resp.status == 200
+            assert await wait_for(lambda: len(receiver.logins) >= 3, timeout=30)
+            assert await wait_for_async(lambda: lag(process), 0)
+        assert sorted(receiver.logins) == ['{"login":"u0"}', '{"login":"u1"}', '{"login":"u2"}']
+        assert process.output().count("ok=\"true\"") == 3, "runCustomWebHook returned true"
+    finally:
+        await receiver.stop()
+
