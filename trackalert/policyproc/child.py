@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from trackalert import log
 from trackalert.clock import RealClock
@@ -92,7 +92,7 @@ class ForwardedWebHooks(WebHooks):
     report then, so it runs again."""
 
     def __init__(self, settings: Settings, metrics: Metrics, clock: RealClock,
-                 send: "Any") -> None:
+                 send: Callable[[tuple[Any, ...]], None]) -> None:
         super().__init__(settings, metrics, clock)
         self._send = send
         self._calls = itertools.count(1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -114,8 +115,6 @@ class PolicyProcess:
             await asyncio.sleep(RESTART_DELAY)
 
     async def _spawn(self) -> tuple[subprocess.Popen[bytes], ipc.Channel]:
-        import socket
-
         parent, child = socket.socketpair()
         launch = self._launch
         command = [
