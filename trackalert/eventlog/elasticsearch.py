@@ -60,8 +60,8 @@ from trackalert.eventlog.base import (
 )
 from trackalert.eventlog.es_alerts import ElasticAlerts
 from trackalert.eventlog.es_client import ElasticSettings, async_client, sync_client
-from trackalert.eventlog.es_fields import FieldsReader
 from trackalert.eventlog.es_docs import delivery_ids, event_doc_id, fingerprint_text, from_doc, to_doc
+from trackalert.eventlog.es_fields import FieldsReader
 from trackalert.eventlog.es_lease import RunLeases
 from trackalert.eventlog.es_queries import ElasticQueries, Visibility
 from trackalert.eventlog.es_spool import Spool, Spooled
