@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from elastic_server import elastic_base, elastic_url  # noqa: F401  (fixtures)
+from test_lua_values import metric
 from trackalert.eventlog import open_alerts
 from trackalert.eventlog.alerts import AlertFilter
 from trackalert.eventlog.filters import AsOf
@@ -143,8 +144,15 @@ async def test_starter_alerts_are_recorded_delivered_asked_and_listed(
                 stored = store.recent(AlertFilter(), 100, AsOf())
             finally:
                 store.close()
+            async with aiohttp.ClientSession() as session:
+                async with session.get(process.url("/metrics"), headers=AUTH) as resp:
+                    scraped = await resp.text()
     finally:
         await receiver.stop()
+    # the spray's countDistinct is answered by the window projection on both backends (on
+    # Elasticsearch from its narrow read, es_fields.py) once its shape is built
+    assert metric(scraped, "trackalert_projection_answers_total",
+                  'helper="countDistinct",source="projection"') > 0, scraped
 
     # As of each report: its remote's first five reports saw no alert (the fifth sent the spray
     # alert, and a report does not see its own), the sixth saw the spray alert and sent the

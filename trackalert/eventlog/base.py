@@ -271,6 +271,12 @@ class EventLog(abc.ABC):
         """
         raise NotImplementedError(f"the {self.backend} event log has no narrow read")
 
+    def single_writer(self) -> bool:
+        """Whether this process is the log's only writer, so that a projection kept from the
+        events it judges (eventlog/windows.py) counts exactly what a query as of them would.
+        A log several nodes share says False as soon as another node wrote in between."""
+        return True
+
     def seq_after(self, seq: int) -> int:
         """The seq of the event the policy runner runs after `seq`, when known: the next one;
         on a log several nodes share, this node's next one past the other nodes' blocks."""

@@ -61,6 +61,7 @@ from trackalert.eventlog.base import (
 from trackalert.eventlog.es_alerts import ElasticAlerts
 from trackalert.eventlog.es_client import ElasticSettings, async_client, sync_client
 from trackalert.eventlog.es_docs import delivery_ids, event_doc_id, fingerprint_text, from_doc, to_doc
+from trackalert.eventlog.es_fields import FieldsReader
 from trackalert.eventlog.es_lease import RunLeases
 from trackalert.eventlog.es_queries import ElasticQueries, Visibility
 from trackalert.eventlog.es_spool import Spool, Spooled
@@ -198,6 +199,10 @@ class ElasticEventLog(EventLog):
         self._client: AsyncElasticsearch | None = None
         self._counter: _SeqCounter | None = None
         self._queries: ElasticQueries | None = None
+        self._fields: FieldsReader | None = None
+        #: False once another node's block of seqs came between two of this node's (or did
+        #: before this run): the log is then not this node's alone (`single_writer`).
+        self._single = True
         self._visibility = Visibility()
         self._queue: list[_Append] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -254,6 +259,7 @@ class ElasticEventLog(EventLog):
         self._queries = ElasticQueries(sync_client(self.settings), self.events_index,
                                        self._visibility)
         self._alerts = ElasticAlerts(sync_client(self.settings), self.alerts_index)
+        self._fields = FieldsReader(sync_client(self.settings), self.events_index, self._visibility)
         self._open = True
         if self.spool is not None and (self.spooling or self.spool.depth):
             self.spooling = True
@@ -274,6 +280,9 @@ class ElasticEventLog(EventLog):
             last_received, own_last = await self._newest(client)
             self._last_received = max(self._last_received, last_received)
             self._own_last = max(self._own_last, own_last)
+            if counter.last != self._own_last:
+                self._not_single(f"the cluster's last seq {counter.last} is not this node's "
+                                 f"({self._own_last})")
         except (TransportError, ApiError) as exc:
             raise EventLogError(
                 f"cannot use the Elasticsearch cluster at {', '.join(self.settings.hosts)} "
@@ -338,6 +347,8 @@ class ElasticEventLog(EventLog):
             await self._close_spool()
         assert self._client is not None and self._queries is not None
         self._queries.close()
+        if self._fields is not None:
+            self._fields.close()
         if self._alerts is not None:
             self._alerts.close()
         await self._client.close()
@@ -605,10 +616,30 @@ class ElasticEventLog(EventLog):
     def _own_block(self, first: int, last: int) -> None:
         """Note this node's new block of seqs, so `seq_after` leads from its previous one to it."""
         if self._own_last and first != self._own_last + 1:
+            self._not_single(f"another node took seqs {self._own_last + 1}..{first - 1}")
             self._next_block[self._own_last] = first
             if len(self._next_block) > SEEN_KEYS:
                 self._next_block.popitem(last=False)
         self._own_last = max(self._own_last, last)
+
+    def _not_single(self, why: str) -> None:
+        if self._single:
+            logger.info("event log %s: %s; the policy runner's projection is off for this run, "
+                        "the helpers are answered by queries", self.location, why)
+        self._single = False
+
+    def single_writer(self) -> bool:
+        """Whether every seq this node took so far followed its previous one, since a start
+        at which the cluster's last seq was this node's own: then no other node's event lies
+        between (or can still arrive below) the events the runner judges."""
+        return self._single
+
+    def read_fields(self, after_seq: int, limit: int, received_from: float | None = None) -> list[tuple]:
+        """The acknowledged events after `after_seq`, narrow (es_fields.py); from a worker
+        thread only."""
+        self._check_open()
+        assert self._fields is not None
+        return self._fields.read(after_seq, limit, received_from)
 
     def seq_after(self, seq: int) -> int:
         """This node's seq after `seq`: the other nodes' blocks between are not ours to run."""

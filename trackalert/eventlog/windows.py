@@ -29,6 +29,9 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
   shapes are dropped and rebuilt from what the log still holds (SQL answers meanwhile), so
   pruned events are never counted. A prune landing inside a batch is seen at the next one;
   the SQL answer itself depends on which side of that prune it ran.
+* One writer: the head adds the events this runner judges, so the projection holds only where
+  no other process writes into the log between them (`EventLog.single_writer`; a cluster
+  several nodes share, docs/elasticsearch.md); once that is no longer so, the queries answer.
 * Memory: per shape, the keys and distinct values present in its window (`describe`), at most
   MAX_SHAPES shapes; the tails hold one chunk of narrow rows each.
 
@@ -337,6 +340,8 @@ class WindowProjection:
 
     def __init__(self, log: EventLog) -> None:
         self._read = log.read_fields
+        self._single_writer = log.single_writer
+        self._off_for_good = False  # another node writes into the log: the queries answer
         self.position = 0  # every event with seq <= position is applied
         self._at: tuple[int, float | None] = (0, None)  # (position, its received): one read
         #: seq of the event whose report is running (helpers answer only for it), or None
@@ -378,6 +383,9 @@ class WindowProjection:
         Should the log be unreadable here, every shape is dropped (SQL answers, and will say
         what is wrong) and rebuilt later: a half-expired window must never answer.
         """
+        if not self._single_writer():
+            self._off()
+            return
         try:
             self._begin(event)
         except Exception:
@@ -397,8 +405,22 @@ class WindowProjection:
                 for shape in window.shapes:
                     shape.remove_all(expired)
 
+    def _off(self) -> None:
+        """Another node writes into the log (EventLog.single_writer): the events between this
+        node's are not the runner's to add, so the queries answer from now on."""
+        self.judging = None
+        if not self._off_for_good:
+            self._off_for_good = True
+            self._windows.clear()
+            self._active.clear()
+            self.recent.clear()
+            self.close()
+
     def finish(self, event: Event) -> None:
         """After `report` on `event`: the head adds it."""
+        if self._off_for_good:
+            self.position = event.seq
+            return
         self.judging = None
         if self._windows or self.recent.shapes:
             row = event_fields(event)
