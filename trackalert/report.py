@@ -192,7 +192,7 @@ def report_from_dict(doc: Mapping[str, Any], received: float) -> Report:
         elif kind is _Time:
             values[key] = _parse_time(value)
         elif kind is _Remote:
-            values[key] = _parse_remote(_expect(key, value, str, "a string"))
+            values[key] = normalise_remote(_expect(key, value, str, "a string"))
         elif kind is _Attrs:
             values["attrs"], values["attrs_mv"] = split_attrs(_expect(key, value, dict, "an object"))
         elif kind is _DeviceAttrs:
@@ -269,7 +269,10 @@ def _parse_time(value: Any) -> float:
 
 
 @functools.lru_cache(maxsize=65536)
-def _parse_remote(text: str) -> str:
+def normalise_remote(text: str) -> str:
+    """A report's `remote` as stored (IPv4-mapped IPv6 unmapped, canonical text), or
+    ReportError. Public for the import's fast path (eventlog/export_rows.py), which must store
+    the same text."""
     # Cached: the same client addresses report over and over, and normalising through
     # `ipaddress` costs more than the rest of the validation.
     try:

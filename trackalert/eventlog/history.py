@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from trackalert.eventlog.base import Event
+from trackalert.eventlog.export_rows import export_row
 from trackalert.eventlog.rows import (
     DELIVERY_COLUMN, GEO_COLUMNS, _geo_from_columns, decode_row, encode_enriched, encode_row,
 )
@@ -203,10 +204,14 @@ class Parsed:
 
 
 def parse_line(text: bytes, line: int,
-               enrich: Callable[[Report], Report] | None = None) -> Parsed:
+               enrich: Callable[[Report], Report] | None = None, *,
+               keep_report: bool = True) -> Parsed:
     """An export line, or a plain wforce report (itself, or as an Elasticsearch/Logstash hit's
     `_source`) whose `received` is its `t`. Plain reports are enriched with `enrich`; an export
-    line keeps the enrichment it was stored with. Raises ReportError saying why not."""
+    line keeps the enrichment it was stored with. Raises ReportError saying why not.
+
+    Without `keep_report` (an import needs only the row) an export line usually takes the fast
+    path (eventlog/export_rows.py) and `report` is None."""
     try:
         decoded = text.decode("utf-8")
         doc = _decode(decoded)
@@ -220,7 +225,7 @@ def parse_line(text: bytes, line: int,
     # lone surrogate in), so encoding the row needs no proof of it.
     proven = "\\u" not in decoded
     if "report" in doc and "received" in doc:
-        return _parse_export(doc, line, proven)
+        return _parse_export(doc, line, proven, keep_report)
     source = doc.get("_source")
     body = source if type(source) is dict else doc
     t = body.get("t")
@@ -232,7 +237,7 @@ def parse_line(text: bytes, line: int,
     return Parsed(line, float(t), None, encode_row(report, None), None, report)
 
 
-def _parse_export(doc: dict[str, Any], line: int, proven: bool) -> Parsed:
+def _parse_export(doc: dict[str, Any], line: int, proven: bool, keep_report: bool) -> Parsed:
     if len(doc) != len(EXPORT_KEYS):
         unknown = [key for key in doc if key not in EXPORT_KEYS]
         raise ReportError(f"unknown member(s) of an export line: {', '.join(unknown)}"
@@ -250,10 +255,13 @@ def _parse_export(doc: dict[str, Any], line: int, proven: bool) -> Parsed:
         raise ReportError("'delivery_id' must be a string or null")
     delivery_id = parse_delivery_id(delivery_id)
     geo = _enrichment_columns(doc["enrichment"])
-    report = report_from_dict(report_doc, float(received))
-    row = encode_enriched(report, delivery_id, report.device_attrs, None, None,
-                          text_proven=proven)
-    row = row[:GEO_COLUMNS.start] + geo + row[GEO_COLUMNS.stop:]
+    row = None if keep_report else export_row(report_doc, delivery_id, geo, proven)
+    report = None
+    if row is None:
+        report = report_from_dict(report_doc, float(received))
+        row = encode_enriched(report, delivery_id, report.device_attrs, None, None,
+                              text_proven=proven)
+        row = row[:GEO_COLUMNS.start] + geo + row[GEO_COLUMNS.stop:]
     # The stored row stands for the body: the same id with the same event is a retry.
     key = (delivery_id, fingerprint(repr(row).encode())) if delivery_id is not None else None
     return Parsed(line, float(received), seq, row, key, report)
@@ -626,7 +634,7 @@ def _parse_block(first: int, data: bytes,
         if not text.strip():
             continue
         try:
-            parsed = parse_line(text, number, enrich)
+            parsed = parse_line(text, number, enrich, keep_report=False)
         except ReportError as exc:
             bad.append((number, str(exc)))
         else:
