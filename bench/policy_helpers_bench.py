@@ -16,7 +16,8 @@ from a Lua worker state, on both paths:
   event every login of the log is asked once, as a daemon running for a while has them: the
   loads are timed, and the memory of the rows held printed (keys x rows).
 
-Prints p50/p99/max per shape and path, the projection's per-event cost and its sizes; with
+Prints p50/p99/max per shape and path (on the projection path also the thread's CPU time per
+call: a wall-time tail that the CPU time lacks is the machine's other load preempting us), the projection's per-event cost and its sizes; with
 `--buffer N`, the RSS that N Events in memory cost (the policy runner's buffer).
 Prints figures; asserts nothing.
 """
@@ -119,12 +120,14 @@ def time_shapes(path: Path, events: int, samples: int, buffer: int) -> None:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         sql = time_sql(state, shapes, make_lt, picks)
-        projected = time_projection(loop, log, state, shapes, make_lt, picks, events, path)
+        projected, cpu = time_projection(loop, log, state, shapes, make_lt, picks, events, path)
         print(f"\n  inside report(lt), {samples:,} events among the last {WALK:,}, from Lua "
-              f"(SQL path / projection path):")
-        for (name, users, _), on_sql, on_projection in zip(SHAPES, sql, projected):
+              f"(SQL path / projection path, wall; then the projection path's CPU time of the "
+              f"thread, which a machine loaded by others does not stretch):")
+        for (name, users, _), on_sql, on_projection, on_cpu in zip(SHAPES, sql, projected, cpu):
             print(f"    {name:42s} SQL        {percentiles(on_sql)}   ({users})")
             print(f"    {'':42s} projection {percentiles(on_projection)}")
+            print(f"    {'':42s} proj. CPU  {percentiles(on_cpu)}")
         if buffer:
             measure_buffer(loop, log, buffer)
     finally:
@@ -180,7 +183,7 @@ def one_per_family(picks: list[tuple]) -> list[tuple]:
 
 def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state: LuaState,
                     shapes: list, make_lt, picks: list[tuple], events: int,
-                    path: Path) -> list[list[float]]:
+                    path: Path) -> tuple[list[list[float]], list[list[float]]]:
     """The runner's way: walk the last WALK events in order, helpers inside each report."""
     first = events - WALK
     walk = []
@@ -192,6 +195,7 @@ def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state:
     projection = WindowProjection(log)
     projection.start_at(first)
     timings: list[list[float]] = [[] for _ in SHAPES]
+    cpu_timings: list[list[float]] = [[] for _ in SHAPES]
     steps: list[float] = []
     rss_before = rss_mib()
     set_running_projection(projection)
@@ -213,10 +217,11 @@ def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state:
                 load_recent_rows(path, log, projection, event)
             for fields in by_seq.get(event.seq, ()):
                 lt = make_lt(*fields)
-                for fn, samples in zip(shapes, timings):
-                    t0 = time.perf_counter()
+                for fn, samples, cpu in zip(shapes, timings, cpu_timings):
+                    c0, t0 = time.thread_time(), time.perf_counter()
                     fn(lt)
                     samples.append(time.perf_counter() - t0)
+                    cpu.append(time.thread_time() - c0)
             state.as_of_seq = None
             t0 = time.perf_counter()
             projection.finish(event)
@@ -233,7 +238,7 @@ def time_projection(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, state:
         print(f"    shape {'+'.join(shape['keys'])} success={shape['success']} "
               f"window={shape['window']:g}s field={shape['field']}: {shape['key_tuples']:,} keys, "
               f"{shape['distinct_pairs']:,} distinct pairs")
-    return timings
+    return timings, cpu_timings
 
 
 def measure_buffer(loop: asyncio.AbstractEventLoop, log: SQLiteEventLog, n: int) -> None:
