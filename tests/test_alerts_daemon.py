@@ -14,49 +14,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from elastic_server import elastic_base, elastic_url  # noqa: F401  (fixtures)
 from test_lua_values import metric
 from trackalert.eventlog import open_alerts
 from trackalert.eventlog.alerts import AlertFilter
 from trackalert.eventlog.filters import AsOf
-from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+from trackalert.testing import DaemonProcess, WebhookReceiver, basic_auth, listener_config, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "conf" / "policies"
 AUTH = basic_auth()
 REMOTES = [f"198.51.100.{i}" for i in range(1, 11)]
 LOGINS_PER_REMOTE = 7
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that keeps what it was sent."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        self.delivery_ids: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def start(self) -> "Receiver":
-        app = web.Application()
-        app.router.add_post("/alerts", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        self.bodies.append(json.loads(await request.read()))
-        self.delivery_ids.append(request.headers["X-Wforce-Delivery"])
-        return web.Response(text="{}")
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 def config(url: str, port: int) -> str:
@@ -130,7 +100,7 @@ def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 async def test_starter_alerts_are_recorded_delivered_asked_and_listed(
         tmp_path: Path, log_url: str) -> None:
-    receiver = await Receiver().start()
+    receiver = await WebhookReceiver().start()
     try:
         with DaemonProcess(tmp_path, config(log_url, receiver.port)) as process:
             total = len(REMOTES) * LOGINS_PER_REMOTE
@@ -163,9 +133,9 @@ async def test_starter_alerts_are_recorded_delivered_asked_and_listed(
     expected = [("0", "-")] * 5 + [("1", "password_spray"), ("1", "followup,password_spray")]
     assert by_remote == {remote: expected for remote in REMOTES}
 
-    assert sorted((b["policy"], b["remote"]) for b in receiver.bodies) == sorted(
+    assert sorted((b["policy"], b["remote"]) for b in receiver.json_bodies()) == sorted(
         (p, r) for r in REMOTES for p in ("password_spray", "followup"))
-    assert sorted(a.delivery_id for a in stored) == sorted(receiver.delivery_ids)
+    assert sorted(a.delivery_id for a in stored) == sorted(h["X-Wforce-Delivery"] for h in receiver.headers)
     for alert in stored:
         assert alert.hook == "alerts" and alert.outcome == "delivered" and alert.attempts == 1
         assert alert.seq is not None and alert.settled is not None and alert.settled >= alert.created

@@ -13,39 +13,11 @@ import sqlite3
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 from test_daemon import hammer, lag, stored_logins
-from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+from trackalert.testing import DaemonProcess, WebhookReceiver, basic_auth, listener_config, wait_for
 
 AUTH = basic_auth()
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that keeps each delivery's body (the login)."""
-
-    def __init__(self) -> None:
-        self.logins: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def start(self) -> "Receiver":
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        self.logins.append((await request.read()).decode())
-        return web.Response(text="{}")
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 def config(port: int) -> str:
@@ -83,30 +55,30 @@ def delivered_seqs(directory: Path) -> dict[str, int]:
 
 
 async def test_a_kill_9_of_the_policy_process_reruns_and_never_skips(tmp_path: Path) -> None:
-    receiver = await Receiver().start()
+    receiver = await WebhookReceiver().start()
     try:
         with DaemonProcess(tmp_path, config(receiver.port)) as process:
             first = policy_pid(process.process.pid)
             assert first is not None
             acked: list[str] = []
             load = asyncio.create_task(hammer(process, "k", total=3_000, concurrency=16, acked=acked))
-            assert await wait_for(lambda: len(receiver.logins) >= 300, timeout=60)
+            assert await wait_for(lambda: len(receiver.bodies) >= 300, timeout=60)
             os.kill(first, signal.SIGKILL)
             await load
             assert await wait_for(
                 lambda: (policy_pid(process.process.pid) or first) != first, timeout=30)
             stored = set(stored_logins(tmp_path))
             assert set(acked) <= stored
-            assert await wait_for(lambda: set(receiver.logins) >= stored, timeout=60)
+            assert await wait_for(lambda: set(receiver.texts()) >= stored, timeout=60)
             assert process.process.poll() is None, "the core survived its policy process"
         assert "The policy process (pid %d) exited" % first in process.output()
-        assert set(receiver.logins) == stored, "alerts only for stored reports"
+        assert set(receiver.texts()) == stored, "alerts only for stored reports"
     finally:
         await receiver.stop()
 
 
 async def test_a_kill_9_of_the_daemon_reruns_from_the_saved_cursor(tmp_path: Path) -> None:
-    receiver = await Receiver().start()
+    receiver = await WebhookReceiver().start()
     try:
         process = DaemonProcess(tmp_path, config(receiver.port)).start()
         acked: list[str] = []
@@ -115,14 +87,14 @@ async def test_a_kill_9_of_the_daemon_reruns_from_the_saved_cursor(tmp_path: Pat
         stored = set(stored_logins(tmp_path))
         assert set(acked) <= stored
         with DaemonProcess(tmp_path, config(receiver.port)):
-            assert await wait_for(lambda: set(receiver.logins) >= stored, timeout=90)
-        assert set(receiver.logins) == stored
+            assert await wait_for(lambda: set(receiver.texts()) >= stored, timeout=90)
+        assert set(receiver.texts()) == stored
     finally:
         await receiver.stop()
 
 
 async def test_alerts_and_outbox_rows_carry_the_seq_and_metrics_count(tmp_path: Path) -> None:
-    receiver = await Receiver().start()
+    receiver = await WebhookReceiver().start()
     try:
         with DaemonProcess(tmp_path, config(receiver.port)) as process:
             acked: list[str] = []
@@ -130,7 +102,7 @@ async def test_alerts_and_outbox_rows_carry_the_seq_and_metrics_count(tmp_path: 
             async with aiohttp.ClientSession() as session:
                 await session.post(process.url("/command/report"), headers=AUTH, data=json.dumps(
                     {"login": "boom", "remote": "192.0.2.1", "success": True}))
-            assert await wait_for(lambda: len(receiver.logins) >= 50, timeout=30)
+            assert await wait_for(lambda: len(receiver.bodies) >= 50, timeout=30)
 
             async def metric(name: str) -> float:
                 async with aiohttp.ClientSession() as session:
@@ -185,7 +157,7 @@ setReport(report)
 async def test_the_next_report_sees_the_alert_the_policy_process_sent(tmp_path: Path) -> None:
     """countAlerts in report N+1 sees report N's alert (the call waited for the core to record
     it), in the same batch too: one alert per login however many reports."""
-    receiver = await Receiver().start()
+    receiver = await WebhookReceiver().start()
     try:
         config = listener_config() + ONCE_PER_LOGIN.format(port=receiver.port)
         with DaemonProcess(tmp_path, config) as process:
@@ -195,9 +167,9 @@ async def test_the_next_report_sees_the_alert_the_policy_process_sent(tmp_path: 
                     async with session.post(process.url("/command/report"), data=body,
                                             headers=AUTH) as resp:
                         assert resp.status == 200
-            assert await wait_for(lambda: len(receiver.logins) >= 3, timeout=30)
+            assert await wait_for(lambda: len(receiver.bodies) >= 3, timeout=30)
             assert await wait_for_async(lambda: lag(process), 0)
-        assert sorted(receiver.logins) == ['{"login":"u0"}', '{"login":"u1"}', '{"login":"u2"}']
+        assert sorted(receiver.texts()) == ['{"login":"u0"}', '{"login":"u1"}', '{"login":"u2"}']
         assert process.output().count("ok=\"true\"") == 3, "runCustomWebHook returned true"
     finally:
         await receiver.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from aiohttp import web
 
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event
@@ -140,6 +143,41 @@ class DaemonProcess:
                 self.stop()
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class WebhookReceiver:
+    """A webhook receiver on 127.0.0.1 that keeps every delivery (any path): the alerts a
+    daemon under test sends, counted by what arrived, not by what the daemon says it sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> "WebhookReceiver":
+        app = web.Application()
+        app.router.add_post("/{path:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    def texts(self) -> list[str]:
+        return [body.decode() for body in self.bodies]
+
+    def json_bodies(self) -> list[Any]:
+        return [json.loads(body) for body in self.bodies]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.read())
+        self.headers.append(dict(request.headers))
+        return web.Response(text="{}")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 # ----------------------------------------------------------------------- policy tests

@@ -14,13 +14,16 @@ one group, with one callback for all of them instead of futures and callbacks pe
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import marshal
 import os
 import socket
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
+
+from trackalert import log
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
@@ -159,6 +162,31 @@ def inherit_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
     return env
+
+
+def add_log_arguments(parser: argparse.ArgumentParser) -> None:
+    """The logging options a child process is started with (supervisor.LogOptions.arguments),
+    so that web workers and the policy process log as the core does."""
+    parser.add_argument("--loglevel", type=int, default=6)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--timestamps", action="store_true")
+    parser.add_argument("--console", action="store_true")
+    parser.add_argument("--facility", default="daemon")
+
+
+def run_child(args: argparse.Namespace, serve: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> int:
+    """A child process's main: its logging from `add_log_arguments`' options, then `serve` on
+    uvloop (asyncio where uvloop is missing)."""
+    log.configure(
+        level=args.loglevel, verbose=args.verbose, console=args.console,
+        timestamps=args.timestamps, facility=args.facility,
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(serve(args))
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.run(serve(args))
 
 
 async def open_channel(

@@ -432,26 +432,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--ipc-fd", type=int, required=True)
     parser.add_argument("--listen-fds", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
-    parser.add_argument("--loglevel", type=int, default=6)
-    parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--timestamps", action="store_true")
-    parser.add_argument("--console", action="store_true")
-    parser.add_argument("--facility", default="daemon")
+    ipc.add_log_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    log.configure(
-        level=args.loglevel, verbose=args.verbose, console=args.console,
-        timestamps=args.timestamps, facility=args.facility,
-    )
-    try:
-        import uvloop
-
-        return uvloop.run(serve(args))
-    except ImportError:  # pragma: no cover
-        return asyncio.run(serve(args))
+    return ipc.run_child(parse_args(sys.argv[1:] if argv is None else argv), serve)
 
 
 if __name__ == "__main__":

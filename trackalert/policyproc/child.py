@@ -259,26 +259,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--config", required=True)
     parser.add_argument("--config-dir", required=True)
     parser.add_argument("--eventlog", required=True)
-    parser.add_argument("--loglevel", type=int, default=6)
-    parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--timestamps", action="store_true")
-    parser.add_argument("--console", action="store_true")
-    parser.add_argument("--facility", default="daemon")
+    ipc.add_log_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    log.configure(
-        level=args.loglevel, verbose=args.verbose, console=args.console,
-        timestamps=args.timestamps, facility=args.facility,
-    )
-    try:
-        import uvloop
-
-        return uvloop.run(serve(args))
-    except ImportError:  # pragma: no cover
-        return asyncio.run(serve(args))
+    return ipc.run_child(parse_args(sys.argv[1:] if argv is None else argv), serve)
 
 
 if __name__ == "__main__":
