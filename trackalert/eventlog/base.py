@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -66,6 +67,33 @@ class Appended:
     #: True: this delivery (same id, same body) was stored before, nothing new was stored and
     #: `seq` is the original's.
     duplicate: bool
+
+
+def positional_builder(cls: type) -> Callable[..., Any]:
+    """A function that builds the frozen, slotted dataclass `cls` from all its fields' values in
+    declaration order, equal to `cls(*values)`.
+
+    Why: a frozen dataclass's generated __init__ stores each field through `object.__setattr__`
+    (a global lookup and a call per field, ~11 µs for a Report's 16 on the loaded 2-core box),
+    and the core process builds a Report, an Event and an Appended for every durable report.
+    This stores the slots through their descriptors instead (~4 µs for a Report, same box).
+    Only for classes without `__post_init__` (nothing would run it), with every field passed.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    if hasattr(cls, "__post_init__") or tuple(getattr(cls, "__slots__", ())) != tuple(names):
+        raise TypeError(f"{cls.__name__} is not a slotted dataclass without __post_init__")
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    namespace.update({f"_set_{name}": getattr(cls, name).__set__ for name in names})
+    body = "".join(f"    _set_{name}(_o, {name})\n" for name in names)
+    exec(f"def build({', '.join(names)}):\n    _o = _new(_cls)\n{body}    return _o\n", namespace)
+    build: Callable[..., Any] = namespace["build"]
+    build.__doc__ = f"{cls.__name__}(*values), without the frozen __init__'s per-field calls."
+    return build
+
+
+#: Event(seq, received, report, delivery_id) and Appended(seq, duplicate), for the hot paths.
+new_event: Callable[[int, float, Report, "str | None"], Event] = positional_builder(Event)
+new_appended: Callable[[int, bool], Appended] = positional_builder(Appended)
 
 
 @dataclass(frozen=True, slots=True)

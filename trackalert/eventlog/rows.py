@@ -13,11 +13,13 @@ import json
 import json.encoder
 from typing import Any, Callable, Mapping
 
-from trackalert.eventlog.base import Event
+from trackalert.eventlog.base import Event, new_event, positional_builder
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.report import Enrichment, Report, ReportError, printable
 
 _loads = json.loads
+#: Report(*all its fields), built without the frozen __init__'s per-field calls (base.py).
+_new_report: Callable[..., Report] = positional_builder(Report)
 
 
 def _not_json(value: Any) -> Any:
@@ -148,7 +150,7 @@ def report_from_row(
     The maps come as values because their JSON columns would cost more to decode than to carry:
     the core process rebuilds the report a web worker encoded from the row and these alone.
     """
-    return Report(
+    return _new_report(
         row[0], row[2], row[1], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10],
         attrs, attrs_mv, device_attrs, extra, _geo_from_columns(*row[GEO_COLUMNS]),
     )
@@ -161,14 +163,13 @@ def decode_row(row: Any, loads: Callable[[str], Any] = _loads) -> Event:
     texts, and nothing it reads is ever changed)."""
     (seq, received, t, login, remote, pwhash, success, policy_reject, protocol, tls, device_id,
      session_id, fail_type, attrs, attrs_mv, device_attrs, extra, delivery_id) = row[:18]
-    report = Report(
-        t=t, remote=remote, login=login, pwhash=pwhash, success=bool(success),
-        policy_reject=bool(policy_reject), protocol=protocol, tls=bool(tls),
-        device_id=device_id, session_id=session_id, fail_type=fail_type,
-        attrs=loads(attrs) if attrs else {},
-        attrs_mv={k: tuple(v) for k, v in loads(attrs_mv).items()} if attrs_mv else {},
-        device_attrs=loads(device_attrs) if device_attrs else {},
-        extra=loads(extra) if extra else {},
-        geo=_geo_from_columns(*row[18:24]) if len(row) >= 24 else None,
+    report = _new_report(  # Report's field order: t, remote, login, pwhash, success, ...
+        t, remote, login, pwhash, bool(success), bool(policy_reject), protocol, bool(tls),
+        device_id, session_id, fail_type,
+        loads(attrs) if attrs else {},
+        {k: tuple(v) for k, v in loads(attrs_mv).items()} if attrs_mv else {},
+        loads(device_attrs) if device_attrs else {},
+        loads(extra) if extra else {},
+        _geo_from_columns(*row[18:24]) if len(row) >= 24 else None,
     )
-    return Event(seq, received, report, delivery_id)
+    return new_event(seq, received, report, delivery_id)

@@ -46,6 +46,8 @@ from trackalert.eventlog.base import (
     EventLogError,
     Listener,
     delivery_key,
+    new_appended,
+    new_event,
 )
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.queries import SQLiteQueries
@@ -653,11 +655,11 @@ class _Writer:
             if key is not None:
                 original = known.get(key)
                 if original is not None:
-                    results.append((sink, index, Appended(original, True)))
+                    results.append((sink, index, new_appended(original, True)))
                     duplicates += 1
                     continue
             seq += 1
-            event = Event(seq, received, report, row[DELIVERY_COLUMN])
+            event = new_event(seq, received, report, row[DELIVERY_COLUMN])
             if key is not None:
                 known[key] = seq  # later copies in this batch are retries of this one
                 new_deliveries.append(key + (seq, received))
@@ -666,7 +668,7 @@ class _Writer:
                 used_ids.add(key[0])
             rows.append((seq, received) + row)
             new_events.append(event)
-            results.append((sink, index, Appended(seq, False)))
+            results.append((sink, index, new_appended(seq, False)))
         insert_rows(conn, _INSERT_EVENT, rows)
         insert_rows(conn, _INSERT_DELIVERY, new_deliveries)
         return new_events, results, duplicates, collisions, received
