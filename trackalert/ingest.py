@@ -131,22 +131,38 @@ class Ingest:
         return acknowledged
 
     def submit_prepared(
-        self, handed: list[tuple[tuple, str | None, bytes | None]],
-        done: Callable[[Outcomes], None],
+        self, handed: list[tuple], done: Callable[[Outcomes], None],
     ) -> None:
         """Append reports a web worker handed over (`Handover`), as one group; `done` gets every
         outcome in order (an `Appended`, or the exception of a report that failed), once all
         are settled and the acknowledged ones counted. Reports the worker could not prepare are
-        prepared here; one that cannot be stored fails alone."""
+        prepared here; one that cannot be stored fails alone.
+
+        Each item is the worker's message as it came: (kind, request id, payload, delivery id,
+        fingerprint), read in place (no slice or intermediate tuple per report: the core
+        process's CPU per report bounds the whole daemon's ingest rate)."""
         appends: list[Append] = []
-        failed: dict[int, Exception] = {}
-        enricher = self._host.enricher
-        for index, (payload, delivery_id, fingerprint) in enumerate(handed):
+        append = appends.append
+        failed: dict[int, Exception] | None = None
+        for index, item in enumerate(handed):
+            payload = item[2]
             try:
-                if payload[0] is None:  # plain fields: the worker could not enrich
-                    payload = prepare(enricher, Report(*payload[1]), delivery_id)
-                appends.append(unpack(payload, fingerprint))
+                row = payload[0]
+                if row is None:  # plain fields: the worker could not enrich
+                    row, maps = prepare(self._host.enricher, Report(*payload[1]), item[3])
+                else:
+                    maps = payload[1]
+                delivery_id = row[DELIVERY_COLUMN]
+                report = report_from_row(row, *maps)
+                if delivery_id is None:
+                    append((row, report, None))
+                elif item[4] is None:
+                    append((row, report, delivery_key(report, delivery_id, None)))
+                else:
+                    append((row, report, (delivery_id, item[4])))
             except Exception as exc:
+                if failed is None:
+                    failed = {}
                 failed[index] = exc
         if failed:
             done = functools.partial(_merge_failures, failed, len(handed), done)
@@ -154,14 +170,16 @@ class Ingest:
 
     def _settle(self, appends: list[Append], done: Callable[[Outcomes], None],
                 outcomes: Outcomes) -> None:
-        accepted = 0
-        verbose = log.verbose()
-        for (_row, report, _key), outcome in zip(appends, outcomes):
-            if isinstance(outcome, BaseException):
-                continue
-            accepted += 1
-            if verbose and not outcome.duplicate:
-                log.logger.info("%s", log.report_log_line(report))
+        if log.verbose():
+            accepted = 0
+            for (_row, report, _key), outcome in zip(appends, outcomes):
+                if isinstance(outcome, BaseException):
+                    continue
+                accepted += 1
+                if not outcome.duplicate:
+                    log.logger.info("%s", log.report_log_line(report))
+        else:
+            accepted = len(outcomes) - sum(isinstance(o, BaseException) for o in outcomes)
         if accepted:
             self._host.count_report(accepted)
         done(outcomes)

@@ -191,23 +191,20 @@ class WebWorkers:
                 self._spawn(worker.index)
 
     def _append(self, channel: ipc.Channel, messages: list[tuple[Any, ...]]) -> None:
-        request_ids = [message[1] for message in messages]
         try:
-            self._ingest.submit_prepared(
-                [message[2:5] for message in messages],
-                functools.partial(self._appended, channel, request_ids),
-            )
+            self._ingest.submit_prepared(messages, functools.partial(self._appended, channel, messages))
         except Exception as exc:  # e.g. the log is closing: every report of the read fails
-            self._appended(channel, request_ids, [exc] * len(request_ids))
+            self._appended(channel, messages, [exc] * len(messages))
 
     @staticmethod
-    def _appended(channel: ipc.Channel, request_ids: list[int], outcomes: list[Any]) -> None:
+    def _appended(channel: ipc.Channel, messages: list[tuple[Any, ...]], outcomes: list[Any]) -> None:
+        """Each APPEND message's answer, in order: its seq once durable, or why it failed."""
         send = channel.send
-        for request_id, outcome in zip(request_ids, outcomes):
+        for message, outcome in zip(messages, outcomes):
             if isinstance(outcome, BaseException):
-                send((ipc.APPENDED, request_id, 0, False, str(outcome)))
+                send((ipc.APPENDED, message[1], 0, False, str(outcome)))
             else:
-                send((ipc.APPENDED, request_id, outcome.seq, outcome.duplicate, None))
+                send((ipc.APPENDED, message[1], outcome.seq, outcome.duplicate, None))
 
     def _merge(self, delta: dict[str, Any]) -> None:
         """A worker's statistics, counted as if this process had served the requests."""
