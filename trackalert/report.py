@@ -127,6 +127,13 @@ def parse_report(body: bytes | str, received: float) -> Report:
     Every failure of a body is a ReportError (a 400), whatever in the decoder gave up on it:
     a body cannot be a reason for a 500.
     """
+    return report_from_dict(decode_body(body), received)
+
+
+def decode_body(body: bytes | str) -> dict[str, Any]:
+    """The JSON object of a report body, proven Unicode and at most MAX_DEPTH deep, or
+    ReportError: `parse_report` without building the Report (a web worker encodes the row
+    straight from this dict, frontend/report_row.py)."""
     try:
         # Decode ourselves: json.loads would guess UTF-16/32 from a BOM; RFC 8259 says UTF-8.
         text = body.decode("utf-8") if isinstance(body, bytes) else body
@@ -144,7 +151,7 @@ def parse_report(body: bytes | str, received: float) -> Report:
     _check_depth(text, doc)
     if "\\u" in text:  # only an escape can smuggle a lone surrogate past strict UTF-8
         _check_surrogates(doc)
-    return report_from_dict(doc, received)
+    return doc
 
 
 def _check_depth(text: str, doc: Any) -> None:
