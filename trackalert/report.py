@@ -137,7 +137,7 @@ def decode_body(body: bytes | str) -> dict[str, Any]:
     try:
         # Decode ourselves: json.loads would guess UTF-16/32 from a BOM; RFC 8259 says UTF-8.
         text = body.decode("utf-8") if isinstance(body, bytes) else body
-        doc = _DECODER.decode(text)
+        doc = _decode(text)
     except UnicodeDecodeError as exc:
         raise ReportError(f"body is not valid UTF-8: {exc.reason}", "json") from None
     except json.JSONDecodeError as exc:
@@ -304,6 +304,18 @@ def _finite_float(text: str) -> float:
 
 # Built once: json.loads(..., parse_constant=...) would build a new decoder for every report.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_scan = _DECODER.scan_once
+
+
+def _decode(text: str) -> Any:
+    """`_DECODER.decode(text)`, a microsecond cheaper for a body without blanks around it (all
+    of wforce's): the C scanner alone, without decode's two Python frames and two regex
+    matches. Anything else, failures included, goes through `decode`, which words the error."""
+    try:
+        doc, end = _scan(text, 0)
+    except Exception:  # StopIteration, a JSONDecodeError, RecursionError, ...: decode says
+        return _DECODER.decode(text)
+    return doc if end == len(text) else _DECODER.decode(text)
 
 
 def parse_delivery_id(header: str | None) -> str | None:
