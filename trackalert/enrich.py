@@ -105,18 +105,26 @@ class Enricher:
         """(device_attrs, their JSON or None, geo) of the enriched report, without building it:
         ingest encodes the row straight from these. The attributes are the report's own objects
         when there is nothing to add; derived ones are a fresh dict (callers may keep it)."""
-        device_attrs: Mapping[str, str] = report.device_attrs
+        return self.lookup_fields(
+            report.protocol, report.device_id, report.device_attrs, report.remote, report.geo
+        )
+
+    def lookup_fields(
+        self, protocol: str, device_id: str, device_attrs: Mapping[str, str], remote: str,
+        geo: Enrichment | None = None,
+    ) -> tuple[Mapping[str, str], str | None, Enrichment | None]:
+        """`lookup` of a report given as the fields it reads: a web worker encodes the row
+        straight from the decoded body, without a Report (frontend/report_row.py)."""
         device_json = None
-        if self._devices is not None and report.device_id and not device_attrs:
-            attrs, text = self._device(report.protocol, report.device_id)
+        if self._devices is not None and device_id and not device_attrs:
+            attrs, text = self._device(protocol, device_id)
             if attrs:
                 device_attrs, device_json = dict(attrs), text
-        geo = report.geo
         if self._dbs:
             if self._registry.generation != self._generation:  # reloaded: answers may differ
                 self._generation = self._registry.generation
                 self._lookup.cache_clear()
-            found = self._lookup(report.remote)
+            found = self._lookup(remote)
             if found is not None:
                 geo = found
         return device_attrs, device_json, geo

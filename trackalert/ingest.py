@@ -89,6 +89,15 @@ class Handover:
             return (None, report.fields()), delivery_id, fingerprint
         return prepare(self._enricher, report, delivery_id), delivery_id, fingerprint
 
+    def enricher(self, settings: Mapping[str, Any]) -> "Enricher | None":
+        """The enricher this worker prepares reports with under `settings`; None when it
+        cannot enrich (then only `__call__` knows what to hand over). For a web worker that
+        encodes the row without a Report (frontend/report_row.py)."""
+        snapshot = settings.get("enrichment")
+        if snapshot is not self._seen:
+            self._update(snapshot)
+        return self._enricher if self._usable else None
+
     def _update(self, snapshot: Any) -> None:
         self._seen = snapshot
         if snapshot == self._snapshot and snapshot is not None:

@@ -172,30 +172,44 @@ def may_become_head(data: bytes | bytearray) -> bool:
 
 
 class _DateCache:
-    """The Date header, formatted once a second (as aiohttp does)."""
+    """The Date header, formatted once a second (as aiohttp does), and the responses rendered
+    with it: nearly every answer is the same 200, so it is rendered once a second too."""
 
     def __init__(self) -> None:
         self._second = -1
         self._text = b""
+        self._responses: dict[tuple[int, bytes, bool], bytes] = {}
 
-    def now(self) -> bytes:
+    def responses(self) -> tuple[bytes, dict[tuple[int, bytes, bool], bytes]]:
+        """This second's Date text and the responses rendered with it."""
         second = int(time.time())
         if second != self._second:
             self._second = second
             self._text = formatdate(second, usegmt=True).encode()
-        return self._text
+            self._responses = {}
+        return self._text, self._responses
 
 
 _date = _DateCache()
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+#: Most distinct responses kept for the current second (500s carry the core's error text).
+_RENDERED = 16
 
 
 def render(status: int, body: bytes, close: bool) -> bytes:
     """A JSON response, byte for byte as aiohttp writes it (but the Date)."""
-    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n%s\r\n%s" % (
-        status, _REASONS[status], _JSON_TYPE, len(body), _date.now(), _SERVER,
-        b"Connection: close\r\n" if close else b"", body,
-    )
+    date, responses = _date.responses()
+    key = (status, body, close)
+    response = responses.get(key)
+    if response is None:
+        if len(responses) >= _RENDERED:
+            responses.clear()
+        response = responses[key] = (
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n%s\r\n%s"
+            % (status, _REASONS[status], _JSON_TYPE, len(body), date, _SERVER,
+               b"Connection: close\r\n" if close else b"", body)
+        )
+    return response
 
 
 class LeanServer:

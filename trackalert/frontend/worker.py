@@ -32,9 +32,10 @@ from trackalert.clock import RealClock
 from trackalert.frontend import ipc
 from trackalert.frontend.accept import ConnectionCounts, SharedAccept
 from trackalert.frontend.lean import LeanServer
+from trackalert.frontend.report_row import Handed, hand_over
 from trackalert.ingest import Handover
 from trackalert.netaddr import NetmaskGroup, endpoint_text, parse_combo
-from trackalert.report import ReportError, parse_report
+from trackalert.report import ReportError
 from trackalert.settings import Listener
 from trackalert.web import (
     DELIVERY_HEADER,
@@ -44,7 +45,6 @@ from trackalert.web import (
     JsonServer,
     bad_report,
     check_basic_auth,
-    delivery_of,
     failure,
     is_report,
     json_response,
@@ -265,22 +265,30 @@ class WorkerWeb:
             return None
         delivery_header = headers.get(b"x-wforce-delivery")
         try:
-            report = parse_report(body, self._clock.time())
-            delivery = delivery_of(delivery_header.decode("ascii") if delivery_header is not None else None, body)
-            handed = self._handover(report, *delivery, self._settings)
+            handed = self._hand(body, delivery_header.decode("ascii") if delivery_header is not None else None)
         except ReportError:  # aiohttp's path answers it with its reason
             return None
         return self._append(handed, done)
 
+    def _hand(self, body: bytes, delivery_header: str | None) -> Handed:
+        return hand_over(body, self._clock.time(), delivery_header, self._handover, self._settings)
+
     def answer(self, error: str | None, started: float, appended: float) -> tuple[int, bytes]:
+        if error is None:  # `_stored` and `_count` of a stored report, on one clock reading
+            now, stats = self._clock.monotonic(), self._stats
+            stats.append_durations.append(now - appended)
+            stats.reports += 1
+            stats.durations.append(now - started)
+            return 200, OK_BODY
         response = self._stored(error, appended)
         self._count(started)
-        return (200, OK_BODY) if response is None else (response.status, bytes(response.body))
+        assert response is not None
+        return response.status, bytes(response.body)
 
     def timed_out(self, started: float) -> None:
         self._count(started)
 
-    def _append(self, handed: tuple[Any, str | None, bytes | None], done: Stored) -> float:
+    def _append(self, handed: Handed, done: Stored) -> float:
         """Hand the enriched, encoded report (`Handover`) to the core; when that started (for
         the append duration)."""
         started = self._clock.monotonic()
@@ -334,9 +342,7 @@ class WorkerWeb:
                 stats.reject("signature")
                 return refusal
             try:
-                report = parse_report(body, self._clock.time())
-                delivery = delivery_of(request.headers.get(DELIVERY_HEADER), body)
-                handed = self._handover(report, *delivery, self._settings)
+                handed = self._hand(body, request.headers.get(DELIVERY_HEADER))
             except ReportError as exc:
                 stats.reject(exc.reason)
                 return bad_report(exc)
