@@ -12,7 +12,7 @@ bench/reports.py (the vocabulary of bench/workload.py; one event every --spacing
 (policyproc.child.load_states), the same PolicyRunner on the child's log, woken by notify_head
 as the core's HEAD messages wake it. The first --warm events register and build the shapes
 (waited for); then the runner judges the rest and the process's CPU time per event is printed
-(with the wall time). --profile FILE records that part with py-spy (raw, --gil). It asserts
+(with the wall time, and the time the garbage collector took). --profile FILE records that part with py-spy (raw, --gil). It asserts
 nothing.
 """
 
@@ -89,8 +89,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, float]:
                                      "--gil", "-o", args.profile, "--nonblocking"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await asyncio.sleep(1.0)
-    gc_time = [0.0, 0.0, 0]
-    by_gen, n_gen = {}, {}
+    gc_time = [0.0, 0.0, 0]  # seconds collecting, when this one started, collections
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
@@ -98,8 +97,6 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, float]:
         else:
             gc_time[0] += time.perf_counter() - gc_time[1]
             gc_time[2] += 1
-            by_gen[info["generation"]] = by_gen.get(info["generation"], 0) + time.perf_counter() - gc_time[1]
-            n_gen[info["generation"]] = n_gen.get(info["generation"], 0) + 1
 
     gc.callbacks.append(on_gc)
     cpu, wall = time.process_time(), time.monotonic()
@@ -107,7 +104,6 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, float]:
     await _until(runner, args.events)
     cpu, wall = time.process_time() - cpu, time.monotonic() - wall
     gc.callbacks.remove(on_gc)
-    print("gc by generation", {g: (n_gen[g], round(t * 1e3)) for g, t in by_gen.items()}, gc.get_threshold(), gc.get_count(), len(gc.get_objects()))
     if profiler is not None:
         profiler.send_signal(2)
         profiler.wait(60)
