@@ -185,6 +185,8 @@ def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, arg
         "cpu_web_share": cpu.others_s / cpu.wall_s if cpu.wall_s else 0.0,
         "cpu_policy_us_per_report": 1e6 * cpu.policy_s / max(1, after_stored - before_stored),
         "cpu_policy_share": cpu.policy_s / cpu.wall_s if cpu.wall_s else 0.0,
+        # per event the policy process judged during the load (its CPU then, over those events)
+        "cpu_policy_us_per_event": 1e6 * cpu.policy_s / max(1, after_stored - lag - before_done),
     }
 
 
@@ -204,7 +206,8 @@ def report_figures(f: dict[str, Any], drain_timeout: float) -> None:
           f"({100 * f['cpu_core_share']:.0f} % of a core), web workers "
           f"{f['cpu_web_us_per_report']:.0f} µs/report ({100 * f['cpu_web_share']:.0f} % of a core)")
     if f["cpu_policy_share"]:
-        print(f"  policy process CPU  {f['cpu_policy_us_per_report']:.0f} µs/report "
+        print(f"  policy process CPU  {f['cpu_policy_us_per_report']:.0f} µs/report, "
+              f"{f.get('cpu_policy_us_per_event', 0.0):.0f} µs per event judged "
               f"({100 * f['cpu_policy_share']:.0f} % of a core)")
     if f["cpu_server_us_per_report"]:
         print(f"  osmem-server CPU    {f['cpu_server_us_per_report']:.0f} µs/report "

@@ -289,6 +289,11 @@ class EventLog(abc.ABC):
     async def read(self, after_seq: int, limit: int) -> list[Event]:
         """Up to `limit` events with ``seq > after_seq``, ascending (catch-up after a restart)."""
 
+    async def read_stored(self, after_seq: int, limit: int) -> "list[Any]":
+        """`read` for the policy runner: events it judges as they are (rows.StoredEvent where
+        the backend has a narrow read, else `Event`s), without decoding what it never looks at."""
+        return await self.read(after_seq, limit)
+
     def read_fields(self, after_seq: int, limit: int, received_from: float | None = None) -> list[tuple]:
         """Up to `limit` events with ``seq > after_seq`` (and, with `received_from`, received at
         or after it), ascending, as `FIELDS_ROW` tuples.

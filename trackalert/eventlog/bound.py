@@ -26,7 +26,7 @@ class FilterPlan:
     """The parse of every filter whose keys are `keys`, in this order."""
 
     __slots__ = ("keys", "_converters", "_attributes", "_maps", "_positions", "_key_parts",
-                 "_specs")
+                 "_specs", "_windowing")
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         parts = [key_converter(key) for key in keys]  # an unknown key raises FilterError
@@ -50,6 +50,9 @@ class FilterPlan:
         self._key_parts = parts_of
         #: the key specs, unless a netmask's (its family and bits) depends on its value
         self._specs = None if "netmask" in self._positions else tuple(spec for spec, _, _ in parts_of)
+        #: where success, window, since and until are (-1: not a key): read on every bind
+        self._windowing = tuple(self._positions.get(attribute, -1)
+                                for attribute in ("success", "window", "since", "until"))
 
     def bind(self, values: tuple) -> "BoundFilter":
         """This call's filter; the first value its key refuses raises FilterError, as
@@ -95,10 +98,11 @@ class BoundFilter:
 
     def __init__(self, plan: FilterPlan, parsed: list) -> None:
         self.plan, self.parsed = plan, parsed
-        self.success = plan.get(parsed, "success")
-        self.window = plan.get(parsed, "window")
-        self.since = plan.get(parsed, "since")
-        self.until = plan.get(parsed, "until")
+        success, window, since, until = plan._windowing
+        self.success = None if success < 0 else parsed[success]
+        self.window = None if window < 0 else parsed[window]
+        self.since = None if since < 0 else parsed[since]
+        self.until = None if until < 0 else parsed[until]
         self._filter: Filter | None = None
         self._equality: tuple[tuple[str, ...], tuple] | None = None
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.filters import Filter
 from trackalert.eventlog.ipkey import V4, V6, ip_key
+from trackalert.eventlog.rows import StoredEvent
 
 if TYPE_CHECKING:
     from trackalert.eventlog.bound import BoundFilter
@@ -29,7 +30,7 @@ _COLUMN_KEYS = {"login": LOGIN, "pwhash": PWHASH, "country": COUNTRY, "protocol"
                 "asn": ASN}
 
 
-def event_fields(event: Event) -> Row:
+def event_fields(event: "Event | StoredEvent") -> Row:
     """The `FIELDS_ROW` (eventlog/base.py) of an event in memory, with the values the log stores.
 
     The same values as a stored row (address as its `ip_key`, unknown enrichment as None), so
@@ -37,6 +38,8 @@ def event_fields(event: Event) -> Row:
     0/1 (equal to it) from `read_fields`, the maps are mappings here and JSON text (or None when
     empty) from `read_fields`.
     """
+    if type(event) is StoredEvent:  # read back from the log: the stored values themselves
+        return event.fields
     r = event.report
     geo = r.geo
     return (event.seq, event.received, r.login, bool(r.success), ip_key(r.remote), r.pwhash,

@@ -49,7 +49,7 @@ from trackalert.eventlog.bound import BoundFilter, as_filter
 from trackalert.eventlog.filters import AsOf, Filter
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.keys import RECEIVED, SEQ, SUCCESS, Row, equality_keys, key_function
-from trackalert.eventlog.rows import geo_columns, json_or_null
+from trackalert.eventlog.rows import StoredEvent, geo_columns, json_or_null
 
 #: Rows kept per key.
 BOUND = 16
@@ -85,9 +85,12 @@ _NONE_IN_WINDOW: list = [collections.deque((), WIDE), True]
 Answer = Callable[[list[Row]], Any]
 
 
-def report_columns(event: Event) -> Row:
+def report_columns(event: "Event | StoredEvent") -> Row:
     """The REPORT_COLUMNS row SQL returns for `event` (eventlog/rows.py encodes what is stored):
-    the head keeps this, so that the rows from memory and from the log cannot differ."""
+    the head keeps this, so that the rows from memory and from the log cannot differ (an event
+    read back from the log has it already)."""
+    if type(event) is StoredEvent:
+        return event.columns
     r = event.report
     return (event.seq, event.received, float(r.t), r.remote, r.login, r.pwhash, int(r.success),
             int(r.policy_reject), r.protocol, int(r.tls), r.device_id, r.session_id, r.fail_type,

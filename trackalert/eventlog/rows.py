@@ -13,7 +13,7 @@ import json
 import json.encoder
 from typing import Any, Callable, Mapping
 
-from trackalert.eventlog.base import Event, new_event, positional_builder
+from trackalert.eventlog.base import REPORT_COLUMNS, Event, new_event, positional_builder
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.report import Enrichment, Report, ReportError, printable
 
@@ -173,3 +173,52 @@ def decode_row(row: Any, loads: Callable[[str], Any] = _loads) -> Event:
         _geo_from_columns(*row[18:24]) if len(row) >= 24 else None,
     )
     return new_event(seq, received, report, delivery_id)
+
+
+# --------------------------------------------------------------------------- the runner's rows
+
+
+#: What `EventLog.read_stored` selects: REPORT_COLUMNS, then the address's `ip` key.
+STORED_COLUMNS = REPORT_COLUMNS + ("ip",)
+
+
+class StoredEvent:
+    """An event as the policy runner reads it back from the log: its REPORT_COLUMNS row and `ip`.
+
+    Why not an `Event`: the policy process reads every event it judges from the log, and
+    decoding each row into a Report (three JSON maps parsed, two dataclasses built) only for the
+    Lua call to rebuild those maps as tables, and for the projections to encode them back to
+    the stored JSON, cost more than judging the event. This keeps the stored values: lt is built
+    in Lua from them (lua/convert.py, maps decoded once per distinct text), the window projection
+    keys `fields`, and the recent rows keep `columns`, which are what SQL returns. `report`
+    decodes it (without `extra`, not selected; lt has none) for whoever needs one: the runner
+    naming a failed event."""
+
+    __slots__ = ("seq", "received", "columns", "fields", "_report")
+
+    delivery_id = None
+
+    def __init__(self, row: tuple) -> None:
+        self.seq, self.received = row[0], row[1]
+        self.columns = row[:22]
+        # keys.event_fields' order: seq, received, login, success, ip, pwhash, country,
+        # protocol, asn, device_attrs, attrs (the maps as stored JSON, as read_fields has them)
+        self.fields = (row[0], row[1], row[4], row[6], row[22], row[5], row[16], row[8], row[20],
+                       row[15], row[13])
+        self._report: Report | None = None
+
+    @property
+    def report(self) -> Report:
+        if self._report is None:
+            (_, _, t, remote, login, pwhash, success, policy_reject, protocol, tls, device_id,
+             session_id, fail_type, attrs, attrs_mv, device_attrs) = self.columns[:16]
+            self._report = Report(
+                t=t, remote=remote, login=login, pwhash=pwhash, success=bool(success),
+                policy_reject=bool(policy_reject), protocol=protocol, tls=bool(tls),
+                device_id=device_id, session_id=session_id, fail_type=fail_type,
+                attrs=_loads(attrs) if attrs else {},
+                attrs_mv={k: tuple(v) for k, v in _loads(attrs_mv).items()} if attrs_mv else {},
+                device_attrs=_loads(device_attrs) if device_attrs else {},
+                geo=_geo_from_columns(*self.columns[16:22]),
+            )
+        return self._report

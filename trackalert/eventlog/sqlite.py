@@ -51,7 +51,8 @@ from trackalert.eventlog.base import (
 )
 from trackalert.eventlog.ipkey import ip_key
 from trackalert.eventlog.queries import SQLiteQueries
-from trackalert.eventlog.rows import DELIVERY_COLUMN, decode_row, encode_row
+from trackalert.eventlog.rows import (DELIVERY_COLUMN, STORED_COLUMNS, StoredEvent, decode_row,
+                                      encode_row)
 from trackalert.eventlog.schema import cursors, deliveries, events
 from trackalert.eventlog.sqlite_alerts import SQLiteAlerts
 from trackalert.report import Report, parse_delivery_id
@@ -1179,6 +1180,16 @@ class SQLiteEventLog(EventLog):
             rows = (await conn.execute(statement)).all()
         return [decode_row(row) for row in rows]
 
+    async def read_stored(self, after_seq: int, limit: int) -> list[StoredEvent]:
+        """One narrow query per batch on a reader connection of the queries (in a thread): the
+        REPORT_COLUMNS and `ip` of each event, kept as stored (rows.StoredEvent)."""
+        self._check_open()
+        return await asyncio.to_thread(self._read_stored, after_seq, limit)
+
+    def _read_stored(self, after_seq: int, limit: int) -> list[StoredEvent]:
+        rows = self._queries._conn().execute(_READ_STORED, (after_seq, limit)).fetchall()
+        return [StoredEvent(row) for row in rows]
+
     def read_fields(self, after_seq: int, limit: int, received_from: float | None = None) -> list[tuple]:
         """Narrow rows on the helpers' own per-thread read-only connection (no event loop hop):
         a rowid range, whose start a `received_from` finds in one seek of ix_events_received.
@@ -1236,6 +1247,7 @@ class SQLiteEventLog(EventLog):
         }
 
 
+_READ_STORED = f"SELECT {', '.join(STORED_COLUMNS)} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
 _READ_FIELDS = ("SELECT seq, received, login, success, ip, pwhash, country, protocol, asn, "
                 "device_attrs, attrs FROM events WHERE seq > ? ")
 _FROM_RECEIVED = ("AND seq >= coalesce((SELECT seq FROM events INDEXED BY ix_events_received "

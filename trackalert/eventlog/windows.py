@@ -347,6 +347,9 @@ class WindowProjection:
         #: seq of the event whose report is running (helpers answer only for it), or None
         self.judging: int | None = None
         self._windows: dict[float, _Window] = {}
+        #: success -> the `add` of every shape counting events of it, made on first use and
+        #: emptied when a shape goes on or off: the head's loop, per event
+        self._adders: dict[Any, list[Callable[[Row], None]]] = {}
         self._active: dict[ShapeId, Shape] = {}
         self._pending: dict[ShapeId, None] = {}
         self._building: set[ShapeId] = set()
@@ -412,6 +415,7 @@ class WindowProjection:
         if not self._off_for_good:
             self._off_for_good = True
             self._windows.clear()
+            self._adders = {}
             self._active.clear()
             self.recent.clear()
             self.close()
@@ -425,14 +429,20 @@ class WindowProjection:
         if self._windows or self.recent.shapes:
             row = event_fields(event)
             success = row[SUCCESS]
-            for window in self._windows.values():
-                for shape in window.shapes:
-                    if shape.success is None or shape.success == success:
-                        shape.add(row)
+            adders = self._adders.get(success)
+            if adders is None:
+                adders = self._adders[success] = self._shape_adders(success)
+            for add in adders:
+                add(row)
             if self.recent.shapes:
                 self.recent.add(event, row)
         self.position = event.seq
         self._at = (event.seq, event.received)
+
+    def _shape_adders(self, success: Any) -> list[Callable[[Row], None]]:
+        """The `add` of the shapes an event of `success` counts in, in window and shape order."""
+        return [shape.add for window in self._windows.values() for shape in window.shapes
+                if shape.success is None or shape.success == success]
 
     def check_retention(self) -> None:
         """Drop windows that count events the log no longer holds, and tell the recent rows
@@ -527,6 +537,7 @@ class WindowProjection:
         logger.info("projection: the %gs window's %d shapes are dropped (events it counts were "
                     "pruned, or skipped); rebuilding them", window.seconds, len(window.shapes))
         del self._windows[window.seconds]
+        self._adders = {}
         with self._lock:
             for shape in window.shapes:
                 del self._active[shape.id]
@@ -578,6 +589,7 @@ class WindowProjection:
             if window is None:
                 window = self._windows[build.seconds] = _Window(build.seconds, build.tail)
             window.shapes.extend(build.shapes)
+            self._adders = {}
             for shape in build.shapes:
                 self._active[shape.id] = shape
             logger.info("projection: %d shape(s) of the %gs window on after %.1f s",

@@ -158,12 +158,9 @@ def _new_netmask(state: "LuaState") -> Callable[[Any], Netmask | None]:
     example='newNetmaskFromCA(lt.remote, 24):toStringNetwork() -- "192.0.2.0/24"',
     topic="addresses",
 )
-def _new_netmask_from_ca(state: "LuaState") -> Callable[[Any, Any], Netmask]:
-    def new_netmask_from_ca(ca: Any, bits: Any) -> Netmask:
-        address = state.values.address(ca)
-        if address is None:
-            raise TypeError("first argument must be a ComboAddress")
-        return Netmask.from_address(address, int(bits))
+def _new_netmask_from_ca(state: "LuaState") -> Callable[[Any, Any], Any]:
+    def new_netmask_from_ca(ca: Any, bits: Any) -> Any:
+        return state.values.netmask_around(ca, bits)
 
     return new_netmask_from_ca
 

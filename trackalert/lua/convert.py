@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import lupa.luajit21 as luajit
 
 from trackalert.eventlog.base import REPORT_COLUMNS
+from trackalert.eventlog.rows import StoredEvent
 from trackalert.lua.values import CHUNK_NAME, address_fields, guarded
 
 if TYPE_CHECKING:
@@ -109,6 +110,22 @@ function E.reports(a, count)
   return out
 end
 
+-- run(fn, lt) for an event read back from the log (eventlog/rows.StoredEvent): its stored
+-- columns after the address's fields, the maps as their JSON text; the values E.run gets from
+-- the decoded Report, built as E.reports builds a row.
+function E.run_row(fn, ip, port, hex, version, mapped, t, login, pwhash, success, policy_reject,
+                   protocol, tls, device_id, session_id, fail_type, attrs, attrs_mv, device_attrs,
+                   country, city, latitude, longitude, asn, isp)
+  if country == nil and city == nil and latitude == nil and asn == nil and isp == nil then
+    longitude = nil
+  end
+  return call(fn, login_tuple(t, new_ca(ip, port, hex, version, mapped), login, pwhash,
+                              success ~= 0, policy_reject ~= 0, protocol, tls ~= 0, device_id,
+                              session_id, fail_type, map("attrs", attrs), map("attrs_mv", attrs_mv),
+                              map("device_attrs", device_attrs), country or "", city or "",
+                              latitude, longitude, asn, isp or ""))
+end
+
 -- topValues()' array of {value=, count=} from the flat (value, count, ...) of `count` pairs.
 function E.counted(a, count)
   local out = {}
@@ -141,8 +158,10 @@ def _events(state: "LuaState") -> Any:
 
 
 def tuple_runner(state: "LuaState") -> Any:
-    """The Lua function that runs ``fn(lt)`` for one event; compiled once per state."""
-    return _events(state).run
+    """The Lua functions that run ``fn(lt)`` for one event (an Event, a StoredEvent); compiled
+    once per state."""
+    events = _events(state)
+    return events.run, events.run_row
 
 
 def _decode_map(state: "LuaState") -> Any:
@@ -179,16 +198,23 @@ def _flat(state: "LuaState", rows: list[tuple]) -> Any:
 LT_TIME = "lt_time"
 
 
-def call_with_tuple(state: "LuaState", runner: Any, fn: Any, event: "Event") -> tuple[bool, Any]:
+def call_with_tuple(state: "LuaState", runner: Any, fn: Any,
+                    event: "Event | StoredEvent") -> tuple[bool, Any]:
     """Run `fn(lt)` for one event; returns (ok, error-or-first-result).
 
     Also leaves the helpers lt's time: a windowed helper then need not look up when lt was
     received (a query on each call). They use it while `state.as_of_seq` is lt's seq, as the
     runner sets it."""
     state.cache[LT_TIME] = (event.seq, event.received)
+    if type(event) is StoredEvent:
+        c = event.columns
+        result = runner[1](fn, *address_fields(c[3]), c[2], *c[4:])
+        if isinstance(result, tuple):
+            return result[0], result[1] if len(result) > 1 else None
+        return result, None
     r = event.report
     table_from = state.lua.table_from
-    result = runner(
+    result = runner[0](
         fn,
         r.t,
         *address_fields(r.remote),

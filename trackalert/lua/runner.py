@@ -185,7 +185,7 @@ class PolicyRunner:
                 expected = self._log.seq_after(expected)
             return batch
         gap = (buffer[0].seq - expected) if buffer else self._batch_max
-        batch = await self._log.read(self.dispatched, min(self._batch_max, max(1, gap)))
+        batch = await self._log.read_stored(self.dispatched, min(self._batch_max, max(1, gap)))
         if not buffer or (batch and self._log.seq_after(batch[-1].seq) >= buffer[0].seq):
             self._oldest_unread = None
         return batch

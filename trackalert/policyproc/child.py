@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import itertools
 import json
 import os
@@ -42,6 +43,9 @@ from trackalert.webhooks import WebHooks
 #: from a batch stuck in a runaway report (PolicyRunner._wait_turn).
 STATES = 2
 STATS_EVERY = 0.5
+#: How often the projection's description (showEventLog's shapes and sizes) goes with them:
+#: it walks every key the shapes hold, which cost ~3 % of this process's samples every 0.5 s.
+DESCRIBE_EVERY = 5.0
 #: The longest a runCustomWebHook call waits for the core to store it.
 STORE_TIMEOUT = 30.0
 
@@ -178,6 +182,17 @@ def load_states(host: Host, config_file: str) -> list[LuaState]:
     return workers
 
 
+def tune_gc() -> None:
+    """As the core does after start-up (daemon._tune_gc): freeze what start-up built and collect
+    less often. Each judged event allocates short-lived objects and the projections keep growing,
+    so with the default thresholds (700, 10, 10) the cyclic GC ran hundreds of times per second
+    here and full collections walked everything the projections hold: ~15 % of this process's
+    CPU per event (bench/policy_process_bench.py prints the time spent collecting)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 class _NoSchedules:
     """Background functions run in the core's states; here their schedules are accepted and
     ignored (the config registers them in every state)."""
@@ -209,6 +224,7 @@ async def serve(args: argparse.Namespace) -> int:
     await eventlog.open()
     host.eventlog = eventlog
     host.webhooks.alerts = eventlog.alerts()  # countAlerts/recentAlerts read the core's records
+    tune_gc()
     link.channel = await ipc.open_channel(socket.socket(fileno=args.ipc_fd), link.on_message)
     pool = LuaPool(workers, clock)
     runner = PolicyRunner(eventlog, pool, host,
@@ -237,20 +253,22 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats(host: Host, runner: PolicyRunner) -> dict[str, Any]:
+def _stats(host: Host, runner: PolicyRunner, describe: bool = True) -> dict[str, Any]:
     assert isinstance(host.metrics, Counters)
     delta = host.metrics.drain()
     if runner.projection is not None:
         delta["projection_calls"] = {tuple(key): int(n) for key, n in runner.projection.calls.items()}
-        # plain builtins for marshal (the description holds counters and the like)
-        delta["projection"] = json.loads(json.dumps(runner.projection.describe(), default=str))
+        if describe:
+            # plain builtins for marshal (the description holds counters and the like)
+            delta["projection"] = json.loads(json.dumps(runner.projection.describe(), default=str))
     return delta
 
 
 async def _send_stats(link: CoreLink, host: Host, runner: PolicyRunner) -> None:
-    while True:
+    every = max(1, round(DESCRIBE_EVERY / STATS_EVERY))
+    for tick in itertools.count():
         await asyncio.sleep(STATS_EVERY)
-        link.send((protocol.STATS, _stats(host, runner)))
+        link.send((protocol.STATS, _stats(host, runner, describe=tick % every == 0)))
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -213,7 +213,8 @@ class PolicyProcess:
         if "projection_calls" in delta:
             self.projection_calls.clear()
             self.projection_calls.update(delta["projection_calls"])
-            self.projection = delta.get("projection")
+        if "projection" in delta:  # sent every DESCRIBE_EVERY s (policyproc/child.py)
+            self.projection = delta["projection"]
 
     def describe_projection(self) -> dict[str, Any]:
         return self.projection or {}
