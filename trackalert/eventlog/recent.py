@@ -147,10 +147,13 @@ class RecentShape:
         if key is None:
             return
         entry = self.keys.get(key)
+        seq = row[SEQ]
+        if seq <= self.created_at and not self.complete and (entry is None or not entry[1]):
+            return  # a key not loaded holds the rows since the shape began: a load will read it
         if entry is None or entry is _NONE_IN_WINDOW:
             self._append(key, row, False)
             return
-        rows, seq = entry[0], row[SEQ]
+        rows = entry[0]
         at = len(rows)
         while at and rows[at - 1][SEQ] > seq:
             at -= 1
