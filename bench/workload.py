@@ -23,6 +23,12 @@ in-memory OpenSearch-compatible server of the tests, PyPI `osmem-server`) starte
 `setEventLog("elasticsearch://127.0.0.1:PORT/bench")`; the figures then add the server's CPU per
 durable report (durable: counted by `_count` after a refresh; --prefill does not apply).
 
+--nodes N (with --elasticsearch) starts N daemons on the one osmem-server (`?node=nodeK`), as
+nodes behind a load balancer share a cluster: wrk posts to each with connections/N connections
+at once, and the figures are the cluster's: durable reports/s over all nodes, policy events/s
+as the reports all nodes' runners judged (`trackalert_lua_calls_total{kind="report"}`), the lag
+summed, the worst node's p50/p99, CPU per report summed over the daemons (memory: node 1's).
+
 --profile FILE records the core process with py-spy (`pip install py-spy` in the venv; not a
 dependency of trackalert) during the load and prints where the time goes.
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -190,6 +197,69 @@ def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, arg
     }
 
 
+def _judged(url: str) -> float:
+    return harness.scrape(url).get('trackalert_lua_calls_total{kind="report"}', 0.0)
+
+
+def _on_each(processes: list[DaemonProcess], connections: int, seconds: float, script: Path,
+             label: str) -> list[Any]:
+    """wrk against every node at once (one wrk each), their results in node order."""
+    with concurrent.futures.ThreadPoolExecutor(len(processes)) as pool:
+        return list(pool.map(lambda p: harness.run_wrk(p.url("/command/report"), connections,
+                                                       seconds, script, label), processes))
+
+
+def measure_nodes(processes: list[DaemonProcess], stored: Callable[[], int], script: Path,
+                  args: argparse.Namespace, server_pid: int) -> dict[str, Any]:
+    """`measure` for several daemons on one cluster: the figures of the whole cluster."""
+    metrics = [process.url("/metrics") for process in processes]
+    share = max(1, args.connections // len(processes))
+    _on_each(processes, max(1, 32 // len(processes)), args.warmup, script, "warmup")
+    for url in metrics:
+        if harness.wait_for_drain(url, args.drain_timeout) is None:
+            print(f"  the warm-up's policy lag of {url} did not drain within "
+                  f"{args.drain_timeout:.0f} s: the load starts behind", flush=True)
+    with harness.MemorySampler(processes[0].process.pid) as memory, \
+            contextlib.ExitStack() as meters:
+        before_stored = stored()
+        judged_before = sum(_judged(url) for url in metrics)
+        lag_at_start = sum(harness.policy_lag(url) for url in metrics)
+        started = time.monotonic()
+        server_before = harness.process_cpu_seconds(server_pid)
+        cpus = [meters.enter_context(harness.CpuMeter(p.process.pid)) for p in processes]
+        wrks = _on_each(processes, share, args.duration, script, "load")
+        meters.close()
+        server_s = harness.process_cpu_seconds(server_pid) - server_before
+        elapsed = time.monotonic() - started
+        after_stored = stored()
+        judged = sum(_judged(url) for url in metrics) - judged_before
+        lag = sum(harness.policy_lag(url) for url in metrics)
+        rss_load_end = memory.last_mib
+        drained = time.monotonic()
+        drains = [harness.wait_for_drain(url, args.drain_timeout) for url in metrics]
+        drain = (time.monotonic() - drained) if all(d is not None for d in drains) else float("nan")
+    new = max(1, after_stored - before_stored)
+    core_s, others_s = sum(c.core_s for c in cpus), sum(c.others_s for c in cpus)
+    wall = cpus[0].wall_s
+    return {
+        "reports_per_s": (after_stored - before_stored) / elapsed,
+        "wrk_2xx_per_s": sum(w.ok_per_second for w in wrks),
+        "p50_ms": max(w.p50_ms for w in wrks), "p99_ms": max(w.p99_ms for w in wrks),
+        "non2xx": sum(w.non2xx for w in wrks), "socket_errors": sum(w.errors for w in wrks),
+        "policy_events_per_s": judged / elapsed,
+        "lag_at_start_events": lag_at_start, "lag_events": lag, "drain_s": drain,
+        "rss_peak_mib": memory.peak_mib, "rss_load_end_mib": rss_load_end,
+        "rss_end_mib": memory.last_mib, "processes": memory.processes,
+        "log_events": after_stored,
+        "cpu_core_us_per_report": 1e6 * core_s / new, "cpu_web_us_per_report": 1e6 * others_s / new,
+        "cpu_core_share": core_s / wall if wall else 0.0,
+        "cpu_server_us_per_report": 1e6 * server_s / new,
+        "cpu_server_share": server_s / wall if wall else 0.0,
+        "cpu_web_share": others_s / wall if wall else 0.0,
+        "cpu_policy_us_per_report": 0.0, "cpu_policy_share": 0.0,
+    }
+
+
 def report_figures(f: dict[str, Any], drain_timeout: float) -> None:
     drain = (f"{f['drain_s']:.1f} s" if f["drain_s"] == f["drain_s"]
              else f"not within {drain_timeout:.0f} s")
@@ -254,6 +324,10 @@ def run(args: argparse.Namespace, script: Path) -> dict[str, Any]:
             reports.prepare_log(db_path, args.prefill, args.prefill_cache)
             log_url, server_pid = None, None
             stored = lambda: harness.stored(db_path)  # noqa: E731
+        if args.nodes > 1:
+            if not args.elasticsearch:
+                sys.exit("--nodes needs --elasticsearch: the nodes share a cluster")
+            return run_nodes(args, script, directory, log_url, stored, server_pid)
         config = daemon_config(args.policy, args.lua_states, args.web_processes, log_url,
                                args.policy_process)
         process = DaemonProcess(directory, config, args=("-s",))
@@ -273,6 +347,34 @@ def run(args: argparse.Namespace, script: Path) -> dict[str, Any]:
     return {"origin": origin, "figures": figures}
 
 
+def run_nodes(args: argparse.Namespace, script: Path, directory: Path, log_url: str,
+              stored: Callable[[], int], server_pid: int) -> dict[str, Any]:
+    """`run` with `args.nodes` daemons on the one cluster."""
+    processes: list[DaemonProcess] = []
+    try:
+        for k in range(1, args.nodes + 1):
+            (directory / f"node{k}").mkdir()
+            config = daemon_config(args.policy, args.lua_states, args.web_processes,
+                                   f"{log_url}?node=node{k}", args.policy_process)
+            process = DaemonProcess(directory / f"node{k}", config, args=("-s",))
+            processes.append(process)
+            process.start(timeout=args.start_timeout)
+            origin = harness.trackalert_origin(process.process.pid)
+            if Path(origin) != reports.CODE_ROOT / "trackalert":
+                sys.exit(f"the daemon runs {origin}, but this script loaded the policies and data "
+                         f"of {reports.CODE_ROOT}: run it from that checkout's directory")
+            print(f"  node{k}: daemon pid {process.process.pid} runs trackalert from {origin}",
+                  flush=True)
+        figures = measure_nodes(processes, stored, script, args, server_pid)
+    finally:
+        for process in processes:
+            try:
+                process.stop()
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return {"origin": origin, "figures": figures}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", choices=("empty", "starter"), default="starter")
@@ -283,6 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-cache", type=Path, help="keep prefilled logs here and copy them")
     parser.add_argument("--elasticsearch", action="store_true",
                         help="log into a local osmem-server started for the run")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="daemons sharing the osmem-server (with --elasticsearch)")
     parser.add_argument("--lua-states", type=int, default=4)
     parser.add_argument("--web-processes", type=int, default=2)
     parser.add_argument("--policy-process", action="store_true",
@@ -304,6 +408,7 @@ def main() -> None:
         script = Path(handle.name)
     try:
         key = f"policy={args.policy} prefill={args.prefill}" + (" log=es" if args.elasticsearch else "")
+        key += f" nodes={args.nodes}" * (args.nodes > 1)
         key += " policy-process" * args.policy_process
         print(f"== workload: {key}, {args.connections} connections, {args.duration:.0f} s, "
               f"setNumLuaStates({args.lua_states}), setNumWebProcesses({args.web_processes})", flush=True)

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import uuid
 from pathlib import Path
@@ -435,3 +436,93 @@ async def test_a_node_spooling_while_another_stores_never_puts_received_back_in_
         await a.close()
         await b.close()
         await relay.cut()
+
+
+# --------------------------------------------------------------------------- the projection
+
+
+def projected_config(url: str) -> str:
+    """Each report's login into ran.txt, after a projected helper call (which may fail while the
+    cluster is away: the line is written anyway), on a console to read the projection's state."""
+    from test_console_server import KEY
+    from trackalert.console.protocol import encode_key
+    from trackalert.testing import listener_config
+
+    return listener_config() + f"""
+controlSocket("127.0.0.1:0")
+setKey("{encode_key(KEY)}")
+setNumLuaStates(2)
+setEventLog("{url}")
+function report(lt)
+  pcall(countReports, {{login=lt.login, success=true, window="1d"}})
+  pcall(countDistinct, "login", {{remote=lt.remote:tostring(), success=true, window="1h"}})
+  local f = io.open("ran.txt", "a")
+  f:write(lt.login .. "\\n")
+  f:close()
+end
+setReport(report)
+"""
+
+
+def projection_line(process: DaemonProcess) -> str:
+    from test_windows import show_event_log
+
+    shown = show_event_log(process)
+    [line] = [line for line in shown.splitlines() if line.startswith("Projection:")]
+    return line
+
+
+async def test_the_cluster_stopped_mid_run_with_the_projection_following_another_node(
+        url: str, stoppable: Stoppable, tmp_path: Path) -> None:
+    """A daemon whose projection follows another node's events (written here, node `other`):
+    the server stops mid-load; the spool takes the reports, every one gets its 200; the
+    projection drops its counters or rebuilds; once the server is back every report runs,
+    once, in order, and the projection answers again with the other node's events."""
+    other = ElasticEventLog(parse_elastic_url(url.split("?")[0] + "?node=other&timeout=5"),
+                            VirtualClock(start=1_700_000_000.0))
+    await other.open()
+    try:
+        with DaemonProcess(tmp_path, projected_config(url)) as process:
+            for i in range(0, 20, 5):
+                assert await send(process, range(i, i + 5)) == [200] * 5
+                await other.append(report(i))  # a block of the other node between ours
+            assert await wait_for(lambda: len(ran(tmp_path)) == 20, timeout=60)
+            sent, line = await until_answered(process, tmp_path, 20, 0)
+            assert "other nodes' events:" in line, line
+            statuses: list[int] = []
+            sending = asyncio.create_task(send(process, range(sent, sent + 30), statuses=statuses))
+            assert await wait_for(lambda: len(statuses) >= 5, timeout=30)
+            stoppable.stop()  # mid-load: the rest are answered from the spool
+            assert await sending == [200] * 30
+            assert await metric(process, "trackalert_eventlog_spool_depth") >= 1
+            stoppable.resume()
+            sent += 30
+            await other.append(report(99))
+            assert await send(process, range(sent, sent + 10)) == [200] * 10
+            sent += 10
+            assert await wait_for(lambda: len(ran(tmp_path)) >= sent, timeout=60)
+            sent, line = await until_answered(process, tmp_path, sent, _from_it(line))
+            assert process.stop() == 0
+        assert ran(tmp_path) == [f"u{i:03d}" for i in range(sent)], "each report ran once, in order"
+    finally:
+        await other.close()
+
+
+async def until_answered(process: DaemonProcess, directory: Path, sent: int,
+                         answered: int) -> tuple[int, str]:
+    """Send one report at a time until the projection has answered more countReports calls
+    than `answered` (its shapes are built in the background and switch on at a report after
+    that); how many reports have been sent then, and the console's projection line."""
+    for _ in range(60):
+        assert await send(process, range(sent, sent + 1)) == [200]
+        sent += 1
+        assert await wait_for(lambda: len(ran(directory)) >= sent, timeout=60)
+        line = await asyncio.to_thread(projection_line, process)
+        if _from_it(line) > answered:
+            return sent, line
+    raise AssertionError(f"the projection does not answer: {line}")
+
+
+def _from_it(line: str) -> int:
+    found = re.search(r"countReports (\d+) from it", line)
+    return int(found[1]) if found else 0

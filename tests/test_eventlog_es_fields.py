@@ -1,5 +1,7 @@
 """The window projection on the Elasticsearch log (es_fields.py, EventLog.single_writer).
 
+Several writers: tests/test_eventlog_es_foreign.py.
+
 The same seeded history in a SQLite log and in an Elasticsearch log (osmem-server, or the
 cluster of TRACKALERT_TEST_ES_URL): the narrow rows are SQLite's, and the projection over the
 Elasticsearch log answers what the Elasticsearch queries and the SQLite queries answer, as of
@@ -130,9 +132,10 @@ async def test_the_projection_on_elasticsearch_equals_both_queries(both) -> None
     assert answered >= compared - 16 * 2, "the shapes are on after the first event or two"
 
 
-async def test_another_writer_turns_the_projection_off(both, elastic_url: str) -> None:
-    """Once another node writes into the log, the events between this node's are not the
-    runner's to add: the queries answer from then on, even with every shape built."""
+async def test_another_writer_ends_the_single_writer_state(both, elastic_url: str) -> None:
+    """Once another node writes into the log the events between this node's are not the
+    runner's to add (`single_writer` turns False); the projection then follows the other
+    nodes' events (tests/test_eventlog_es_foreign.py)."""
     sqlite_log, es_log, events = both
     other = ElasticEventLog(parse_elastic_url(elastic_url + "?node=other"), VirtualClock(start=START))
     await other.open()
@@ -140,21 +143,11 @@ async def test_another_writer_turns_the_projection_off(both, elastic_url: str) -
     again = ElasticEventLog(parse_elastic_url(elastic_url), VirtualClock(start=START))
     try:
         await es_log.append(events[-1].report)
-        theirs = await other.append(events[-2].report)
+        await other.append(events[-2].report)
         assert es_log.single_writer()
         await again.open()
         assert not again.single_writer(), "the cluster's last seq is not this node's"
-        projection = WindowProjection(again)
-        projection.start_at(theirs.seq - 1)
-        calls = parsed(starter_calls(events[-1]))
-        for counted, flt in calls:
-            assert projection.register(flt, counted)
-        assert await asyncio.to_thread(projection.wait_built, 60)
-        judged = Event(theirs.seq, events[-1].received, events[-1].report, None)
-        await asyncio.to_thread(projection.begin, judged)
-        assert [projection_answer(projection, c, f, theirs.seq) for c, f in calls] == [None] * len(calls)
-        assert projection.describe()["shapes"] == []
-        projection.finish(judged)
+        assert again.foreign_source() is not None
         await es_log.append(events[-3].report)
         assert not es_log.single_writer(), "another node's block came between two of ours"
     finally:

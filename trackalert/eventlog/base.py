@@ -310,6 +310,12 @@ class EventLog(abc.ABC):
         A log several nodes share says False as soon as another node wrote in between."""
         return True
 
+    def foreign_source(self) -> Any:
+        """What the window projection reads the other writers' events from (a
+        `foreign.ForeignSource`), on a log several nodes share; None where this process is the
+        only writer there can be."""
+        return None
+
     def seq_after(self, seq: int) -> int:
         """The seq of the event the policy runner runs after `seq`, when known: the next one;
         on a log several nodes share, this node's next one past the other nodes' blocks."""

@@ -62,6 +62,7 @@ from trackalert.eventlog.es_alerts import ElasticAlerts
 from trackalert.eventlog.es_client import ElasticSettings, async_client, sync_client
 from trackalert.eventlog.es_docs import delivery_ids, event_doc_id, fingerprint_text, from_doc, to_doc
 from trackalert.eventlog.es_fields import FieldsReader
+from trackalert.eventlog.es_foreign import ForeignReader
 from trackalert.eventlog.es_lease import RunLeases
 from trackalert.eventlog.es_queries import ElasticQueries, Visibility
 from trackalert.eventlog.es_spool import Spool, Spooled
@@ -200,6 +201,7 @@ class ElasticEventLog(EventLog):
         self._counter: _SeqCounter | None = None
         self._queries: ElasticQueries | None = None
         self._fields: FieldsReader | None = None
+        self._foreign: ForeignReader | None = None
         #: False once another node's block of seqs came between two of this node's (or did
         #: before this run): the log is then not this node's alone (`single_writer`).
         self._single = True
@@ -260,6 +262,8 @@ class ElasticEventLog(EventLog):
                                        self._visibility)
         self._alerts = ElasticAlerts(sync_client(self.settings), self.alerts_index)
         self._fields = FieldsReader(sync_client(self.settings), self.events_index, self._visibility)
+        self._foreign = ForeignReader(sync_client(self.settings), self.events_index, self.node,
+                                      self._visibility)
         self._open = True
         if self.spool is not None and (self.spooling or self.spool.depth):
             self.spooling = True
@@ -349,6 +353,8 @@ class ElasticEventLog(EventLog):
         self._queries.close()
         if self._fields is not None:
             self._fields.close()
+        if self._foreign is not None:
+            self._foreign.close()
         if self._alerts is not None:
             self._alerts.close()
         await self._client.close()
@@ -624,8 +630,8 @@ class ElasticEventLog(EventLog):
 
     def _not_single(self, why: str) -> None:
         if self._single:
-            logger.info("event log %s: %s; the policy runner's projection is off for this run, "
-                        "the helpers are answered by queries", self.location, why)
+            logger.info("event log %s: %s; the policy runner's projection follows the other "
+                        "nodes' events from now on", self.location, why)
         self._single = False
 
     def single_writer(self) -> bool:
@@ -640,6 +646,10 @@ class ElasticEventLog(EventLog):
         self._check_open()
         assert self._fields is not None
         return self._fields.read(after_seq, limit, received_from)
+
+    def foreign_source(self) -> ForeignReader | None:
+        """The other nodes' events, for the window projection's feed (eventlog/foreign.py)."""
+        return self._foreign
 
     def seq_after(self, seq: int) -> int:
         """This node's seq after `seq`: the other nodes' blocks between are not ours to run."""

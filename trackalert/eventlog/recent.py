@@ -143,6 +143,37 @@ class RecentShape:
                 self.wide_rows += 1
             rows.append(row)
 
+    def insert(self, fields: Row, row: Row) -> None:
+        """Add `row` where its seq goes (another node's event, which may arrive after newer
+        rows, or be held already from a load): a row kept once, the newest `maxlen` kept."""
+        key = self.key_of(fields)
+        if key is None:
+            return
+        entry = self.keys.get(key)
+        seq = row[SEQ]
+        if seq <= self.created_at and not self.complete and (entry is None or not entry[1]):
+            return  # a key not loaded holds the rows since the shape began: a load will read it
+        if entry is None or entry is _NONE_IN_WINDOW:
+            self._append(key, row, False)
+            return
+        rows = entry[0]
+        at = len(rows)
+        while at and rows[at - 1][SEQ] > seq:
+            at -= 1
+        if at and rows[at - 1][SEQ] == seq:
+            return  # a load read it from the log already
+        if at == len(rows):
+            self._append(key, row, False)
+            return
+        if len(rows) == rows.maxlen:
+            if at == 0:
+                return  # older than every row kept: not among the newest
+            rows.popleft()
+            at -= 1
+        elif rows.maxlen > BOUND:
+            self.wide_rows += 1
+        rows.insert(at, row)
+
     def take(self, key: tuple, n: int, now: float, oldest: int) -> list[Row] | None:
         """The answer from memory, or None when the key must be loaded first."""
         start = None if self.window is None else now - self.window
@@ -242,6 +273,17 @@ class RecentProjection:
             shape.add(fields, row)
             if len(shape.keys) - shape.swept >= self.sweep_after:
                 shape.sweep(event.received, event.seq)
+
+    def add_late(self, event: Event, fields: Row) -> None:
+        """Another node's event (windows.py, foreign.py): it may belong below rows held."""
+        row = None
+        success = fields[SUCCESS]
+        for shape in self.shapes.values():
+            if shape.success is not None and success != shape.success:
+                continue
+            if row is None:
+                row = self._compact(report_columns(event))
+            shape.insert(fields, row)
 
     def answer(self, helper: str, flt: Filter | BoundFilter, n: int, as_of: AsOf, judged: tuple[int, float],
                sql: EventQueries, pick: Answer) -> Any:

@@ -29,9 +29,13 @@ How it stays exact (the SQL path, eventlog/queries.py, is the reference):
   shapes are dropped and rebuilt from what the log still holds (SQL answers meanwhile), so
   pruned events are never counted. A prune landing inside a batch is seen at the next one;
   the SQL answer itself depends on which side of that prune it ran.
-* One writer: the head adds the events this runner judges, so the projection holds only where
-  no other process writes into the log between them (`EventLog.single_writer`; a cluster
-  several nodes share, docs/elasticsearch.md); once that is no longer so, the queries answer.
+* Other writers: the head adds the events this runner judges. On a log several nodes share
+  (`EventLog.single_writer` turns False), a feed (foreign.py) hands it the other nodes' events
+  below the event being judged as they become searchable, and the tails and builds read the
+  log only where the feed has decided what counts (its stable mark); foreign.py says why that
+  keeps what a tail subtracts equal to what was added. A window whose tail would have to
+  expire events past the stable mark answers by query for that event (`_lagging`). A log with
+  other writers but no feed: the queries answer.
 * Memory: per shape, the keys and distinct values present in its window (`describe`), at most
   MAX_SHAPES shapes; the tails hold one chunk of narrow rows each.
 
@@ -54,6 +58,7 @@ from typing import Any, Callable, Iterable, Iterator
 from trackalert.eventlog.base import Event, EventLog, EventQueries
 from trackalert.eventlog.bound import BoundFilter, as_filter
 from trackalert.eventlog.filters import AsOf, Field, Filter
+from trackalert.eventlog.foreign import POLL_INTERVAL, FeedOverflow, ForeignFeed
 from trackalert.eventlog.keys import (ASN, COUNTRY, IP, LOGIN, PROTOCOL, PWHASH, RECEIVED, SEQ,
                                       SUCCESS, Row, equality_keys, event_fields, key_function)
 from trackalert.eventlog.recent import NOT_ANSWERED, Answer, RecentProjection
@@ -297,6 +302,10 @@ class Cursor:
                 break
         return taken
 
+    def skip_to(self, seq: int) -> None:
+        """Go on after `seq` (the caller took the rows up to it another way)."""
+        self.after, self._rows, self._next = seq, [], 0
+
     def take_upto(self, upto: int) -> Iterator[list[Row]]:
         """Runs of the rows with seq <= `upto`."""
         while self.after < upto and self._ready():
@@ -338,9 +347,18 @@ class _Build:
 class WindowProjection:
     """All shapes, the runner's position in the log, and the builder thread."""
 
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, feed_interval: float = POLL_INTERVAL,
+                 feed_monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._log = log
+        self._feed_interval, self._feed_monotonic = feed_interval, feed_monotonic
+        self._raw_read = log.read_fields
+        #: what the cursors read: the log, or on a shared log only what the feed decided
         self._read = log.read_fields
         self._single_writer = log.single_writer
+        #: the other nodes' events (foreign.py), once another node writes into the log
+        self._feed: ForeignFeed | None = None
+        #: windows whose tails cannot expire all they should before the event being judged
+        self._lagging: set[float] = set()
         self._off_for_good = False  # another node writes into the log: the queries answer
         self.position = 0  # every event with seq <= position is applied
         self._at: tuple[int, float | None] = (0, None)  # (position, its received): one read
@@ -386,13 +404,27 @@ class WindowProjection:
         Should the log be unreadable here, every shape is dropped (SQL answers, and will say
         what is wrong) and rebuilt later: a half-expired window must never answer.
         """
-        if not self._single_writer():
-            self._off()
-            return
+        if self._feed is None and not self._single_writer():
+            source = self._log.foreign_source()
+            if source is None:
+                self._off()
+                return
+            self._follow(source)
         try:
-            self._begin(event)
-        except Exception:
-            logger.exception("projection: reading the event log failed; rebuilding every shape")
+            if self._feed is None:
+                self._begin(event)
+            else:
+                self._begin_shared(event, self._feed)
+        except FeedOverflow as exc:
+            logger.info("projection: %s; rebuilding every shape from the log", exc)
+            self._reset(event.seq - 1)
+        except Exception as exc:
+            if self._feed is None:
+                logger.exception("projection: reading the event log failed; rebuilding every shape")
+            elif self._feed.failed():
+                logger.error("projection: the event log did not answer (%s: %s); every shape is "
+                             "dropped and the queries answer until they are rebuilt",
+                             type(exc).__name__, exc)
             self._reset(event.seq - 1)
         self.judging = event.seq
         self._judged = (event.seq, event.received)
@@ -407,6 +439,59 @@ class WindowProjection:
             if expired:
                 for shape in window.shapes:
                     shape.remove_all(expired)
+
+    def _follow(self, source: Any) -> None:
+        """Another node writes into the log: follow its events from now on (foreign.py),
+        rebuilding every shape with the feed's reads."""
+        self._feed = ForeignFeed(source, self._feed_monotonic, self._feed_interval)
+        self._read = self._feed.read_stable(self._raw_read)
+        logger.info("projection: another node writes into the event log; the projection adds "
+                    "its events as they become searchable (polled every %g s)", self._feed.interval)
+        self._reset(self.position)
+
+    def _begin_shared(self, event: Event, feed: ForeignFeed) -> None:
+        """`_begin` on a shared log: the other nodes' events below `event` are added first."""
+        self._lagging.clear()
+        if event.seq != self.position + 1 and event.seq != self._log.seq_after(self.position) \
+                and (event.seq <= self.position
+                     or feed.source.own_between(self.position, event.seq)):
+            self._reset(event.seq - 1)  # own events skipped (pruned, a stuck batch)
+        if not feed.ready:
+            if not feed.may_start():
+                return  # no shape is on: the queries answer
+            feed.start(self.position, event.received)
+        foreign = feed.absorb(event.seq)
+        if foreign and (self._windows or self.recent.shapes):
+            for other in foreign:
+                self._add(other, late=True)
+        if self._near:
+            self._install_near(event)
+        upto = event.seq - 1
+        open_region = feed.stable < upto
+        for window in self._windows.values():
+            threshold = event.received - window.seconds
+            expired = window.tail.take_before(threshold, upto)
+            if expired:
+                for shape in window.shapes:
+                    shape.remove_all(expired)
+            if open_region and threshold > feed.stable_received:
+                self._lagging.add(window.seconds)
+
+    def _add(self, event: Event, late: bool = False) -> None:
+        """The head adds `event` (judged here, or another node's: `late`, maybe below rows
+        the recent shapes hold)."""
+        row = event_fields(event)
+        success = row[SUCCESS]
+        adders = self._adders.get(success)
+        if adders is None:
+            adders = self._adders[success] = self._shape_adders(success)
+        for add in adders:
+            add(row)
+        if self.recent.shapes:
+            if late:
+                self.recent.add_late(event, row)
+            else:
+                self.recent.add(event, row)
 
     def _off(self) -> None:
         """Another node writes into the log (EventLog.single_writer): the events between this
@@ -427,15 +512,9 @@ class WindowProjection:
             return
         self.judging = None
         if self._windows or self.recent.shapes:
-            row = event_fields(event)
-            success = row[SUCCESS]
-            adders = self._adders.get(success)
-            if adders is None:
-                adders = self._adders[success] = self._shape_adders(success)
-            for add in adders:
-                add(row)
-            if self.recent.shapes:
-                self.recent.add(event, row)
+            self._add(event)
+        if self._feed is not None and self._feed.ready:
+            self._feed.note_own(event.seq, event.received)
         self.position = event.seq
         self._at = (event.seq, event.received)
 
@@ -450,7 +529,7 @@ class WindowProjection:
         if not self._windows and not self.recent.shapes:
             return
         try:
-            rows = self._read(0, 1)
+            rows = self._raw_read(0, 1)
         except Exception:
             logger.exception("projection: reading the event log failed; rebuilding every shape")
             self._reset(self.position)
@@ -490,6 +569,9 @@ class WindowProjection:
         shape = self._active.get(shape_id)
         if shape is None:
             self._register(shape_id)
+            self.calls[helper, "sql"] += 1
+            return None
+        if self._lagging and shape_id[2] in self._lagging:
             self.calls[helper, "sql"] += 1
             return None
         self.calls[helper, "projection"] += 1
@@ -558,6 +640,9 @@ class WindowProjection:
                     self._pending[shape.id] = None
                 self._settled.clear()
             self._near.clear()
+        self._lagging.clear()
+        if self._feed is not None:
+            self._feed.stop()
         self.start_at(position)
 
     def _install_near(self, event: Event) -> None:
@@ -570,7 +655,19 @@ class WindowProjection:
                 for run in build.head.take_upto(self.position):
                     for shape in build.shapes:
                         shape.add_all(run)
-                ok = build.head.after == self.position
+                feed = self._feed
+                if feed is not None and feed.ready:  # past the stable mark, and the other
+                    upto = event.seq - 1             # nodes' events added before `event`
+                    if build.head.after < upto:
+                        rows = feed.read_open(build.head.after, upto)
+                        for shape in build.shapes:
+                            shape.add_all(rows)
+                        build.head.skip_to(upto)
+                    ok = True
+                elif feed is not None:
+                    ok = False
+                else:
+                    ok = build.head.after == self.position
             window = self._windows.get(build.seconds)
             if ok and window is not None:
                 for run in build.tail.take_upto(window.tail.after):
@@ -633,9 +730,12 @@ class WindowProjection:
     def _build(self, seconds: float, ids: list[ShapeId], generation: int) -> _Build | None:
         """Counts of the window before the runner's position, caught up to NEAR events of it."""
         started = time.monotonic()
+        feed = self._feed
+        if feed is not None and not feed.ready:
+            return None  # it starts at the runner's next event
         position, received = self._at
         if received is None and position:
-            rows = self._read(position - 1, 1)
+            rows = self._raw_read(position - 1, 1)
             received = rows[0][RECEIVED] if rows and rows[0][SEQ] == position else None
         start = position
         if received is not None:
@@ -654,12 +754,13 @@ class WindowProjection:
                 for run in build.tail.take_while_before(received - seconds, build.head.after):
                     for shape in shapes:
                         shape.remove_all(run)
-            if self._at[0] - build.head.after <= NEAR:
+            target = self._at[0] if feed is None else min(self._at[0], feed.stable)
+            if target - build.head.after <= NEAR:
                 return build
         return None
 
     def _read_from(self, received: float) -> list[Row]:
-        return self._read(0, 1, received)
+        return self._raw_read(0, 1, received)
 
     def queries(self, sql: EventQueries) -> "ProjectedQueries":
         """The helpers' queries for the report call running now: this projection, else `sql`."""
@@ -699,8 +800,11 @@ class WindowProjection:
         calls: dict[str, dict[str, int]] = {}
         for (helper, path), n in sorted(list(self.calls.items())):
             calls.setdefault(helper, {"projection": 0, "sql": 0})[path] = n
-        return {"position": self.position, "shapes": shapes, "building": building,
-                "calls": calls, "recent": self.recent.describe()}
+        out = {"position": self.position, "shapes": shapes, "building": building,
+               "calls": calls, "recent": self.recent.describe()}
+        if self._feed is not None:
+            out["foreign"] = self._feed.describe()
+        return out
 
 
 class ProjectedQueries(EventQueries):

@@ -196,8 +196,11 @@ def _projection(summary: dict[str, Any]) -> str:
     pairs = sum(s["distinct_pairs"] for s in shapes)
     calls = "; ".join(f"{helper} {n['projection']} from it, {n['sql']} by SQL"
                       for helper, n in summary.get("calls", {}).items())
+    foreign = summary.get("foreign")
+    others = (f"; the other nodes' events: {foreign['absorbed']} added, {foreign['held']} held"
+              + ("" if foreign["ready"] else " (not followed now)")) if foreign else ""
     return (f"{len(shapes)} shapes ({keys} keys, {pairs} distinct values), "
-            f"{summary.get('building', 0)} building" + (f"; {calls}" if calls else ""))
+            f"{summary.get('building', 0)} building" + others + (f"; {calls}" if calls else ""))
 
 
 @lua_global(
