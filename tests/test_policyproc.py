@@ -81,9 +81,14 @@ async def test_a_kill_9_of_the_daemon_reruns_from_the_saved_cursor(tmp_path: Pat
     receiver = await WebhookReceiver().start()
     try:
         process = DaemonProcess(tmp_path, config(receiver.port)).start()
+        child = policy_pid(process.process.pid)
+        assert child is not None
         acked: list[str] = []
         await hammer(process, "d", total=20_000, concurrency=32, acked=acked, kill_after=2_000)
         assert process.process.returncode == -9
+        # the orphaned policy process stops too (its batch's alerts can no longer be stored)
+        assert await wait_for(lambda: not Path(f"/proc/{child}").exists()
+                              or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2], timeout=20)
         stored = set(stored_logins(tmp_path))
         assert set(acked) <= stored
         with DaemonProcess(tmp_path, config(receiver.port)):

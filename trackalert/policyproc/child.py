@@ -102,6 +102,7 @@ class ForwardedWebHooks(WebHooks):
         self._calls = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}  # call id -> [event, outcome]
         self._waiting_lock = threading.Lock()
+        self._gone = False  # the core is gone: no call will be answered
 
     def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None,
             time: float | None = None) -> bool:
@@ -113,6 +114,8 @@ class ForwardedWebHooks(WebHooks):
         call = next(self._calls)
         waiter: list[Any] = [threading.Event(), False]
         with self._waiting_lock:
+            if self._gone:  # without this, each call of a batch still running waits STORE_TIMEOUT
+                return False  # and the orphaned process outlives its core by hours
             self._waiting[call] = waiter
         self._send((protocol.WEBHOOK, call, name, bytes(body), cause, seq, time))
         answered = waiter[0].wait(STORE_TIMEOUT)
@@ -133,6 +136,7 @@ class ForwardedWebHooks(WebHooks):
     def abandon(self) -> None:
         """The core is gone: nothing waiting will be answered."""
         with self._waiting_lock:
+            self._gone = True
             waiters = list(self._waiting.values())
         for waiter in waiters:
             waiter[0].set()
