@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import marshal
 import random
 import re
 import sqlite3
@@ -27,6 +28,7 @@ from trackalert.eventlog.base import Event
 from trackalert.eventlog.bound import BoundFilter, bind_pairs
 from trackalert.eventlog.filters import AsOf, Field, Filter, parse_field, parse_filter
 from trackalert.eventlog.sqlite import SQLiteEventLog
+from trackalert.eventlog import windows
 from trackalert.eventlog.windows import Cursor, WindowProjection, cover, event_fields
 from trackalert.lua.host import Host
 from trackalert.lua.pool import LuaPool
@@ -267,6 +269,136 @@ async def test_retention_pruning_keeps_answers_equal_to_sql(log) -> None:
     assert projection.calls["countReports", "sql"] > 0
 
 
+@pytest.mark.parametrize("seed", [21, 22])
+async def test_a_build_from_grouped_counts_equals_sql_from_any_start(log, seed: int,
+                                                                     monkeypatch) -> None:
+    """Builds counted by groups (EventLog.count_fields, in ranges of any size) from runner
+    positions anywhere in a random history, then driven on: every answer is SQL's. A prune
+    before one of the starts leaves the groups to count only what the log still holds."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(seed), 2400)
+    rng = random.Random(seed)
+    monkeypatch.setattr(windows, "GROUP_MIN", 0)  # every build groups, however short
+    starts = sorted(rng.sample(range(1, 2100), 3))
+    answered = 0
+    for number, start in enumerate(starts):
+        monkeypatch.setattr(windows, "GROUP_ROWS", rng.choice([1, 7, 250, 5000]))
+        if number == 2:
+            assert await eventlog.prune(events[rng.randrange(start // 2)].received) > 0
+        projection = WindowProjection(eventlog)
+        projection.start_at(start)
+        register_all(projection, events)
+        for event in events[start:start + 150]:
+            projection.check_retention()
+            projection.begin(event)
+            for counted, flt in parsed(starter_calls(event)):
+                found = projection_answer(projection, counted, flt, event.seq)
+                assert found is not None, (event.seq, flt)
+                assert found == sql_answer(eventlog, counted, flt, event.seq), (start, event.seq, flt)
+                answered += 1
+            projection.finish(event)
+        projection.close()
+    assert answered == 3 * 150 * 16
+
+
+async def test_grouped_counts_are_the_rows_counted(log) -> None:
+    """count_fields groups exactly the rows read_fields returns, for any column set."""
+    eventlog, clock = log
+    await fill(eventlog, clock, random.Random(4), 900)
+    rows = eventlog.read_fields(100, 10_000)[:700]
+    for columns in [(3,), (2, 3), (3, 4, 6, 9), (2, 3, 5, 7, 8, 10)]:
+        expected = Counter(tuple(row[i] for i in columns) for row in rows)
+        assert eventlog.count_fields(100, 800, columns) == expected, columns
+    assert eventlog.count_fields(800, 800, (2, 3)) == {}
+
+
+def drive(projection: WindowProjection, eventlog: SQLiteEventLog, events: list[Event]) -> int:
+    """Run `events` through the projection as the runner does; every answer must be SQL's.
+    Returns how many were answered from the projection."""
+    answered = 0
+    for event in events:
+        projection.check_retention()
+        projection.begin(event)
+        for counted, flt in parsed(starter_calls(event)):
+            found = projection_answer(projection, counted, flt, event.seq)
+            if found is not None:
+                assert found == sql_answer(eventlog, counted, flt, event.seq), (event.seq, flt)
+                answered += 1
+        projection.finish(event)
+    return answered
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33])
+async def test_a_restart_from_the_snapshot_equals_sql(log, seed: int, caplog) -> None:
+    """Saved at a random event, restored at a start at or after it (the runner may have gone
+    on without saving), caught up, and driven on: every answer is SQL's, from the first event."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(seed), 2000)
+    rng = random.Random(seed)
+    saved_at = rng.randrange(200, 1500)
+    first = WindowProjection(eventlog)
+    first.start_at(0)
+    register_all(first, events)
+    drive(first, eventlog, events[:saved_at])
+    first.close(save=True)
+    path = Path(eventlog.projection_snapshot())
+    assert path.stat().st_size > 0
+    start = saved_at + rng.choice([0, 0, 1, 37, 400])
+    caplog.set_level("INFO", logger="trackalert")
+    restored = WindowProjection(eventlog)
+    restored.start_at(start)
+    assert restored.wait_built(30)
+    assert "restored from" in caplog.text
+    assert drive(restored, eventlog, events[start:start + 200]) == 200 * 16
+    restored.close()
+
+
+@pytest.mark.parametrize("spoil", ["truncated", "pruned", "other log", "ahead", "format"])
+async def test_a_snapshot_that_does_not_match_is_ignored(log, tmp_path: Path, spoil: str,
+                                                         caplog) -> None:
+    """Truncated, older than the log's retention, of another log, saved after the runner's
+    position, of another format: ignored with one line, the shapes built from the log, and
+    every answer SQL's."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(41), 1500)
+    first = WindowProjection(eventlog)
+    first.start_at(0)
+    register_all(first, events)
+    drive(first, eventlog, events[:1000])
+    first.close(save=True)
+    path = Path(eventlog.projection_snapshot())
+    start = 1000
+    if spoil == "truncated":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    elif spoil == "pruned":  # up to the last events: rows every long window counts are gone
+        assert await eventlog.prune(events[999].received) > 0
+    elif spoil == "other log":
+        other = SQLiteEventLog(tmp_path / "other.db", clock)
+        await other.open()
+        await fill(other, clock, random.Random(42), 1200)
+        await other.close()
+        Path(other.projection_snapshot()).write_bytes(path.read_bytes())
+        path.unlink()
+        eventlog = SQLiteEventLog(tmp_path / "other.db", clock)
+        await eventlog.open()
+        events = await eventlog.read(0, 2000)
+        start = 1000
+    elif spoil == "ahead":
+        start = 990
+    else:
+        path.write_bytes(marshal.dumps(("trackalert-windows-0",) + marshal.loads(path.read_bytes())[1:]))
+    caplog.set_level("INFO", logger="trackalert")
+    restored = WindowProjection(eventlog)
+    restored.start_at(start)
+    assert "restored from" not in caplog.text
+    assert caplog.text.count("is ignored") == 1, caplog.text
+    register_all(restored, events)  # as the policies ask: built from the log
+    assert drive(restored, eventlog, events[start:start + 150]) == 150 * 16
+    restored.close()
+    if spoil == "other log":
+        await eventlog.close()
+
+
 def test_uncovered_filters_are_left_to_sql() -> None:
     assert cover(parse_filter({"login": "a"}.items()), None) is None  # no window
     assert cover(parse_filter({"login": "a", "since": 5, "window": 60}.items()), None) is None
@@ -492,6 +624,34 @@ async def test_kill_9_and_restart_keep_answers_exact(tmp_path: Path) -> None:
     expected = await daemon_expected(db)
     ran = answer_lines(tmp_path)
     assert set(ran) == set(expected), "every stored report ran at least once, and only those"
+    for key, lines in ran.items():
+        assert lines == {expected[key]}, key
+
+
+async def test_a_daemon_restart_restores_the_saved_windows(tmp_path: Path) -> None:
+    """A graceful stop saves the windows beside the log; the next start restores them (no
+    build) and every report still answers as SQL."""
+    rng = random.Random(6)
+    db = tmp_path / "trackalert-events.db"
+
+    def all_ran() -> bool:
+        with sqlite3.connect(db) as conn:
+            stored = {f"{row[0]:.0f}" for row in conn.execute("SELECT t FROM events")}
+        return stored <= set(answer_lines(tmp_path))
+
+    with DaemonProcess(tmp_path, DAEMON_POLICY) as process:
+        await post_reports(process, 1_000_000, 800, rng)
+        assert await wait_for(all_ran, timeout=120)
+    assert "window(s) saved to" in process.output(), process.output()
+    assert Path(f"{db}-windows").stat().st_size > 0
+    with DaemonProcess(tmp_path, DAEMON_POLICY) as process:
+        await post_reports(process, 2_000_000, 400, rng)
+        assert await wait_for(all_ran, timeout=120)
+        output = process.output()
+    assert "window(s) restored from" in output and "is ignored" not in output, output
+    expected = await daemon_expected(db)
+    ran = answer_lines(tmp_path)
+    assert set(ran) == set(expected)
     for key, lines in ran.items():
         assert lines == {expected[key]}, key
 

@@ -304,6 +304,22 @@ class EventLog(abc.ABC):
         """
         raise NotImplementedError(f"the {self.backend} event log has no narrow read")
 
+    def count_fields(self, after_seq: int, upto_seq: int, columns: tuple[int, ...]) -> dict[tuple, int]:
+        """The events with ``after_seq < seq <= upto_seq`` grouped by the `FIELDS_ROW` columns at
+        `columns`: each distinct tuple of their values (in that order), and how many events
+        have it.
+
+        Why: building a window projection over millions of events one row at a time in Python
+        costs minutes; grouped first, each distinct tuple is added once with its count. A
+        backend without it (the default) is built row by row from `read_fields`.
+        """
+        raise NotImplementedError(f"the {self.backend} event log has no grouped count")
+
+    def projection_snapshot(self) -> str | None:
+        """Where the window projection keeps its counts between runs (eventlog/snapshot.py): a
+        file beside the log, or None where there is no such place (the default)."""
+        return None
+
     def single_writer(self) -> bool:
         """Whether this process is the log's only writer, so that a projection kept from the
         events it judges (eventlog/windows.py) counts exactly what a query as of them would.

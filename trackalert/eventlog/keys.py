@@ -98,6 +98,16 @@ def _column(spec: str) -> int | None:
     return IP if spec == "remote" else _COLUMN_KEYS.get(spec)
 
 
+def spec_column(spec: str) -> int:
+    """The row position a key spec's value is computed from (what a grouped count groups by)."""
+    index = _column(spec)
+    if index is not None:
+        return index
+    if spec.startswith("net"):
+        return IP
+    return DEVICE_ATTRS if spec.startswith("d:") else ATTRS
+
+
 def _extractor(spec: str) -> Callable[[Row], Any]:
     """The value of one key spec in a row (None: the event cannot match that key)."""
     index = _column(spec)

@@ -103,7 +103,8 @@ class PolicyRunner:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
         if self.projection is not None:
-            self.projection.close()
+            # saved only when no batch runs on (a stuck one): its counts would move under the save
+            self.projection.close(save=all(task.done() for task in self._tasks))
         self._save_cursor(self.done)
 
     def notify_head(self, seq: int) -> None:
