@@ -514,7 +514,7 @@ class WindowProjection:
             if source is None:
                 self._off()
                 return
-            self._follow(source)
+            self._follow_nodes(source)
         try:
             if self._feed is None:
                 self._begin(event)
@@ -545,7 +545,7 @@ class WindowProjection:
                 for shape in window.shapes:
                     shape.remove_all(expired)
 
-    def _follow(self, source: Any) -> None:
+    def _follow_nodes(self, source: Any) -> None:
         """Another node writes into the log: follow its events from now on (foreign.py),
         rebuilding every shape with the feed's reads."""
         self._feed = ForeignFeed(source, self._feed_monotonic, self._feed_interval)
@@ -864,13 +864,13 @@ class WindowProjection:
             if counted is None:
                 return None
             head = counted
-        return self._follow(_Build(seconds, shapes, Cursor(self._read, head),
+        return self._catch_up(_Build(seconds, shapes, Cursor(self._read, head),
                                    Cursor(self._read, start), generation, started))
 
     def _catch_up_restored(self, build: _Build) -> None:
         """A window loaded from the snapshot, caught up as a build; rebuilt should that fail."""
         try:
-            done = self._follow(build)
+            done = self._catch_up(build)
         except Exception:
             logger.exception("projection: catching up the restored %gs window failed",
                              build.seconds)
@@ -884,9 +884,10 @@ class WindowProjection:
                 self._pending[shape.id] = None
             self._settled.clear()
 
-    def _follow(self, build: _Build) -> _Build | None:
+    def _catch_up(self, build: _Build) -> _Build | None:
         """Catch `build` up to NEAR events of the runner (its head adds, its tail expires)."""
         shapes, seconds, generation = build.shapes, build.seconds, build.generation
+        feed = self._feed  # on a shared log: the runner's next events wait for its stable mark
         while not self._stopping and generation == self._generation:
             position, received = self._at
             for run in build.head.take_upto(position):
