@@ -116,7 +116,7 @@ def time_shapes(path: Path, events: int, samples: int, buffer: int) -> None:
             "remote=remote, netmask=netmask, pwhash=pwhash, country=country, "
             "device_attrs={['browser.family']=browser}} end")
         picks = events_near_end(path, events, samples)
-        gc.collect()  # the collector tuned as the daemon tunes it (daemon._tune_gc)
+        gc.collect()  # the collector tuned as the daemon tunes it (trackalert.gc_tuning)
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         sql = time_sql(state, shapes, make_lt, picks)

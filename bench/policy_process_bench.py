@@ -43,7 +43,7 @@ from trackalert.lua.runner import PolicyRunner  # noqa: E402
 from trackalert.policyproc.child import Counters, _NoSchedules, load_states  # noqa: E402
 
 try:  # the policy process tunes its collector (older checkouts: not)
-    from trackalert.policyproc.child import tune_gc  # noqa: E402
+    from trackalert.gc_tuning import tune_gc  # noqa: E402
 except ImportError:
     tune_gc = None
 from trackalert.settings import Settings  # noqa: E402

@@ -10,7 +10,6 @@ that runs threads exists before the fork, so background work survives it.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from typing import Any, Callable, Coroutine
 
 from trackalert import log, notify
 from trackalert.clock import Clock, RealClock
+from trackalert.gc_tuning import tune_gc
 from trackalert.devices import DeviceParser
 from trackalert.enrich import Enricher
 from trackalert.eventlog import open_event_log
@@ -144,7 +144,7 @@ class Daemon:
         )
         await console.start(self.control_sockets, local_console=self.options.mode == "foreground")
         tasks = self._background_tasks(eventlog, pool)
-        _tune_gc()
+        tune_gc()
         if self.sockets:
             notify.status("Listening on " + ", ".join(socket_addresses(self.sockets)))
         notify.ready()
@@ -303,15 +303,6 @@ def run_config(state: LuaState, name: str) -> None:
         raise StartupError(f"Syntax error in configuration: {exc}") from exc
     except LuaError as exc:
         raise StartupError(f"Fatal Lua error: {exc}") from exc
-
-
-def _tune_gc() -> None:
-    """Every report allocates short-lived objects; with the default gen-0 threshold (700) the
-    cyclic GC runs thousands of times a second at full load. Freeze what start-up built and
-    collect less often: reports create no reference cycles worth chasing that soon."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def run_server(options: Options) -> int:

@@ -261,8 +261,10 @@ class RecentProjection:
         """Events were skipped (or the log moved under the runner): nothing held is known good."""
         self.shapes.clear()
 
-    def add(self, event: Event, fields: Row) -> None:
-        """After `report` on `event`: each shape's head takes it (one row built for all)."""
+    def add(self, event: Event, fields: Row, late: bool = False) -> None:
+        """After `report` on `event`: each shape's head takes it (one row built for all). A
+        `late` event is another node's (windows.py, foreign.py): it may belong below rows held,
+        so it is inserted in seq order, and it sweeps nothing."""
         row = None
         success = fields[SUCCESS]
         for shape in self.shapes.values():
@@ -270,20 +272,12 @@ class RecentProjection:
                 continue
             if row is None:
                 row = self._compact(report_columns(event))
+            if late:
+                shape.insert(fields, row)
+                continue
             shape.add(fields, row)
             if len(shape.keys) - shape.swept >= self.sweep_after:
                 shape.sweep(event.received, event.seq)
-
-    def add_late(self, event: Event, fields: Row) -> None:
-        """Another node's event (windows.py, foreign.py): it may belong below rows held."""
-        row = None
-        success = fields[SUCCESS]
-        for shape in self.shapes.values():
-            if shape.success is not None and success != shape.success:
-                continue
-            if row is None:
-                row = self._compact(report_columns(event))
-            shape.insert(fields, row)
 
     def answer(self, helper: str, flt: Filter | BoundFilter, n: int, as_of: AsOf, judged: tuple[int, float],
                sql: EventQueries, pick: Answer) -> Any:

@@ -593,10 +593,7 @@ class WindowProjection:
         for add in adders:
             add(row)
         if self.recent.shapes:
-            if late:
-                self.recent.add_late(event, row)
-            else:
-                self.recent.add(event, row)
+            self.recent.add(event, row, late)
 
     def _off(self) -> None:
         """Another node writes into the log (EventLog.single_writer): the events between this

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import gc
 import itertools
 import json
 import os
@@ -30,6 +29,7 @@ from trackalert import log
 from trackalert.clock import RealClock
 from trackalert.eventlog import open_event_log
 from trackalert.frontend import ipc
+from trackalert.gc_tuning import tune_gc
 from trackalert.lua.host import Host
 from trackalert.lua.pool import LuaPool
 from trackalert.lua.runner import PolicyRunner
@@ -184,17 +184,6 @@ def load_states(host: Host, config_file: str) -> list[LuaState]:
         state.run_file(config_file, name)
         workers.append(state)
     return workers
-
-
-def tune_gc() -> None:
-    """As the core does after start-up (daemon._tune_gc): freeze what start-up built and collect
-    less often. Each judged event allocates short-lived objects and the projections keep growing,
-    so with the default thresholds (700, 10, 10) the cyclic GC ran hundreds of times per second
-    here and full collections walked everything the projections hold: ~15 % of this process's
-    CPU per event (bench/policy_process_bench.py prints the time spent collecting)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 class _NoSchedules:
