@@ -140,6 +140,8 @@ async def run_appenders(path: Path, concurrency: int, duration: float, warmup: f
     commits = log.stats.commits_total - counted["commits"]
     elapsed = loop.time() - measure_from
     max_batch = log.stats.max_batch_size
+    checkpoints = getattr(log, "_checkpointer", None)  # older commits checkpoint in COMMIT
+    wal_bytes = os.path.getsize(f"{path}-wal")  # its high-water mark: it never shrinks until close
     await log.close()
     latencies.sort()
     return {
@@ -150,6 +152,8 @@ async def run_appenders(path: Path, concurrency: int, duration: float, warmup: f
         "mean_batch": rows / max(commits, 1),
         "max_batch": max_batch,
         "cpu_us_per_row": 1e6 * cpu / max(rows, 1),
+        "checkpoints": checkpoints.stats if checkpoints is not None else None,
+        "wal_mb": wal_bytes / 1e6,
     }
 
 
@@ -165,9 +169,14 @@ async def scenario(name: str, template: Path, workdir: Path, args: argparse.Name
             f"p50={result['p50_ms']:6.2f} ms  p99={result['p99_ms']:6.2f} ms  "
             f"max={result['max_ms']:7.2f} ms  batch mean={result['mean_batch']:6.1f} "
             f"max={result['max_batch']:<5} cpu={result['cpu_us_per_row']:5.1f} µs/row "
-            f"file={size / 1e6:,.0f} MB",
+            f"file={size / 1e6:,.0f} MB WAL at most {result['wal_mb']:,.0f} MB",
             flush=True,
         )
+        if result["checkpoints"] is not None:
+            stats = result["checkpoints"]
+            print(f"{'':>14}  checkpointer: {stats.checkpoints} passes (longest "
+                  f"{1000 * stats.longest_s:.0f} ms), {stats.finished} finished by the writer "
+                  f"(longest {1000 * stats.longest_finish_s:.0f} ms)", flush=True)
         path.unlink()
         for suffix in ("-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
