@@ -51,7 +51,8 @@ MAX_PASSES = 4
 
 @dataclass
 class CheckpointStats:
-    """What the checkpointer did; read by tests and benches (only this thread writes it)."""
+    """What the checkpointer did; read by tests and benches (written by the checkpointer's
+    thread, and `finished`/`longest_finish_s` by the writer's: counters, no lock)."""
 
     checkpoints: int = 0
     #: Frames in the WAL and how many of them were copied, as the last checkpoint reported.
@@ -106,16 +107,10 @@ class WalCheckpointer:
         """In the writer's thread, between transactions, when `finish_requested`: copy the
         frames written since the last pass, so that the next transaction restarts the WAL."""
         self.finish_requested = False
-        started = time.perf_counter()
-        try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as exc:
-            self.stats.failures += 1
-            logger.warning("event log %s: WAL checkpoint failed: %s", self.path, exc)
-            return
-        self.stats.finished += 1
-        self.stats.longest_finish_s = max(self.stats.longest_finish_s,
-                                          time.perf_counter() - started)
+        outcome = self._passive(conn)
+        if outcome is not None:
+            self.stats.finished += 1
+            self.stats.longest_finish_s = max(self.stats.longest_finish_s, outcome[1])
 
     def stop(self) -> None:
         """Stop the thread (after one last checkpoint if commits are pending) and wait for it."""
@@ -149,16 +144,24 @@ class WalCheckpointer:
         finally:
             conn.close()
 
-    def _checkpoint(self, conn: sqlite3.Connection) -> float | None:
-        """One PASSIVE pass; how long it took (None if it failed)."""
+    def _passive(self, conn: sqlite3.Connection) -> tuple[tuple[int, int, int], float] | None:
+        """One PASSIVE checkpoint on `conn`: ((busy, WAL frames, frames copied), seconds), or
+        None if it failed (logged; the writer's backstop still bounds the WAL)."""
         started = time.perf_counter()
         try:
             busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as exc:  # the writer's backstop still bounds the WAL
+        except sqlite3.Error as exc:
             self.stats.failures += 1
             logger.warning("event log %s: WAL checkpoint failed: %s", self.path, exc)
             return None
-        took = time.perf_counter() - started
+        return (busy, frames, copied), time.perf_counter() - started
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> float | None:
+        """One pass of this thread; how long it took (None if it failed)."""
+        outcome = self._passive(conn)
+        if outcome is None:
+            return None
+        (busy, frames, copied), took = outcome
         stats = self.stats
         stats.last_wal_frames, stats.last_copied_frames = frames, copied
         stats.incomplete += bool(busy) or copied < frames
