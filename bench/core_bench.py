@@ -71,13 +71,18 @@ async def feed(fd: int, inflight: int, seconds: float, settings: dict[str, Any])
 
     def answered(message: tuple) -> None:
         nonlocal outstanding
-        if message[0] != ipc.APPENDED:
+        if message[0] == ipc.APPENDED:
+            count = 1
+        elif message[0] == getattr(ipc, "STORED", None):  # a group's answers in one message
+            count = len(message[1])
+        else:
             return
-        outstanding -= 1
-        if loop.time() < stop_at:
-            send()
-        elif not outstanding:
-            finished.set()
+        for _ in range(count):
+            outstanding -= 1
+            if loop.time() < stop_at:
+                send()
+            elif not outstanding:
+                finished.set()
 
     channel = await ipc.open_channel(socket.socket(fileno=fd), answered)
     for _ in range(inflight):

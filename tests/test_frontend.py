@@ -272,3 +272,24 @@ async def test_a_burst_is_served_while_one_worker_cannot_accept(daemon: DaemonPr
             writer.close()
     finally:
         os.kill(stopped, signal.SIGCONT)
+
+
+async def test_concurrent_keepalive_reports_are_each_answered_after_they_are_stored(
+    daemon: DaemonProcess,
+) -> None:
+    """64 keep-alive connections posting at once: the core answers each read's reports as one
+    group (one STORED message); every report gets its 200, and only once it is in the log."""
+    connector = aiohttp.TCPConnector(limit=64)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def post(i: int) -> tuple[int, bytes, int]:
+            login = f"load{i % 50}"
+            async with session.post(daemon.url("/command/report"), data=json.dumps({"login": login}),
+                                    headers={**AUTH, "X-Wforce-Delivery": f"load-{i}"}) as resp:
+                return resp.status, await resp.read(), i
+
+        results = await asyncio.gather(*(post(i) for i in range(800)))
+    assert [(status, body) for status, body, _ in results] == [(200, b'{"status":"ok"}')] * 800
+    with sqlite3.connect(daemon.directory / "trackalert-events.db") as db:
+        delivered = {row[0] for row in db.execute(
+            "SELECT delivery_id FROM events WHERE delivery_id LIKE 'load-%'")}
+    assert delivered == {f"load-{i}" for i in range(800)}

@@ -40,7 +40,11 @@ APPEND = 2
 STATS = 3  # (STATS, {...}) see frontend.worker.StatsBuffer
 # core -> worker
 SETTINGS = 10  # (SETTINGS, {...}) see frontend.supervisor.settings_snapshot
-APPENDED = 11  # (APPENDED, request id, seq, duplicate, error text or None)
+APPENDED = 11  # (APPENDED, request id, seq, duplicate, error text or None): one that failed
+#: (STORED, [request id, ...]): these appends are durable. The answers of one group in one
+#: message: a list of ints, not a 5-tuple per report to build, marshal, unmarshal and dispatch
+#: on both sides (0.80 against 0.08 µs a report for a group of 128, measured in one run).
+STORED = 12
 
 
 def encode(message: tuple[Any, ...]) -> bytes:

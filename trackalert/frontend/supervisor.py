@@ -198,13 +198,16 @@ class WebWorkers:
 
     @staticmethod
     def _appended(channel: ipc.Channel, messages: list[tuple[Any, ...]], outcomes: list[Any]) -> None:
-        """Each APPEND message's answer, in order: its seq once durable, or why it failed."""
-        send = channel.send
+        """The answers of one group: the request ids of the durable ones in one STORED message,
+        each failure in its own APPENDED with why (a worker needs nothing else: not the seq)."""
+        stored: list[int] = []
         for message, outcome in zip(messages, outcomes):
             if isinstance(outcome, BaseException):
-                send((ipc.APPENDED, message[1], 0, False, str(outcome)))
+                channel.send((ipc.APPENDED, message[1], 0, False, str(outcome)))
             else:
-                send((ipc.APPENDED, message[1], outcome.seq, outcome.duplicate, None))
+                stored.append(message[1])
+        if stored:
+            channel.send((ipc.STORED, stored))
 
     def _merge(self, delta: dict[str, Any]) -> None:
         """A worker's statistics, counted as if this process had served the requests."""

@@ -133,16 +133,27 @@ class CoreLink:
             self._channel.close()
 
     def _on_message(self, message: tuple[Any, ...]) -> None:
-        if message[0] == ipc.APPENDED:
+        kind = message[0]
+        if kind == ipc.STORED:
+            pending = self._pending
+            for request_id in message[1]:
+                done = pending.pop(request_id, None)
+                if done is not None:
+                    self._answer(done, None)
+        elif kind == ipc.APPENDED:
             done = self._pending.pop(message[1], None)
             if done is not None:
-                try:
-                    done(message[4])
-                except Exception:  # one broken answer must not stop the others in this read
-                    log.logger.exception("Answering a stored report failed")
-        elif message[0] == ipc.SETTINGS:
+                self._answer(done, message[4])
+        elif kind == ipc.SETTINGS:
             self.settings = message[1]
             self.settings_changed.set()
+
+    @staticmethod
+    def _answer(done: Stored, error: str | None) -> None:
+        try:
+            done(error)
+        except Exception:  # one broken answer must not stop the others in this read
+            log.logger.exception("Answering a stored report failed")
 
     async def run(self) -> None:
         """Wait for the channel to close, then fail whatever is still waiting on the core."""
