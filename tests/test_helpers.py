@@ -15,7 +15,7 @@ from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
 from trackalert.eventlog.sqlite import SQLiteEventLog
-from trackalert.lua.convert import call_with_tuple, tuple_runner
+from trackalert.lua.convert import ARGS_MAX, call_with_tuple, tuple_runner
 from trackalert.lua.host import Host
 from trackalert.lua.state import LuaError, LuaState, StateKind
 from trackalert.report import Enrichment, Report
@@ -412,7 +412,7 @@ def test_recent_reports_hold_exactly_the_fields_of_lt(rich) -> None:
     (compare,) = state.execute(_COMPARE)
     seen = state.lua.globals().seen
     lt_of = {event.seq: seen[i + 1] for i, event in enumerate(events)}
-    for n in (5, 200, 1000):
+    for n in (1, 5, ARGS_MAX, ARGS_MAX + 1, 200, 1000):  # rows as arguments, then as a table
         recent = state.execute(f"return recentReports({{}}, {n})")[0]
         newest = events[::-1][:n]
         assert len(recent) == len(newest)
@@ -495,8 +495,10 @@ def test_recent_reports_do_no_python_work_per_report(rich) -> None:
     fetch = state.execute(f'return function(n) return #recentReports({{login="{login}"}}, n) end')[0]
     assert fetch(200) > 50
     assert fetch(1) == 1
-    few, many = _python_calls(lambda: fetch(1)), _python_calls(lambda: fetch(200))
-    assert len(many) == len(few), (Counter(many) - Counter(few)).most_common(8)
+    # up to ARGS_MAX rows cross as a call's arguments, more as one table: neither grows
+    for least, most in ((1, ARGS_MAX), (ARGS_MAX + 1, 200)):
+        few, many = _python_calls(lambda: fetch(least)), _python_calls(lambda: fetch(most))
+        assert len(many) == len(few), (Counter(many) - Counter(few)).most_common(8)
 
 
 def test_a_filter_is_parsed_once_per_shape_and_a_window_once(worker) -> None:

@@ -493,6 +493,42 @@ async def test_the_runner_answers_from_the_projection_exactly_as_sql(log) -> Non
     assert calls["countDistinct", "projection"] > 5 * 3200 // 2, calls
 
 
+ASKED_AGAIN = """
+RESULTS = {}
+function report(lt)
+  local mine = {login=lt.login, success=true, window="180d"}
+  local a, b = countReports(mine), countReports(mine)
+  mine.success = false  -- the same table, another question
+  local c = countReports(mine)
+  mine.success = 1  -- not a boolean: an error, though Python's 1 == True
+  local ok = pcall(countReports, mine)
+  mine.success = true
+  local d, e = countDistinct("remote", mine), countDistinct("remote", mine)
+  local f = countDistinct("country", mine)
+  RESULTS[#RESULTS + 1] = table.concat({lt.login, a, b, c, tostring(ok), d, e, f}, "|")
+end
+setReport(report)
+"""
+
+
+def asked_again_line(log: SQLiteEventLog, event: Event) -> str:
+    mine = {"login": event.report.login, "success": True, "window": "180d"}
+    a, c, d, f = (sql_answer(log, counted, flt, event.seq) for counted, flt in parsed([
+        (None, mine), (None, {**mine, "success": False}), ("remote", mine), ("country", mine)]))
+    return "|".join(str(v) for v in (event.report.login, a, a, c, "false", d, d, f))
+
+
+async def test_a_question_asked_again_in_a_report_has_the_same_answer(log) -> None:
+    """The count helpers answer a repeated question of one report(lt) from memory: the answers
+    are SQL's, a filter table changed between two calls is asked anew, and a value of another
+    type (1 for true) is still an error."""
+    eventlog, clock = log
+    calls = await run_recording(eventlog, clock, ASKED_AGAIN, 3, asked_again_line)
+    events = 3 * 400
+    assert sum(calls["countReports", path] for path in ("sql", "projection")) == 2 * events
+    assert sum(calls["countDistinct", path] for path in ("sql", "projection")) == 2 * events
+
+
 async def test_alerts_are_identical_with_the_projection_on_and_off(tmp_path: Path) -> None:
     """The starter policies over a stored log (test_policies' scenario, three copies)."""
     from test_policies import replay, store_copies

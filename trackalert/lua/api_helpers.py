@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from trackalert.eventlog.bound import BoundFilter, as_filter, bind_pairs
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
 from trackalert.eventlog.windows import running_projection
-from trackalert.lua.convert import LT_TIME, counted_table, describe, is_table, report_tables
+from trackalert.lua.convert import ANSWERS, LT_TIME, counted_table, describe, is_table, report_tables
 from trackalert.lua.registry import Where, lua_global
 
 #: Worker states, and the config state that answers console commands.
@@ -38,7 +38,9 @@ counts kept in memory in step with the policy runner, exactly as the query would
 of a new such filter shape starts building it from the log (a query answers meanwhile; some
 seconds per million events its window holds); so do `recentReports` with `n` up to 200 and
 `lastSeen` with such a filter (`window` optional), from the newest 16 rows of each key kept in
-memory, 200 for a key asked for more (a key's first call is one query). `showEventLog()` shows the shapes and the calls each
+memory, 200 for a key asked for more (a key's first call is one query). A `countReports` or
+`countDistinct` asked again with the same filter in one `report(lt)` is answered from the first
+call (the same answer, as of lt). `showEventLog()` shows the shapes and the calls each
 way answered. Other calls are indexed queries: anything with `login`; `remote`,
 `netmask` or `pwhash` with `success=false` (attacks); otherwise a scan of the window, so give a
 short `window`.
@@ -100,6 +102,27 @@ def _with_flat(generic: Callable[..., Any], flat: Callable[..., Any]) -> Callabl
     return generic
 
 
+def _answered(state: "LuaState", helper: str, at: int, ask: Callable[..., int]) -> Callable[..., int]:
+    """`ask` for flat arguments (the filter's flag at position `at`), answering a call made
+    before in the same report(lt) from memory: the answer is as of lt, so the same question has
+    the same answer all through the call (the starter new_country and new_device both count the
+    account's successes of 180 days). Only inside the policy runner's report call (it sets the
+    memory afresh for each), and only for filters that crossed as plain pairs (a Lua table may
+    change between two calls); keyed by the values' types as well, since Python's
+    True == 1 == 1.0 (Lua's true, 1)."""
+    def answered(*flat: Any) -> int:
+        memory = state.cache.get(ANSWERS)
+        if memory is None or flat[at] is not True or (at and type(flat[0]) is not str):
+            return ask(*flat)
+        key = (helper, flat, tuple(map(type, flat)))
+        found = memory.get(key)
+        if found is None:
+            found = memory[key] = ask(*flat)
+        return found
+
+    return answered
+
+
 def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"{what} must be a number, got {describe(value)}")
@@ -120,7 +143,8 @@ def _count_reports(state: "LuaState") -> Callable[[Any], int]:
     def count_reports(flt: Any = None) -> int:
         return ask(_filter(state, flt))
 
-    return _with_flat(count_reports, lambda *flat: ask(_flat_filter(state, flat)))
+    return _with_flat(count_reports,
+                      _answered(state, "countReports", 0, lambda *flat: ask(_flat_filter(state, flat))))
 
 
 @lua_global(
@@ -140,7 +164,9 @@ def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
     def count_distinct(field: Any, flt: Any = None) -> int:
         return ask(field, _filter(state, flt))
 
-    return _with_flat(count_distinct, lambda field, *flat: ask(field, _flat_filter(state, flat)))
+    return _with_flat(count_distinct,
+                      _answered(state, "countDistinct", 1,
+                                lambda field, *flat: ask(field, _flat_filter(state, flat))))
 
 
 @lua_global(

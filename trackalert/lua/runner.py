@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 from trackalert import log
 from trackalert.eventlog.windows import WindowProjection, set_running_projection
-from trackalert.lua.convert import call_with_tuple, tuple_runner
+from trackalert.lua.convert import ANSWERS, call_with_tuple, tuple_runner
 
 if TYPE_CHECKING:
     from trackalert.eventlog.base import Event, EventLog
@@ -228,6 +228,7 @@ class PolicyRunner:
         finally:
             set_running_projection(None)
             state.as_of_seq = None
+            state.cache.pop(ANSWERS, None)
         if state.report_fn is not None:
             self._host.metrics.lua_calls("report", len(batch))
 
@@ -253,6 +254,7 @@ class PolicyRunner:
 
     def _judge(self, state: "LuaState", runner: object, fn: object, event: "Event") -> None:
         state.as_of_seq = event.seq
+        state.cache[ANSWERS] = {}  # what this report asked is answered once (api_helpers)
         try:
             ok, error = call_with_tuple(state, runner, fn, event)
         except Exception as exc:  # a conversion fault must not stop the batch
