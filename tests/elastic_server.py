@@ -144,14 +144,13 @@ class Persona:
     async def _handle(self, request):  # type: ignore[no-untyped-def]
         import json
 
-        from aiohttp import web
-
         path = request.path
         body = await request.read()
         endpoint = next((p for p in reversed(path.split("/"))
                          if p.startswith("_") or p == "point_in_time"), "doc")
         self.requests[request.method, endpoint if path != "/" else "/"] += 1
-        refusals = [r for r in (self._media_refusal("Content-Type", request.headers.get("Content-Type") if body else None),
+        content_type = request.headers.get("Content-Type") if body else None
+        refusals = [r for r in (self._media_refusal("Content-Type", content_type),
                                 self._media_refusal("Accept", request.headers.get("Accept")))
                     if r]
         if refusals:
@@ -177,7 +176,8 @@ class Persona:
                 error = {"error": f"no handler found for uri [{path}] and method [{method}]"}
                 return self._answer(400, json.dumps(error).encode())
             if method == "POST" and path.endswith("/_pit"):
-                status, answer = await self._forward("POST", path[:-len("_pit")] + "_search/point_in_time", params, b"")
+                opensearch_path = path[:-len("_pit")] + "_search/point_in_time"
+                status, answer = await self._forward("POST", opensearch_path, params, b"")
                 if status == 200:
                     answer = json.dumps({"id": json.loads(answer)["pit_id"]}).encode()
                 return self._answer(status, answer)

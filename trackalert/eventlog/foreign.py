@@ -17,8 +17,8 @@ How it stays exact (the queries, es_queries.py, are the reference):
   every seq above its *stable* mark: decided (this node's, judged; another node's, absorbed)
   or a *hole* (not seen yet). Each poll asks for the new events and for the holes below the
   event being judged; an event found in a hole is absorbed then. A hole seen for `late`
-  seconds (`hole_limit`) is *closed*: a block that failed (or whose node died before its bulk) leaves one
-  for good, and a bulk lands within the client's timeouts. The stable mark moves over decided
+  seconds (the log's `hole_limit`) is *closed*: a block that failed (or whose node died before
+  its bulk) leaves one for good, and a bulk lands within the client's timeouts. The stable mark moves over decided
   seqs and closed holes, never past the runner.
 * **What the projection's log reads may count.** Its tails and builds read the log in seq
   order (`read_fields`). Up to the stable mark every stored event counts except those in a
@@ -89,7 +89,8 @@ class ForeignFeed:
         """`interval` and `late` None: the source's own (its log's settings), else the defaults."""
         self.source = source
         self._monotonic = monotonic
-        self.interval = interval if interval is not None else getattr(source, "interval", POLL_INTERVAL)
+        self.interval = interval if interval is not None else getattr(source, "interval",
+                                                                      POLL_INTERVAL)
         self.late = late if late is not None else getattr(source, "late", LATE)
         self.ready = False
         self._failed_at: float | None = None
