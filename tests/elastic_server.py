@@ -61,34 +61,29 @@ async def elastic_url(elastic_base: str) -> AsyncIterator[str]:
 
 # --------------------------------------------------------------------------- server personas
 
+def _version(number: str, lucene: str, wire: str, index: str, **more: object) -> dict:
+    """The `version` object of a `GET /` answer."""
+    return {"number": number, "build_type": "docker", "build_hash": "persona",
+            "build_date": "2025-01-01T00:00:00.000000000Z", "build_snapshot": False,
+            "lucene_version": lucene, "minimum_wire_compatibility_version": wire,
+            "minimum_index_compatibility_version": index, **more}
+
+
 #: How each kind of server answers `GET /` and the media types it takes, from the issue's facts
 #: and the products' documented answers: Elasticsearch 8 refuses the 9.x client's
 #: `compatible-with=9` (400 media_type_header_exception), Elasticsearch 9 takes 8 and 9,
 #: OpenSearch refuses every `application/vnd.elasticsearch+json` (406) and sends no
 #: `X-Elastic-Product` header; plain `application/json` is taken by all three.
 PERSONAS: dict[str, dict] = {
-    "elasticsearch-8": {
-        "version": {"number": "8.15.3", "build_flavor": "default", "build_type": "docker",
-                    "build_hash": "persona", "build_date": "2024-10-09T22:08:00.328917561Z",
-                    "build_snapshot": False, "lucene_version": "9.11.1",
-                    "minimum_wire_compatibility_version": "7.17.0",
-                    "minimum_index_compatibility_version": "7.0.0"},
-        "tagline": "You Know, for Search", "compatible": ("7", "8"), "product": True, "pit": "_pit"},
-    "elasticsearch-9": {
-        "version": {"number": "9.1.0", "build_flavor": "default", "build_type": "docker",
-                    "build_hash": "persona", "build_date": "2025-07-24T12:00:00.000000000Z",
-                    "build_snapshot": False, "lucene_version": "10.2.2",
-                    "minimum_wire_compatibility_version": "8.19.0",
-                    "minimum_index_compatibility_version": "8.0.0"},
-        "tagline": "You Know, for Search", "compatible": ("8", "9"), "product": True, "pit": "_pit"},
-    "opensearch-2": {
-        "version": {"distribution": "opensearch", "number": "2.17.1", "build_type": "tar",
-                    "build_hash": "persona", "build_date": "2024-09-27T00:00:00.000000Z",
-                    "build_snapshot": False, "lucene_version": "9.11.1",
-                    "minimum_wire_compatibility_version": "7.10.0",
-                    "minimum_index_compatibility_version": "7.0.0"},
-        "tagline": "The OpenSearch Project: https://opensearch.org/", "compatible": (),
-        "product": False, "pit": "point_in_time"},
+    "elasticsearch-8": {"version": _version("8.15.3", "9.11.1", "7.17.0", "7.0.0", build_flavor="default"),
+                        "tagline": "You Know, for Search", "compatible": ("7", "8"),
+                        "product": True, "pit": "_pit"},
+    "elasticsearch-9": {"version": _version("9.1.0", "10.2.2", "8.19.0", "8.0.0", build_flavor="default"),
+                        "tagline": "You Know, for Search", "compatible": ("8", "9"),
+                        "product": True, "pit": "_pit"},
+    "opensearch-2": {"version": _version("2.17.1", "9.11.1", "7.10.0", "7.0.0", distribution="opensearch"),
+                     "tagline": "The OpenSearch Project: https://opensearch.org/", "compatible": (),
+                     "product": False, "pit": "point_in_time"},
 }
 
 
