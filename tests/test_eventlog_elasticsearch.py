@@ -86,10 +86,28 @@ def test_the_url_says_everything_and_hides_the_password() -> None:
     ("elasticsearch://h/Upper", "not a valid lower-case index name"),
     ("elasticsearch://h/p?tsl=1", "unknown Elasticsearch event log option(s) tsl"),
     ("elasticsearch://h/p?tls=maybe", "option tls must be"),
+    ("elasticsearch://h/p?timeout=soon", "option timeout must be a number of seconds, got 'soon'"),
+    ("elasticsearch://h/p?timeout=0", "option timeout=0 is out of range"),
+    ("elasticsearch://h/p?feed_interval=0.001", "polls for the other nodes' events every 0.01 to 60"),
+    ("elasticsearch://h/p?feed_interval=nan", "option feed_interval=nan is out of range"),
+    ("elasticsearch://h/p?feed_interval=", "option feed_interval must be a number of seconds"),
+    ("elasticsearch://h/p?hole_limit=20", "a bulk can take 3 x timeout = 30 s to land"),
+    ("elasticsearch://h/p?timeout=30&hole_limit=60", "3 x timeout = 90 s"),
+    ("elasticsearch://h/p?hole_limit=100000", "and at most a day"),
 ])
 def test_bad_urls_say_what_is_wrong(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_elastic_url(url)
+
+
+def test_the_feed_settings_default_follow_the_timeout_and_reach_the_feed() -> None:
+    """feed_interval and hole_limit: the projection's feed of the other nodes' events."""
+    default = parse_elastic_url("elasticsearch://h/p")
+    assert (default.feed_interval, default.hole_limit) == (0.5, 60.0)
+    slow = parse_elastic_url("elasticsearch://h/p?timeout=30")
+    assert slow.hole_limit == 90.0  # never below the time a bulk may take to land
+    tuned = parse_elastic_url("elasticsearch://h/p?feed_interval=2&hole_limit=120")
+    assert (tuned.feed_interval, tuned.hole_limit) == (2.0, 120.0)
 
 
 def test_open_event_log_knows_the_scheme() -> None:

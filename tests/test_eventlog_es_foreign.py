@@ -26,7 +26,7 @@ from test_windows import HOUR, START, history, parsed, projection_answer, starte
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.elasticsearch import ElasticEventLog
-from trackalert.eventlog.es_client import parse_elastic_url
+from trackalert.eventlog.es_client import async_client, parse_elastic_url
 from trackalert.eventlog.filters import Filter
 from trackalert.eventlog.foreign import ForeignFeed
 from trackalert.eventlog.windows import WindowProjection
@@ -51,6 +51,16 @@ async def nodes(elastic_url: str) -> AsyncIterator[tuple[ElasticEventLog, Elasti
         await a.close()
 
 
+async def searchable(log: ElasticEventLog) -> None:
+    """Refresh the events index, as its refresh interval does on a real cluster: the feed polls
+    without refreshing (es_foreign.py), the queries refresh for their node's own events."""
+    client = async_client(log.settings)
+    try:
+        await client.indices.refresh(index=log.events_index)
+    finally:
+        await client.close()
+
+
 async def append_interleaved(rng: random.Random, a: ElasticEventLog, b: ElasticEventLog,
                              clock: VirtualClock, n: int) -> list[Event]:
     """`n` reports of a random history, each batch split at random between the two nodes and
@@ -70,6 +80,7 @@ async def append_interleaved(rng: random.Random, a: ElasticEventLog, b: ElasticE
             await clock.advance(gap)
         pending.append(report)
     await commit()
+    await searchable(a)
     mine = sorted(heard, key=lambda e: e.seq)
     b._listeners.remove(heard.extend)
     return mine
@@ -150,6 +161,7 @@ async def test_a_foreign_event_is_held_back_until_the_runner_passes_its_seq(node
     await b.append(report("x"))
     theirs = await a.append(report("x"))  # between b's second and third event
     await b.append(report("x"))
+    await searchable(a)
     b0, b1, b2 = heard
     assert b1.seq < theirs.seq < b2.seq
     flt = Filter(login="x", success=False, window=HOUR)
@@ -201,6 +213,7 @@ async def test_a_poll_the_cluster_refuses_drops_the_counters_until_they_rebuild(
         b.add_listener(heard.extend)
         for i in range(6):
             await (a if i % 2 else b).append(report("y"))
+        await searchable(a)
         flt = Filter(login="y", success=False, window=HOUR)
 
         def judge(event: Event) -> int | None:
@@ -229,6 +242,7 @@ async def test_a_poll_the_cluster_refuses_drops_the_counters_until_they_rebuild(
             await b.append(report("y"))
         await a.append(report("y"))
         await b.append(report("y"))
+        await searchable(a)
         now[0] += 2.0  # past the feed's retry pause
         events = heard[3:]
         await asyncio.to_thread(warm, events[0])

@@ -263,7 +263,8 @@ class ElasticEventLog(EventLog):
         self._alerts = ElasticAlerts(sync_client(self.settings), self.alerts_index)
         self._fields = FieldsReader(sync_client(self.settings), self.events_index, self._visibility)
         self._foreign = ForeignReader(sync_client(self.settings), self.events_index, self.node,
-                                      self._visibility)
+                                      self._visibility, self.settings.feed_interval,
+                                      self.settings.hole_limit)
         self._open = True
         if self.spool is not None and (self.spooling or self.spool.depth):
             self.spooling = True

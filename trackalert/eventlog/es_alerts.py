@@ -66,6 +66,7 @@ class ElasticAlerts(AlertStore):
         return [_alert(hit["_source"]) for hit in hits]
 
     def prune(self, older_than: float) -> int:
+        self._visible()  # delete_by_query deletes what a search finds: this node's writes too
         done = self._client.delete_by_query(
             index=self.index, query={"range": {"time": {"lt": older_than}}},
             conflicts="proceed", refresh=True,

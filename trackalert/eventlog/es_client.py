@@ -34,7 +34,13 @@ from elasticsearch import AsyncElasticsearch, Elasticsearch
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _OPTIONS = ("tls", "ca_file", "verify_certs", "api_key", "templates", "timeout", "node",
-            "spool")
+            "spool", "feed_interval", "hole_limit")
+#: Bounds of `feed_interval` (seconds): below 10 ms the polls are the runner's main work; above
+#: a minute the starter helpers' view of the other nodes is older than what they are asked about.
+FEED_INTERVAL_RANGE = (0.01, 60.0)
+#: The client's attempts at one request (max_retries=2 below): a bulk lands, or fails, within
+#: this many timeouts, so a hole may close only after that (`hole_limit`).
+ATTEMPTS = 3
 #: What a node id may hold: it is a keyword in every event and part of state document ids.
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -59,6 +65,10 @@ class ElasticSettings:
     node: str = "node"
     #: The local spool file that takes reports while the cluster is away (None: no spool).
     spool: str | None = None
+    #: How often (seconds) the window projection polls for the other nodes' events (foreign.py).
+    feed_interval: float = 0.5
+    #: Seconds after which a seq the projection has not seen is taken for one never stored.
+    hole_limit: float = 60.0
 
     @property
     def location(self) -> str:
@@ -67,7 +77,7 @@ class ElasticSettings:
 
     def client_options(self) -> dict[str, Any]:
         options: dict[str, Any] = dict(hosts=list(self.hosts), request_timeout=self.request_timeout,
-                                       max_retries=2, retry_on_timeout=True)
+                                       max_retries=ATTEMPTS - 1, retry_on_timeout=True)
         if self.username is not None:
             options["basic_auth"] = (self.username, self.password or "")
         if self.api_key is not None:
@@ -85,8 +95,10 @@ def parse_elastic_url(url: str) -> ElasticSettings:
     Options: ``tls=1`` (https), ``ca_file=PATH``, ``verify_certs=0``, ``api_key=KEY``,
     ``templates=0`` (do not install templates), ``timeout=SECONDS``, ``node=NAME`` (this
     daemon's node id on a shared cluster; the host name by default), ``spool=PATH`` (a local
-    SQLite file that takes the reports while the cluster is away, es_spool.py). A URL
-    rather than a table keeps setEventLog one string for both backends.
+    SQLite file that takes the reports while the cluster is away, es_spool.py),
+    ``feed_interval=SECONDS`` and ``hole_limit=SECONDS`` (the window projection's feed of the
+    other nodes' events, foreign.py). A URL rather than a table keeps setEventLog one string
+    for both backends.
     """
     parts = urlsplit(url)
     if parts.scheme.lower() != "elasticsearch" or not parts.netloc:
@@ -106,6 +118,16 @@ def parse_elastic_url(url: str) -> ElasticSettings:
     prefix = unquote(parts.path.strip("/")) or "trackalert"
     if prefix != prefix.lower() or any(c in prefix for c in ' "*\\<|,>/?#:') or prefix[0] in "-_+":
         raise ValueError(f"index prefix {prefix!r} is not a valid lower-case index name")
+    timeout = _seconds(query, "timeout", 10.0, 0.001, 3600.0, "one request's timeout must be "
+                       "more than 0 and at most 3600 seconds")
+    low, high = FEED_INTERVAL_RANGE
+    feed_interval = _seconds(query, "feed_interval", 0.5, low, high,
+                             f"the projection polls for the other nodes' events every {low:g} to "
+                             f"{high:g} seconds")
+    least = ATTEMPTS * timeout
+    hole_limit = _seconds(query, "hole_limit", max(60.0, least), least, 86400.0,
+                          f"a bulk can take {ATTEMPTS} x timeout = {least:g} s to land, so a seq "
+                          f"not seen may be given up for lost only after that (and at most a day)")
     username = password = None
     if userinfo:
         user, _, secret = userinfo.partition(":")
@@ -115,10 +137,27 @@ def parse_elastic_url(url: str) -> ElasticSettings:
         api_key=query.get("api_key") or None, ca_file=query.get("ca_file") or None,
         verify_certs=_flag(query, "verify_certs", True),
         install_templates=_flag(query, "templates", True),
-        request_timeout=float(query.get("timeout", "10")),
+        request_timeout=timeout,
         node=_node_id(query.get("node") or socket.gethostname()[:64]),
         spool=query.get("spool") or None,
+        feed_interval=feed_interval,
+        hole_limit=hole_limit,
     )
+
+
+def _seconds(query: dict[str, str], name: str, default: float, low: float, high: float,
+             why: str) -> float:
+    """Option `name` as seconds within [low, high]; the error says what it is for."""
+    text = query.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"option {name} must be a number of seconds, got {text!r}") from None
+    if not low <= value <= high:  # also refuses nan
+        raise ValueError(f"option {name}={text} is out of range: {why}")
+    return value
 
 
 def _node_id(node: str) -> str:

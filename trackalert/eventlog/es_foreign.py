@@ -6,12 +6,15 @@ Why it is built this way:
   become searchable (foreign.py says how it stays exact). These are its three questions to the
   cluster, asked from the policy runner's worker thread on a blocking client of their own
   (like es_fields.py: never on the event loop, so they cannot stall an append).
-* `poll` refreshes the events index first. A refresh is index-wide: it makes every report any
-  node had acknowledged by then searchable, so what a poll finds does not wait for the other
-  nodes' refresh interval (docs/elasticsearch.md gives the bound). It asks for the events
-  after the highest seq polled so far *and* the seq ranges still missing below it (holes: a
-  block another node took before its bulk landed), so an event that becomes searchable with a
-  seq below ones already seen is found too.
+* `poll` does not refresh the events index: it finds what the index's own periodic refresh
+  (`index.refresh_interval`, 1 s in the shipped template) made searchable. Refreshing before
+  every poll (as this did up to a6358f4) saw the other nodes' reports sooner, but on a real
+  cluster each refresh writes a small segment on every shard, up to ten a second per busy node;
+  the bound it costs, the refresh interval plus the poll interval (`feed_interval`), is in
+  docs/elasticsearch.md. It asks for the events after the highest seq polled so far *and* the
+  seq ranges still missing below it (holes: a block another node took before its bulk landed,
+  or whose events are not searchable yet), so an event that becomes searchable with a seq
+  below ones already seen is found too.
 * Events come back whole (`from_doc`): recentReports keeps whole rows (recent.py).
 """
 
@@ -30,7 +33,10 @@ from trackalert.eventlog.es_queries import PAGE, Visibility
 class ForeignReader:
     """The other nodes' events of one node's view of the log (closed by `close`)."""
 
-    def __init__(self, client: Elasticsearch, index: str, node: str, visibility: Visibility) -> None:
+    def __init__(self, client: Elasticsearch, index: str, node: str, visibility: Visibility,
+                 interval: float, late: float) -> None:
+        """`interval` and `late`: the feed's poll interval and hole limit (ForeignFeed)."""
+        self.interval, self.late = interval, late
         self._client = client
         self._index = index
         self._node = node
@@ -38,12 +44,9 @@ class ForeignReader:
 
     def poll(self, after: int | None, holes: list[tuple[int, int]], limit: int) -> list[Event]:
         """Up to `limit` events of the other nodes with seq > `after` or within one of `holes`
-        (inclusive ranges; `after` None: the holes only), ascending, after a refresh of the events
-        index."""
+        (inclusive ranges; `after` None: the holes only), ascending, as searchable now (no
+        refresh: see the module docstring)."""
         _not_on_a_loop()
-        target = self._visibility.committed
-        self._client.indices.refresh(index=self._index)
-        self._visibility.refreshed(target)
         ranges: list[dict[str, Any]] = [{"range": {"seq": {"gte": lo, "lte": hi}}} for lo, hi in holes]
         if after is not None:
             ranges.append({"range": {"seq": {"gt": after}}})

@@ -16,9 +16,9 @@ How it stays exact (the queries, es_queries.py, are the reference):
   event can become searchable with a seq below ones already seen. The feed therefore tracks
   every seq above its *stable* mark: decided (this node's, judged; another node's, absorbed)
   or a *hole* (not seen yet). Each poll asks for the new events and for the holes below the
-  event being judged; an event found in a hole is absorbed then. A hole seen for `LATE`
-  seconds is *closed*: a block that failed (or whose node died before its bulk) leaves one
-  for good, and a bulk lands within the client's timeouts. The stable mark moves over decided
+  event being judged; an event found in a hole is absorbed then. A hole seen for `late`
+  seconds (the log's `hole_limit`) is *closed*: a block that failed (or whose node died before
+  its bulk) leaves one for good, and a bulk lands within the client's timeouts. The stable mark moves over decided
   seqs and closed holes, never past the runner.
 * **What the projection's log reads may count.** Its tails and builds read the log in seq
   order (`read_fields`). Up to the stable mark every stored event counts except those in a
@@ -45,9 +45,11 @@ from trackalert.eventlog.keys import RECEIVED, SEQ, Row
 
 logger = logging.getLogger("trackalert")
 
-#: How often (seconds) the runner's thread asks the log for the other nodes' new events.
-POLL_INTERVAL = 0.1
-#: Seconds after which a seq not seen is taken for one that will never be (a failed block).
+#: How often (seconds) the runner's thread asks the log for the other nodes' new events, and
+#: the seconds after which a seq not seen is taken for one that will never be (a failed block):
+#: the defaults of a source that does not say (the Elasticsearch log's come from its URL,
+#: `feed_interval` and `hole_limit`, es_client.py).
+POLL_INTERVAL = 0.5
 LATE = 60.0
 #: Events polled at a time, and held at most before the runner reaches them.
 CHUNK = 5000
@@ -60,7 +62,8 @@ RETRY = 1.0
 
 
 class ForeignSource(Protocol):
-    """What a shared log offers the feed (es_foreign.ForeignReader)."""
+    """What a shared log offers the feed (es_foreign.ForeignReader); it may also carry
+    `interval` and `late` (seconds), the feed's settings."""
 
     def poll(self, after: int | None, holes: list[tuple[int, int]], limit: int) -> list[Event]: ...
 
@@ -82,11 +85,13 @@ class ForeignFeed:
     """
 
     def __init__(self, source: ForeignSource, monotonic: Callable[[], float] = time.monotonic,
-                 interval: float = POLL_INTERVAL, late: float = LATE) -> None:
+                 interval: float | None = None, late: float | None = None) -> None:
+        """`interval` and `late` None: the source's own (its log's settings), else the defaults."""
         self.source = source
         self._monotonic = monotonic
-        self.interval = interval
-        self.late = late
+        self.interval = interval if interval is not None else getattr(source, "interval",
+                                                                      POLL_INTERVAL)
+        self.late = late if late is not None else getattr(source, "late", LATE)
         self.ready = False
         self._failed_at: float | None = None
         self.polls = 0
@@ -127,7 +132,7 @@ class ForeignFeed:
         to be judged next received at `received`.
 
         Everything stored up to `position` counts as it is in the log, except the seqs of the
-        last `LATE` seconds, which are read now: those present are decided, those missing are
+        last `late` seconds, which are read now: those present are decided, those missing are
         holes (a block whose bulk has not landed yet), watched like any other."""
         self._clear()
         start = position

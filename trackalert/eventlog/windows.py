@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterable, Iterator
 from trackalert.eventlog.base import FIELDS_ROW, Event, EventLog, EventQueries
 from trackalert.eventlog.bound import BoundFilter, as_filter
 from trackalert.eventlog.filters import AsOf, Field, Filter
-from trackalert.eventlog.foreign import POLL_INTERVAL, FeedOverflow, ForeignFeed
+from trackalert.eventlog.foreign import FeedOverflow, ForeignFeed
 from trackalert.eventlog.keys import (ASN, COUNTRY, IP, LOGIN, PROTOCOL, PWHASH, RECEIVED, SEQ,
                                       SUCCESS, Row, equality_keys, event_fields, key_function,
                                       spec_column)
@@ -394,7 +394,7 @@ class _Build:
 class WindowProjection:
     """All shapes, the runner's position in the log, and the builder thread."""
 
-    def __init__(self, log: EventLog, feed_interval: float = POLL_INTERVAL,
+    def __init__(self, log: EventLog, feed_interval: float | None = None,
                  feed_monotonic: Callable[[], float] = time.monotonic) -> None:
         self._log = log
         self._feed_interval, self._feed_monotonic = feed_interval, feed_monotonic
