@@ -16,6 +16,7 @@ import os
 import random
 import re
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -50,12 +51,32 @@ class Stoppable:
         self.stopped = False
 
     def stop(self) -> None:
+        """SIGSTOP the server and return once every one of its threads is stopped.
+
+        kill() only queues the signal: until the thread it picked is scheduled and starts the
+        group stop, the server's other threads still answer. On a loaded machine (parallel
+        workers, load 15-20) that window took a whole bulk: an append after stop() was stored.
+        """
         os.kill(self.server.pid, signal.SIGSTOP)
         self.stopped = True
+        for _ in range(2000):  # bounded: 10 s of 5 ms polls
+            if all(thread_state(stat) in ("T", "") for stat in Path(f"/proc/{self.server.pid}/task").glob("*/stat")):
+                return
+            time.sleep(0.005)
+        raise AssertionError(f"osmem-server {self.server.pid} did not stop")
 
     def resume(self) -> None:
         os.kill(self.server.pid, signal.SIGCONT)
         self.stopped = False
+
+
+def thread_state(stat: Path) -> str:
+    """The state letter of /proc/PID/task/TID/stat (after the parenthesised command name);
+    "" when the thread has gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 @pytest.fixture(scope="module")
