@@ -422,10 +422,18 @@ async def test_groups_and_single_appends_interleave_at_scale(tmp_path: Path) -> 
         await log.close()
 
 
+#: A login longer than a 4 KiB page: its row cannot fit in the free space of existing pages.
+PAGE_PLUS = 5000
+
+
 def _set_max_pages(log: SQLiteEventLog, pages: int) -> None:
     """Emulate a full disk: SQLite refuses to grow the file past `pages` (SQLITE_FULL).
 
-    Run on the writer's own connection while the writer is idle (nothing queued)."""
+    Run on the writer's own connection while the writer is idle (nothing queued). A row must
+    then need a new page for the refusal to be certain: a small batch of short rows can fit in
+    the free space of the last pages and succeed, which clears the failure (as it should), so
+    the tests below store logins longer than a page (overflow pages in the table and in
+    ix_events_login)."""
     assert log.stats.pending == 0
     conn = log._writer.conn
     assert conn is not None
@@ -443,7 +451,7 @@ async def test_a_full_disk_makes_the_log_failing_until_a_probe_succeeds(
         assert log.failure is None
         _set_max_pages(log, 1)  # the file's current size: it may not grow any more
         results = await asyncio.gather(
-            *(log.append(report(i, login=f"user{i}-" + "x" * 200)) for i in range(2000)),
+            *(log.append(report(i, login=f"user{i}-" + "x" * PAGE_PLUS)) for i in range(2000)),
             return_exceptions=True,
         )
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -469,7 +477,7 @@ async def test_a_successful_append_clears_the_failure(tmp_path: Path) -> None:
     try:
         _set_max_pages(log, 1)
         with pytest.raises(sqlite3.OperationalError):
-            await asyncio.gather(*(log.append(report(i, login="y" * 300)) for i in range(500)))
+            await asyncio.gather(*(log.append(report(i, login="y" * PAGE_PLUS)) for i in range(500)))
         await eventually(lambda: log.stats.pending == 0, "the failed appends")
         assert log.failure is not None
         _set_max_pages(log, 1_000_000)
