@@ -120,7 +120,7 @@ def test_prefilled_log_is_what_the_daemon_stores(tmp_path: Path) -> None:
     assert harness.stored(tmp_path / "trackalert-events.db") == count
 
 
-def test_memory_covers_core_and_web_workers(tmp_path: Path) -> None:
+def test_memory_covers_core_web_workers_and_policy_process(tmp_path: Path) -> None:
     config = listener_config() + "setNumLuaStates(1)\nsetNumWebProcesses(2)\n"
     with DaemonProcess(tmp_path, config) as daemon:
         pid = daemon.process.pid
@@ -128,7 +128,7 @@ def test_memory_covers_core_and_web_workers(tmp_path: Path) -> None:
             status, _ = post(daemon.url("/command/report"), '{"login":"a","remote":"192.0.2.1"}', {})
         core_only = harness.process_rss_mib(pid)
     assert status == 200
-    assert memory.processes == 3
+    assert memory.processes == 4
     assert memory.peak_mib >= memory.last_mib > core_only > 0
 
 

@@ -82,13 +82,19 @@ def test_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     assert f"Unable to bind webserver to 127.0.0.1:{port}" in result.stdout
 
 
-def test_config_runs_once_per_state_in_the_config_directory(tmp_path: Path) -> None:
-    config = listener_config() + (
+@pytest.mark.parametrize("policy_process, runs", [
+    ("", 7),  # config state + 3 workers, then the policy process's config state + 2 workers
+    ("setPolicyProcess(false)\n", 4),  # config state + 3 workers, as the C++ daemon
+])
+def test_config_runs_once_per_state_in_the_config_directory(
+    tmp_path: Path, policy_process: str, runs: int,
+) -> None:
+    config = listener_config() + policy_process + (
         'setNumLuaStates(3)\n'
         'local f = io.open("runs.txt", "a"); f:write("run\\n"); f:close()\n'
     )
     with DaemonProcess(tmp_path, config):
-        assert (tmp_path / "runs.txt").read_text().count("run") == 4  # config state + 3 workers
+        assert (tmp_path / "runs.txt").read_text().count("run") == runs
         assert (tmp_path / "trackalert-events.db").exists()
 
 

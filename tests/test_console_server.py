@@ -139,10 +139,16 @@ def ran(daemon: DaemonProcess, line: str) -> bool:
     return path.exists() and line in path.read_text().splitlines()
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory):
-    with DaemonProcess(tmp_path_factory.mktemp("console"), CONFIG) as process:
+#: The daemon with report(lt) in its policy process (the default on SQLite) and in the core.
+WHERE_REPORT_RUNS = {"policy process": "", "core": "setPolicyProcess(false)\n"}
+
+
+@pytest.fixture(scope="module", params=list(WHERE_REPORT_RUNS))
+def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    config = CONFIG + WHERE_REPORT_RUNS[request.param]
+    with DaemonProcess(tmp_path_factory.mktemp("console"), config) as process:
         assert len(control_ports(process)) == 1
+        process.worker_states = 2 + (2 if request.param == "policy process" else 0)  # type: ignore[attr-defined]
         yield process
 
 
@@ -532,7 +538,9 @@ def test_an_expression_runs_once_in_each_state(daemon) -> None:
     assert run(daemon, 'mark("ours")') == "ours"
     assert cpp_run(daemon, 'mark("cpp")') == ""  # a statement for the C++ console, as before
     marks = (daemon.directory / "marks.txt").read_text().splitlines()
-    assert marks == ["ours"] * 3 + ["cpp"] * 3  # 2 worker states, then the config state
+    # the core's 2 worker states (and the policy process's 2), then the config state
+    runs = daemon.worker_states + 1
+    assert marks == ["ours"] * runs + ["cpp"] * runs
 
 
 #: Replies as the daemon gave them before expressions showed values (81ccacd), for statements.

@@ -147,8 +147,11 @@ setReport(report)
 """
 
 
-async def test_a_runaway_policy_is_visible_and_the_others_carry_on(tmp_path: Path) -> None:
-    with DaemonProcess(tmp_path, RUNAWAY_POLICY) as process:
+@pytest.mark.parametrize("policy_process", [False, True])
+async def test_a_runaway_policy_is_visible_and_the_others_carry_on(
+    tmp_path: Path, policy_process: bool,
+) -> None:
+    with DaemonProcess(tmp_path, in_mode(RUNAWAY_POLICY, policy_process)) as process:
         acked: list[str] = []
         await hammer(process, "runaway", total=1, concurrency=1, acked=acked)  # login "runaway0"
         async with aiohttp.ClientSession() as session:

@@ -22,7 +22,7 @@ from trackalert.eventlog.rows import report_from_row
 from trackalert.geoip import GeoIPRegistry
 from trackalert.ingest import prepare
 from trackalert.report import Enrichment, Report, parse_report
-from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for, web_worker_pids
 
 DATA = Path(__file__).parent / "data" / "geoip"
 CITY = DATA / "GeoIP2-City-Test.mmdb"
@@ -232,8 +232,7 @@ async def test_web_workers_enrich_and_store_exactly_the_rows_of_one_process(tmp_
         with DaemonProcess(directory, config) as daemon:
             await post_all(daemon, bodies)
             if workers:
-                children = Path(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children")
-                pids = [int(pid) for pid in children.read_text().split()]
+                pids = web_worker_pids(daemon.process.pid)
                 assert len(pids) == 2
                 # the worker that served them read the databases itself
                 assert any({str(CITY), str(ASN), str(ISP)} <= mapped_files(pid) for pid in pids)

@@ -16,7 +16,7 @@ from elastic_server import elastic_base, elastic_url  # noqa: F401  (fixtures)
 from trackalert.clock import VirtualClock
 from trackalert.eventlog.elasticsearch import ElasticEventLog
 from trackalert.eventlog.es_client import parse_elastic_url
-from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+from trackalert.testing import DaemonProcess, basic_auth, listener_config, policy_process_pid, wait_for
 
 AUTH = basic_auth()
 LOGINS = [f"es{i}@example.org" for i in range(5)]
@@ -64,6 +64,10 @@ async def test_the_daemon_runs_every_report_with_helpers_as_of_it(
     with DaemonProcess(tmp_path, config(elastic_url, web_processes)) as process:
         assert await send(process, 0, 300, concurrency=16) == [200] * 300
         assert await wait_for(lambda: len(ran(tmp_path)) == 300, timeout=60)
+        # the policy process reads a SQLite file: on Elasticsearch the policy stays in the
+        # core, without a warning when setPolicyProcess was not asked for
+        assert policy_process_pid(process.process.pid) is None
+        assert "setPolicyProcess" not in process.output()
         assert process.stop() == 0
     with DaemonProcess(tmp_path, config(elastic_url, web_processes)) as process:
         assert await send(process, 300, 20, concurrency=2) == [200] * 20

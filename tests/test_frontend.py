@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from trackalert.frontend.accept import share_of
-from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for
+from trackalert.testing import DaemonProcess, basic_auth, listener_config, wait_for, web_worker_pids
 
 AUTH = basic_auth()
 
@@ -28,11 +28,6 @@ end
 setReport(report)
 setCustomEndpoint("custom", function(args) return true, {login = args.attrs.login or "unknown"} end)
 """
-
-
-def worker_pids(core_pid: int) -> list[int]:
-    children = Path(f"/proc/{core_pid}/task/{core_pid}/children")
-    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
 
 
 def stored(directory: Path, login: str) -> int:
@@ -60,7 +55,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_two_workers_are_running(daemon: DaemonProcess) -> None:
-    assert len(worker_pids(daemon.process.pid)) == 2
+    assert len(web_worker_pids(daemon.process.pid)) == 2
     assert "Started 2 web worker processes" in daemon.output()
 
 
@@ -131,11 +126,11 @@ async def test_statistics_count_the_workers_requests(daemon: DaemonProcess) -> N
 
 async def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
     with DaemonProcess(tmp_path, CONFIG) as process:
-        victim = worker_pids(process.process.pid)[0]
+        victim = web_worker_pids(process.process.pid)[0]
         os.kill(victim, signal.SIGKILL)
         assert await wait_for(lambda: "starting a new one" in process.output(), timeout=20)
         assert await wait_for(
-            lambda: len(worker_pids(process.process.pid)) == 2 and victim not in worker_pids(process.process.pid)
+            lambda: len(web_worker_pids(process.process.pid)) == 2 and victim not in web_worker_pids(process.process.pid)
         )
         for i in range(10):
             status, _, _ = await call(process, "POST", "/command/report", json.dumps({"login": f"after{i}"}), AUTH)
@@ -144,7 +139,7 @@ async def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
 
 async def test_workers_leave_with_the_core(tmp_path: Path) -> None:
     process = DaemonProcess(tmp_path, CONFIG).start()
-    workers = worker_pids(process.process.pid)
+    workers = web_worker_pids(process.process.pid)
     process.kill()  # kill -9 the core: the workers see their channel close and exit
     assert await wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and
                                           "zombie" not in Path(f"/proc/{pid}/status").read_text()
@@ -248,7 +243,7 @@ async def test_a_burst_of_connections_is_spread_over_the_workers(daemon: DaemonP
             writer.write(b"GET /command/livez HTTP/1.1\r\nHost: x\r\n\r\n")
         lines = await asyncio.gather(*(asyncio.wait_for(reader.readline(), 10) for reader, _ in opened))
         assert all(line.startswith(b"HTTP/1.1 200") for line in lines), set(lines)
-        counts = [served_connections(pid, daemon.port) for pid in worker_pids(daemon.process.pid)]
+        counts = [served_connections(pid, daemon.port) for pid in web_worker_pids(daemon.process.pid)]
         assert sum(counts) == burst
         assert max(counts) - min(counts) <= burst // 4, counts
     finally:
@@ -259,7 +254,7 @@ async def test_a_burst_of_connections_is_spread_over_the_workers(daemon: DaemonP
 async def test_a_burst_is_served_while_one_worker_cannot_accept(daemon: DaemonProcess) -> None:
     """Spreading the connections must never starve them: with one worker stopped (busy, or
     being replaced), the other one serves the whole burst, after a short wait at most."""
-    stopped, running = worker_pids(daemon.process.pid)
+    stopped, running = web_worker_pids(daemon.process.pid)
     os.kill(stopped, signal.SIGSTOP)
     try:
         opened = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(32)))

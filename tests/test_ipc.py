@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import marshal
+import os
 import socket
 import struct
 
 import pytest
 
+import trackalert
 from trackalert.frontend import ipc
 
 
@@ -98,3 +100,14 @@ def test_an_unmarshallable_message_is_dropped_alone(caplog: pytest.LogCaptureFix
     found = frames(ipc.encode_many(messages))
     assert found == [messages[0], messages[2]]
     assert "cannot send a message" in caplog.text
+
+
+def test_a_child_imports_the_checkout_its_core_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The venv's editable install may point at another checkout (bench/compare.py runs an
+    older one); the child's PYTHONPATH starts with ours, and keeps what was there after it."""
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/notify")
+    env = ipc.inherit_env()
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(trackalert.__file__)))
+    assert env["PYTHONPATH"].split(os.pathsep) == [ours, "/elsewhere"]
+    assert "NOTIFY_SOCKET" not in env

@@ -13,9 +13,12 @@ import sqlite3
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from test_daemon import hammer, lag, stored_logins
-from trackalert.testing import DaemonProcess, WebhookReceiver, basic_auth, listener_config, wait_for
+from trackalert.testing import (
+    DaemonProcess, WebhookReceiver, basic_auth, listener_config, policy_process_pid, wait_for,
+)
 
 AUTH = basic_auth()
 
@@ -35,19 +38,6 @@ setReport(report)
 """
 
 
-def policy_pid(daemon_pid: int) -> int | None:
-    """The policy process among the daemon's children (by its command line)."""
-    path = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children")
-    for child in path.read_text().split():
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"trackalert.policyproc.child" in cmdline:
-            return int(child)
-    return None
-
-
 def delivered_seqs(directory: Path) -> dict[str, int]:
     """login -> seq of each recorded alert."""
     with sqlite3.connect(directory / "trackalert-events.db") as db:
@@ -58,7 +48,7 @@ async def test_a_kill_9_of_the_policy_process_reruns_and_never_skips(tmp_path: P
     receiver = await WebhookReceiver().start()
     try:
         with DaemonProcess(tmp_path, config(receiver.port)) as process:
-            first = policy_pid(process.process.pid)
+            first = policy_process_pid(process.process.pid)
             assert first is not None
             acked: list[str] = []
             load = asyncio.create_task(hammer(process, "k", total=3_000, concurrency=16, acked=acked))
@@ -66,7 +56,7 @@ async def test_a_kill_9_of_the_policy_process_reruns_and_never_skips(tmp_path: P
             os.kill(first, signal.SIGKILL)
             await load
             assert await wait_for(
-                lambda: (policy_pid(process.process.pid) or first) != first, timeout=30)
+                lambda: (policy_process_pid(process.process.pid) or first) != first, timeout=30)
             stored = set(stored_logins(tmp_path))
             assert set(acked) <= stored
             assert await wait_for(lambda: set(receiver.texts()) >= stored, timeout=60)
@@ -81,7 +71,7 @@ async def test_a_kill_9_of_the_daemon_reruns_from_the_saved_cursor(tmp_path: Pat
     receiver = await WebhookReceiver().start()
     try:
         process = DaemonProcess(tmp_path, config(receiver.port)).start()
-        child = policy_pid(process.process.pid)
+        child = policy_process_pid(process.process.pid)
         assert child is not None
         acked: list[str] = []
         await hammer(process, "d", total=20_000, concurrency=32, acked=acked, kill_after=2_000)
@@ -179,3 +169,54 @@ async def test_the_next_report_sees_the_alert_the_policy_process_sent(tmp_path: 
     finally:
         await receiver.stop()
 
+
+
+@pytest.mark.parametrize("setting, own_process", [
+    ("", True),  # not set: its own process on a SQLite log
+    ("setPolicyProcess(true)\n", True),
+    ("setPolicyProcess(false)\n", False),
+])
+async def test_on_sqlite_the_policy_runs_in_its_own_process_unless_told_not_to(
+    tmp_path: Path, setting: str, own_process: bool,
+) -> None:
+    config = RECORDING + setting
+    with DaemonProcess(tmp_path, config) as process:
+        acked: list[str] = []
+        await hammer(process, "where", total=200, concurrency=8, acked=acked)
+        assert await wait_for(lambda: sorted(ran(tmp_path)) == sorted(acked))
+        assert (policy_process_pid(process.process.pid) is not None) == own_process
+        assert ("The policy runs in its own process" in process.output()) == own_process
+        assert process.stop() == 0
+
+
+RECORDING = listener_config() + """
+function report(lt)
+  local f = io.open("ran.txt", "a") f:write(lt.login .. "\\n") f:close()
+  if lt.login == "stop" then shutdown() end
+end
+setReport(report)
+"""
+
+
+def ran(directory: Path) -> list[str]:
+    path = directory / "ran.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+async def test_shutdown_in_report_stops_the_whole_daemon_gracefully(tmp_path: Path) -> None:
+    process = DaemonProcess(tmp_path, RECORDING).start()
+    try:
+        acked: list[str] = []
+        await hammer(process, "before", total=50, concurrency=4, acked=acked)
+        assert await wait_for(lambda: len(ran(tmp_path)) == 50)
+        async with aiohttp.ClientSession() as session:
+            body = json.dumps({"login": "stop"})
+            async with session.post(process.url("/command/report"), data=body, headers=AUTH) as resp:
+                assert resp.status == 200
+        assert process.process.wait(timeout=30) == 0  # the core stopped, not just the child
+        assert "The policy process asked for a shutdown" in process.output()
+    finally:
+        process.stop()
+    with sqlite3.connect(tmp_path / "trackalert-events.db") as db:
+        [(cursor,)] = db.execute("SELECT seq FROM cursors WHERE name = 'report'")
+    assert cursor == 51, "the graceful stop saved the cursor past the report that asked for it"

@@ -30,6 +30,7 @@ from trackalert.lua.host import Host
 from trackalert.lua.pool import LuaPool
 from trackalert.lua.runner import PolicyRunner
 from trackalert.lua.state import LuaError, LuaState, LuaSyntaxError, StateKind
+from trackalert.lua.watchdog import watch_states
 from trackalert.perfstats import log_every
 from trackalert.policyproc.supervisor import Launch, PolicyProcess
 from trackalert.settings import Settings
@@ -140,7 +141,7 @@ class Daemon:
         # the local console only for a foreground daemon (it checks for a terminal itself)
         console = ConsoleService(
             self.host, self.config_state, pool, eventlog, lambda: (runner.lag_events(), runner.lag_seconds()),
-            describe,
+            describe, runner.run_console if isinstance(runner, PolicyProcess) else None,
         )
         await console.start(self.control_sockets, local_console=self.options.mode == "foreground")
         tasks = self._background_tasks(eventlog, pool)
@@ -172,13 +173,15 @@ class Daemon:
     async def _start_runner(
         self, eventlog: EventLog, pool: LuaPool, url: str,
     ) -> tuple[PolicyRunner | PolicyProcess, Callable[[], dict[str, Any]] | None]:
-        """The policy runner here, or in a process of its own (setPolicyProcess, SQLite only:
-        the process reads the file beside the writer); and what describes its projection."""
+        """The policy runner here, or in a process of its own (SQLite only: the process reads
+        the file beside the writer; the default there, as it leaves the core's interpreter to
+        ingestion); and what describes its projection."""
         settings = self.host.settings
         if settings.policy_process and eventlog.backend != "sqlite":
             log.logger.warning("setPolicyProcess(true) needs a SQLite event log; the policy "
                                "runs in the core process")
-        if settings.policy_process and eventlog.backend == "sqlite":
+        own_process = settings.policy_process is not False and eventlog.backend == "sqlite"
+        if own_process:
             launch = Launch(os.path.abspath(self.options.config_file), settings.config_dir, url,
                             self._log_options().arguments())
             process = PolicyProcess(self.host, eventlog, launch)
@@ -238,7 +241,9 @@ class Daemon:
         clock = self.host.clock
         tasks = [
             asyncio.create_task(log_every(clock, STATS_INTERVAL, self._stats_lines), name="stats-log"),
-            asyncio.create_task(self._watch_lua(pool), name="lua-watchdog"),
+            asyncio.create_task(watch_states(
+                pool, clock, lambda: self.host.settings.slow_call_seconds, self.host.metrics,
+            ), name="lua-watchdog"),
         ]
         if self.host.settings.retention_seconds:
             tasks.append(asyncio.create_task(
@@ -253,26 +258,6 @@ class Daemon:
             if line:
                 lines.append(line)
         return lines
-
-    async def _watch_lua(self, pool: LuaPool) -> None:
-        """LuaJIT cannot interrupt a runaway loop; make it loud instead of silent."""
-        while True:
-            await asyncio.sleep(1.0)
-            slow = 0
-            for busy in pool.busy():
-                elapsed = pool.elapsed(busy)
-                if elapsed < self.host.settings.slow_call_seconds:
-                    continue
-                slow += 1
-                if not busy.warned:
-                    busy.warned = True
-                    self.host.metrics.lua_slow_call(busy.kind)
-                    log.logger.warning(
-                        "Lua %s function has been running for %.0f s in worker state %d "
-                        "(LuaJIT cannot interrupt it; the other states carry on)",
-                        busy.kind, elapsed, busy.index,
-                    )
-            self.host.metrics.set_lua_busy_states(slow)
 
     async def _start_alerting(self, pool: LuaPool) -> None:
         """Start the custom webhook sender (outbox left from before a restart included) and the

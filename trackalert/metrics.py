@@ -295,6 +295,7 @@ class Metrics:
             "trackalert_lua_slow_calls_total",
             "Lua calls that ran past the slow-call threshold (each also logged as a warning), "
             "by kind; counted while still running.", ["kind"], registry=r)
+        self._lua_busy_by_source: dict[str, int] = {}
         self._lua_busy = Gauge(
             "trackalert_lua_busy_states",
             "Lua states running one call past the slow-call threshold right now. A runaway "
@@ -424,10 +425,12 @@ class Metrics:
         """A Lua call of `kind` crossed the slow-call threshold (counted once per call)."""
         self._lua_slow.labels(kind=kind).inc()
 
-    def set_lua_busy_states(self, count: int) -> None:
-        """How many states are running a call past the threshold (the daemon's watchdog polls
-        the pool, so a call that never returns is still seen)."""
-        self._lua_busy.set(count)
+    def set_lua_busy_states(self, count: int, source: str = "core") -> None:
+        """How many of `source`'s states are running a call past the threshold (each process's
+        watchdog polls its pool, so a call that never returns is still seen); the gauge is the
+        sum over the core and the policy process."""
+        self._lua_busy_by_source[source] = count
+        self._lua_busy.set(sum(self._lua_busy_by_source.values()))
 
     # -- background functions and the webhook outbox ---------------------------------------------
 

@@ -92,8 +92,9 @@ class Settings:
     custom_stats: list[str] = field(default_factory=list)
     #: Web worker processes serving HTTP (0: the core process serves HTTP itself).
     num_web_processes: int = 0
-    #: setPolicyProcess: report(lt) runs in a process of its own (trackalert.policyproc).
-    policy_process: bool = False
+    #: setPolicyProcess: report(lt) runs in a process of its own (trackalert.policyproc);
+    #: None (not set): in its own process on a SQLite log, in the core on another.
+    policy_process: bool | None = None
     #: A Lua call running longer than this is logged and counted (LuaJIT cannot interrupt it).
     slow_call_seconds: float = 5.0
     #: How many background functions may run at once (setNumSchedulerThreads).

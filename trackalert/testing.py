@@ -145,6 +145,30 @@ class DaemonProcess:
                 self.kill()
 
 
+def child_pids(parent: int, module: str) -> list[int]:
+    """The children of `parent` running `python -m <module>` (the web workers are
+    trackalert.frontend.worker, the policy process trackalert.policyproc.child)."""
+    path = Path(f"/proc/{parent}/task/{parent}/children")
+    pids = []
+    for child in path.read_text().split() if path.exists() else []:
+        try:
+            words = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # it exited since
+            continue
+        if module.encode() in words:
+            pids.append(int(child))
+    return pids
+
+
+def web_worker_pids(core: int) -> list[int]:
+    return child_pids(core, "trackalert.frontend.worker")
+
+
+def policy_process_pid(core: int) -> int | None:
+    pids = child_pids(core, "trackalert.policyproc.child")
+    return pids[0] if pids else None
+
+
 class WebhookReceiver:
     """A webhook receiver on 127.0.0.1 that keeps every delivery (any path): the alerts a
     daemon under test sends, counted by what arrived, not by what the daemon says it sent."""

@@ -11,7 +11,9 @@ lock, so a report batch and a console command take turns), the config state in a
 own. Commands are serialised — two consoles never interleave in the states or in the output
 buffer — and a command is refused, rather than left hanging, while a worker state is stuck in a
 call running longer than `setSlowLuaCallSeconds` (LuaJIT cannot interrupt it). A command that
-was already waiting for a state when the state got stuck keeps waiting for it.
+was already waiting for a state when the state got stuck keeps waiting for it. Where `report`
+runs in a policy process of its own, the command runs in its worker states too, after ours and
+before the config state (`elsewhere`), so the console still changes the policy at runtime.
 
 Our clients (those that announced themselves, and the local console) get a prompt that shows
 values, as Python's does: a command that is one expression (`countReports{login="alice"}`) runs
@@ -27,7 +29,7 @@ import asyncio
 import enum
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import lupa.luajit21 as luajit
 
@@ -128,11 +130,52 @@ def _shown_reply(value: Any, output: str, text_of: Callable[[Any], str | None]) 
     return Reply(output + show(value, text_of), ReplyKind.VALUE)
 
 
+def stuck_state(pool: "LuaPool", limit: float, where: str = "") -> str | None:
+    """The reply refusing a command now: a state stuck in a call past `limit` seconds (the
+    command would wait behind it forever); None when every state will come free."""
+    for busy in pool.busy():
+        elapsed = pool.elapsed(busy)
+        if busy.kind != "console" and elapsed >= limit:
+            return (
+                f"Error: worker state {busy.index}{where} has been running a {busy.kind} function for "
+                f"{elapsed:.0f} s; the command was not run, so that it does not wait behind it. "
+                "Try again; if the state never frees, restart trackalert.\n"
+            )
+    return None
+
+
+async def run_in_worker_states(pool: "LuaPool", code: str) -> str | None:
+    """Run `code` in every state of `pool`, in turn; the error that stopped it, or None."""
+    try:
+        await pool.run_everywhere(lambda state: _run_in_locked_state(state, code))
+    except (LuaError, LuaSyntaxError) as exc:
+        return str(exc)
+    except Exception as exc:  # a Python error in a global: answer it, keep the console
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+#: Runs a command in the worker states of another process (the policy process): the reply
+#: that stopped it there (an error), or None.
+Elsewhere = Callable[[str], Awaitable["str | None"]]
+
+
+async def refusal_in(pool: "LuaPool", limit: float, code: str, where: str) -> str | None:
+    """What runs a command for `Elsewhere` in that process: the error reply's text, or None."""
+    stuck = stuck_state(pool, limit, where)
+    if stuck is not None:
+        return stuck
+    error = await run_in_worker_states(pool, code)
+    return None if error is None else error_reply(error).text
+
+
 class CommandExecutor:
-    def __init__(self, host: "Host", config_state: LuaState, pool: "LuaPool") -> None:
+    def __init__(self, host: "Host", config_state: LuaState, pool: "LuaPool",
+                 elsewhere: Elsewhere | None = None) -> None:
         self._host = host
         self._config_state = config_state
         self._pool = pool
+        self._elsewhere = elsewhere
         self._lock = asyncio.Lock()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="console")
         #: Compiles commands to tell expressions from statements; used only in `_thread`, and
@@ -159,12 +202,13 @@ class CommandExecutor:
             loop = asyncio.get_running_loop()
             if show_values:
                 code = await loop.run_in_executor(self._thread, expression_chunk, self._compiler, code) or code
-            try:
-                await self._pool.run_everywhere(lambda state: _run_in_locked_state(state, code))
-            except (LuaError, LuaSyntaxError) as exc:
-                return error_reply(exc)
-            except Exception as exc:  # a Python error in a global: answer it, keep the console
-                return error_reply(f"{type(exc).__name__}: {exc}")
+            error = await run_in_worker_states(self._pool, code)
+            if error is not None:
+                return error_reply(error)
+            if self._elsewhere is not None:
+                refused = await self._elsewhere(code)
+                if refused is not None:
+                    return Reply(refused, ReplyKind.ERROR)
             try:
                 return await loop.run_in_executor(
                     self._thread, run_in_config_state, self._host, self._config_state, code, show_values
@@ -175,16 +219,7 @@ class CommandExecutor:
             self._lock.release()
 
     def _stuck_state(self) -> str | None:
-        limit = self._host.settings.slow_call_seconds
-        for busy in self._pool.busy():
-            elapsed = self._pool.elapsed(busy)
-            if busy.kind != "console" and elapsed >= limit:
-                return (
-                    f"Error: worker state {busy.index} has been running a {busy.kind} function for "
-                    f"{elapsed:.0f} s; the command was not run, so that it does not wait behind it. "
-                    "Try again; if the state never frees, restart trackalert.\n"
-                )
-        return None
+        return stuck_state(self._pool, self._host.settings.slow_call_seconds)
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert import log
-from trackalert.console.executor import CommandExecutor
+from trackalert.console.executor import CommandExecutor, Elsewhere
 from trackalert.console.protocol import key_problem
 from trackalert.console.server import ControlServer, bind_control_socket, bind_control_sockets
 from trackalert.netaddr import ComboAddress
@@ -39,9 +39,10 @@ class ConsoleService:
         eventlog: "EventLog",
         lag: Callable[[], tuple[int, float]],
         projection: Callable[[], dict[str, Any]] | None = None,
+        elsewhere: Elsewhere | None = None,
     ) -> None:
         self.host = host
-        self.executor = CommandExecutor(host, config_state, pool)
+        self.executor = CommandExecutor(host, config_state, pool, elsewhere)
         self.server = ControlServer(host, self.executor)
         self._eventlog = eventlog
         self._lag = lag

@@ -23,6 +23,7 @@ import socket
 import struct
 from typing import Any, Callable, Coroutine
 
+import trackalert
 from trackalert import log
 
 _LENGTH = struct.Struct(">I")
@@ -162,9 +163,13 @@ class Channel(asyncio.Protocol):
 
 def inherit_env() -> dict[str, str]:
     """The environment for a worker: ours, without systemd's notify socket (only the core
-    speaks to systemd)."""
+    speaks to systemd), and with the directory our own `trackalert` package was imported from
+    first on PYTHONPATH, so a child runs the same code as its core even when the interpreter
+    would find another copy (bench/compare.py runs an older checkout with this venv)."""
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(trackalert.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([ours, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 

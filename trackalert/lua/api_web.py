@@ -230,13 +230,17 @@ def _flag(what: str) -> Callable[[Any], bool]:
 
 lua_global(
     "setPolicyProcess", CONFIG, "setPolicyProcess(on)",
-    """Run `report(lt)` in a process of its own (true) or in the core process (false, the
-    default). The policy process runs the same configuration in its own Lua states, reads each
-    new event from the log (SQLite only; another log keeps the policy in the core) and leaves
-    the core's interpreter to ingestion. Its `runCustomWebHook` calls, cursor saves, custom
-    stats and error counts go to the core, which stores and counts them as before; a policy
-    process that dies is logged and restarted, and runs again from the saved cursor. Background
-    functions and custom endpoints stay in the core's states. Read at start.""",
+    """Run `report(lt)` in a process of its own (true) or in the core process (false).
+    Unset, it runs in its own process on a SQLite event log and in the core on Elasticsearch
+    (true there is warned about and ignored: the process reads the SQLite file beside the
+    writer). The policy process runs the same configuration in its own Lua states (two: a
+    second takes over from a report stuck in a loop), reads each new event from the log and
+    leaves the core's interpreter to ingestion. Its `runCustomWebHook` calls, cursor saves,
+    custom stats, error and slow-call counts and `shutdown()` go to the core, which stores,
+    counts and acts on them as before; a policy process that dies is logged and restarted, and
+    runs again from the saved cursor. Background functions and custom endpoints stay in the
+    core's states, so a config that shares Lua globals between `report` and them (a table
+    filled by one, read by the other) needs `setPolicyProcess(false)`. Read at start.""",
     example="setPolicyProcess(true)", topic="web",
 )(_setter("policy_process", _flag("setPolicyProcess")))
 

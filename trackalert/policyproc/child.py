@@ -7,8 +7,9 @@ opens the same SQLite log (it only reads it: WAL readers never block the writer)
 unchanged PolicyRunner, woken by the core's HEAD messages instead of a commit listener. What
 `report` does that belongs to the core goes there over the channel: runCustomWebHook calls (the
 core writes the outbox and the alert records), cursor saves (the core's writer owns the file),
-and counters (Lua calls and errors, custom stats). Lua errors are logged here, in the same format.
-If the core goes away the channel closes and this process stops.
+counters (Lua calls, errors and slow calls, custom stats) and shutdown(). Console commands come
+the other way and run in these worker states too. Lua errors and runaway calls are logged here,
+in the same format. If the core goes away the channel closes and this process stops.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import collections
 import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -27,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from trackalert import log
 from trackalert.clock import RealClock
+from trackalert.console.executor import refusal_in
 from trackalert.eventlog import open_event_log
 from trackalert.frontend import ipc
 from trackalert.gc_tuning import tune_gc
@@ -34,6 +37,7 @@ from trackalert.lua.host import Host
 from trackalert.lua.pool import LuaPool
 from trackalert.lua.runner import PolicyRunner
 from trackalert.lua.state import LuaError, LuaState, StateKind
+from trackalert.lua.watchdog import watch_states
 from trackalert.metrics import Metrics
 from trackalert.policyproc import protocol
 from trackalert.settings import Settings
@@ -59,6 +63,8 @@ class Counters(Metrics):
         self._calls_delta: collections.Counter[str] = collections.Counter()
         self._errors_delta: collections.Counter[str] = collections.Counter()
         self._custom_delta: collections.Counter[str] = collections.Counter()
+        self._slow_delta: collections.Counter[str] = collections.Counter()
+        self._busy = 0
 
     def lua_calls(self, kind: str, count: int = 1) -> None:
         super().lua_calls(kind, count)
@@ -75,13 +81,23 @@ class Counters(Metrics):
         with self._lock:
             self._custom_delta[name] += 1
 
+    def lua_slow_call(self, kind: str) -> None:
+        super().lua_slow_call(kind)
+        with self._lock:
+            self._slow_delta[kind] += 1
+
+    def set_lua_busy_states(self, count: int, source: str = "core") -> None:
+        super().set_lua_busy_states(count, source)
+        self._busy = count
+
     def drain(self) -> dict[str, Any]:
         with self._lock:
             delta = {"calls": dict(self._calls_delta), "errors": dict(self._errors_delta),
-                     "custom": dict(self._custom_delta)}
-            self._calls_delta.clear()
-            self._errors_delta.clear()
-            self._custom_delta.clear()
+                     "custom": dict(self._custom_delta), "slow": dict(self._slow_delta),
+                     "busy": self._busy}
+            for counter in (self._calls_delta, self._errors_delta, self._custom_delta,
+                            self._slow_delta):
+                counter.clear()
         return delta
 
 
@@ -106,11 +122,8 @@ class ForwardedWebHooks(WebHooks):
 
     def run(self, name: str, body: bytes, cause: str | None = None, seq: int | None = None,
             time: float | None = None) -> bool:
-        if self.find(name) is None:
-            log.logger.error(
-                "Attempting to run custom webhook with name %s but no such webhook exists!", name
-            )
-            return False
+        # The name is checked by the core, whose registry also holds the webhooks added from
+        # the console at runtime (they run in the config state, and ours is not the core's).
         call = next(self._calls)
         waiter: list[Any] = [threading.Event(), False]
         with self._waiting_lock:
@@ -150,6 +163,8 @@ class CoreLink:
         self.channel: ipc.Channel | None = None
         self.runner: PolicyRunner | None = None
         self.webhooks: ForwardedWebHooks | None = None
+        #: Runs a CONSOLE message's code (set once the states are up).
+        self.console: Callable[[int, str], None] | None = None
         self.head = 0
 
     def send(self, message: tuple[Any, ...]) -> None:
@@ -171,6 +186,32 @@ class CoreLink:
                 self.runner.notify_head(message[1])
         elif message[0] == protocol.STORED and self.webhooks is not None:
             self.webhooks.stored(message[1], message[2])
+        elif message[0] == protocol.CONSOLE:
+            if self.console is None:
+                self.send((protocol.CONSOLE_RAN, message[1],
+                           "Error: the policy process is starting; try again\n"))
+            else:
+                self.console(message[1], message[2])
+
+
+class ConsoleCommands:
+    """The console's commands in this process's worker states, each answered to the core."""
+
+    def __init__(self, link: CoreLink, pool: LuaPool, settings: Settings) -> None:
+        self._link = link
+        self._pool = pool
+        self._settings = settings
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, ident: int, code: str) -> None:
+        task = asyncio.create_task(self._run(ident, code))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, ident: int, code: str) -> None:
+        refused = await refusal_in(self._pool, self._settings.slow_call_seconds, code,
+                                   " of the policy process")
+        self._link.send((protocol.CONSOLE_RAN, ident, refused))
 
 
 def load_states(host: Host, config_file: str) -> list[LuaState]:
@@ -207,6 +248,7 @@ async def serve(args: argparse.Namespace) -> int:
     clock = RealClock()
     host = Host(settings=settings, clock=clock, metrics=Counters())
     host.scheduler = _NoSchedules()
+    host.shutdown = lambda: link.send((protocol.SHUTDOWN,))
     host.webhooks = link.webhooks = ForwardedWebHooks(settings, host.metrics, clock, link.send)
     try:
         workers = load_states(host, args.config)
@@ -220,9 +262,9 @@ async def serve(args: argparse.Namespace) -> int:
     tune_gc()
     link.channel = await ipc.open_channel(socket.socket(fileno=args.ipc_fd), link.on_message)
     pool = LuaPool(workers, clock)
-    runner = PolicyRunner(eventlog, pool, host,
-                          save_cursor=lambda seq: link.send((protocol.CURSOR, seq)))
+    runner = PolicyRunner(eventlog, pool, host, save_cursor=lambda seq: _done(link, host, runner, seq))
     link.runner = runner
+    link.console = ConsoleCommands(link, pool, settings)
     await runner.start()
     runner.notify_head(link.head)
     link.send((protocol.READY, runner.done))
@@ -230,11 +272,15 @@ async def serve(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     stats = asyncio.create_task(_send_stats(link, host, runner))
+    watchdog = asyncio.create_task(watch_states(
+        pool, clock, lambda: settings.slow_call_seconds, host.metrics, " of the policy process",
+    ))
     await asyncio.wait(
         [asyncio.create_task(stop.wait()), asyncio.create_task(link.channel.closed.wait())],
         return_when=asyncio.FIRST_COMPLETED,
     )
     stats.cancel()
+    watchdog.cancel()
     if link.channel.closed.is_set():
         link.webhooks.abandon()
     await runner.stop()
@@ -243,14 +289,29 @@ async def serve(args: argparse.Namespace) -> int:
     host.webhooks.alerts = None
     await eventlog.close()
     pool.close()
+    if any(state.lock.locked() for state in workers):
+        # a report stuck in a LuaJIT loop can never be joined, and the interpreter's exit
+        # joins the pool's threads: leave without it (as the core does, daemon._exit)
+        log.logger.warning("A Lua state of the policy process is still running; exiting "
+                           "without waiting for it")
+        logging.shutdown()
+        os._exit(0)
     return 0
+
+
+def _done(link: CoreLink, host: Host, runner: PolicyRunner, seq: int) -> None:
+    """Events up to `seq` have run: their counters (custom stats, errors, projection answers)
+    first, so that the core's figures are whole once its lag says they ran, then the cursor."""
+    link.send((protocol.STATS, _stats(host, runner, describe=False)))
+    link.send((protocol.CURSOR, seq))
 
 
 def _stats(host: Host, runner: PolicyRunner, describe: bool = True) -> dict[str, Any]:
     assert isinstance(host.metrics, Counters)
     delta = host.metrics.drain()
     if runner.projection is not None:
-        delta["projection_calls"] = {tuple(key): int(n) for key, n in runner.projection.calls.items()}
+        calls = dict(runner.projection.calls)  # one copy under the GIL: Lua threads add keys
+        delta["projection_calls"] = {tuple(key): int(n) for key, n in calls.items()}
         if describe:
             # plain builtins for marshal (the description holds counters and the like)
             delta["projection"] = json.loads(json.dumps(runner.projection.describe(), default=str))

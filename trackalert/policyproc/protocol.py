@@ -11,6 +11,9 @@ from __future__ import annotations
 # core -> policy process
 HEAD = 20  # (HEAD, seq): the log is committed up to seq
 STORED = 25  # (STORED, call id, ok): the WEBHOOK call with that id is applied; what run() returned
+#: (CONSOLE, command id, code): a console command, to run in every worker state here too (a
+#: `report` redefined from the console reaches the states that run it), answered by CONSOLE_RAN
+CONSOLE = 27
 # policy process -> core
 READY = 21  # (READY, cursor): states built, log open, resuming after cursor
 #: (WEBHOOK, call id, name, body, cause, seq, time): one runCustomWebHook call; the Lua call
@@ -18,3 +21,5 @@ READY = 21  # (READY, cursor): states built, log open, resuming after cursor
 WEBHOOK = 22
 CURSOR = 23  # (CURSOR, seq): every event up to seq has run through report
 STATS = 24  # (STATS, {...}): counters since the last STATS, see child.Counters.drain
+SHUTDOWN = 26  # (SHUTDOWN,): report called shutdown(); the core stops the daemon gracefully
+CONSOLE_RAN = 28  # (CONSOLE_RAN, command id, the error reply or None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import socket
 import subprocess
 import sys
@@ -62,6 +63,9 @@ class PolicyProcess:
         #: The last projection figures the process sent (for the console and /metrics).
         self.projection_calls: dict[tuple[str, str], int] = {}
         self.projection: dict[str, Any] | None = None
+        self._console_ids = itertools.count(1)
+        self._console_waiting: dict[int, asyncio.Future[str | None]] = {}
+        self._console_changed = False  # a console command ran in its states
 
     # -- life cycle
 
@@ -105,13 +109,20 @@ class PolicyProcess:
             await channel.closed.wait()
             loop = asyncio.get_running_loop()
             status = await loop.run_in_executor(None, process.wait)
+            await self._inbox.join()  # what it sent before it went is applied first
+            self._abandon_console(process.pid)
             if not self._running:
                 return
             self.restarts += 1
             self._ready.clear()
+            self._host.metrics.set_lua_busy_states(0, source="policy process")  # went with it
             log.logger.error("The policy process (pid %d) exited with status %s; restarting it "
                              "in %.0f s (it resumes after the saved cursor)",
                              process.pid, status, RESTART_DELAY)
+            if self._console_changed:
+                log.logger.warning("The restarted policy process runs the configuration file "
+                                   "only: what console commands changed in its states is gone")
+                self._console_changed = False
             await asyncio.sleep(RESTART_DELAY)
 
     async def _spawn(self) -> tuple[subprocess.Popen[bytes], ipc.Channel]:
@@ -132,6 +143,33 @@ class PolicyProcess:
         self._channel = channel
         channel.send((protocol.HEAD, self.head))
         return process, channel
+
+    # -- the console
+
+    async def run_console(self, code: str) -> str | None:
+        """A console command in the policy process's worker states (after the core's, as the
+        executor runs it): the error reply that stopped it there, or None. A process that is not
+        running cannot take it; the console says so rather than changing half the states."""
+        channel = self._channel
+        if channel is None or channel.closed.is_set() or not self._ready.is_set():
+            return ("Error: the policy process is restarting, so the command did not reach "
+                    "its states; try again\n")
+        ident = next(self._console_ids)
+        waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._console_waiting[ident] = waiter
+        channel.send((protocol.CONSOLE, ident, code))
+        try:
+            refused = await waiter
+        finally:
+            self._console_waiting.pop(ident, None)
+        self._console_changed = self._console_changed or refused is None
+        return refused
+
+    def _abandon_console(self, pid: int) -> None:
+        for waiter in self._console_waiting.values():
+            if not waiter.done():
+                waiter.set_result(f"Error: the policy process (pid {pid}) exited while running "
+                                  "the command; the restarted one runs the configuration only\n")
 
     # -- the core's commits
 
@@ -180,6 +218,13 @@ class PolicyProcess:
                 self._log.save_cursor(CURSOR_NAME, message[1])
             elif kind == protocol.STATS:
                 self._merge(message[1])
+            elif kind == protocol.CONSOLE_RAN:
+                waiter = self._console_waiting.get(message[1])
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message[2])
+            elif kind == protocol.SHUTDOWN:
+                log.logger.info("The policy process asked for a shutdown (shutdown() in Lua)")
+                self._host.shutdown()
             elif kind == protocol.READY:
                 self.done = message[1]
                 self._ready.set()
@@ -210,6 +255,11 @@ class PolicyProcess:
             self._host.custom_stats.add(name, count)
             for _ in range(count):
                 metrics.inc_custom_stat(name)
+        for kind, count in delta.get("slow", {}).items():
+            for _ in range(count):
+                metrics.lua_slow_call(kind)
+        if "busy" in delta:
+            metrics.set_lua_busy_states(delta["busy"], source="policy process")
         if "projection_calls" in delta:
             self.projection_calls.clear()
             self.projection_calls.update(delta["projection_calls"])
