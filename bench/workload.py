@@ -68,10 +68,12 @@ STARTER = ("new_country", "new_device", "impossible_travel", "password_spray", "
 
 
 def daemon_config(policy: str, lua_states: int, web_processes: int, log_url: str | None = None,
-                  policy_process: bool = False) -> str:
+                  policy_process: bool | None = None) -> str:
     """The operator's config: enrichment as docs/lua-api.md shows, policies as docs/policies.md."""
     config = listener_config() + (f'setEventLog("{log_url}")\n' if log_url else "")
-    config += "setPolicyProcess(true)\n" * policy_process + f"""
+    if policy_process is not None:  # None: the daemon's default (its own process on SQLite)
+        config += f"setPolicyProcess({str(policy_process).lower()})\n"
+    config += f"""
 setNumLuaStates({lua_states})
 setNumWebProcesses({web_processes})
 newGeoIP2DB("City", "{reports.CITY_DB}")
@@ -389,8 +391,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="daemons sharing the osmem-server (with --elasticsearch)")
     parser.add_argument("--lua-states", type=int, default=4)
     parser.add_argument("--web-processes", type=int, default=2)
-    parser.add_argument("--policy-process", action="store_true",
-                        help="setPolicyProcess(true): report(lt) in a process of its own")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--policy-process", dest="policy_process", action="store_const", const=True,
+                       help="setPolicyProcess(true): report(lt) in a process of its own (the "
+                            "default on SQLite since 50a2723; say it to compare with older code)")
+    where.add_argument("--policy-in-core", dest="policy_process", action="store_const", const=False,
+                       help="setPolicyProcess(false): report(lt) in the core process")
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="longest wait for lag 0")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="longest wait for READY")
     parser.add_argument("--profile", metavar="FILE", help="py-spy raw profile of the core process")
@@ -409,7 +415,7 @@ def main() -> None:
     try:
         key = f"policy={args.policy} prefill={args.prefill}" + (" log=es" if args.elasticsearch else "")
         key += f" nodes={args.nodes}" * (args.nodes > 1)
-        key += " policy-process" * args.policy_process
+        key += {None: "", True: " policy-process", False: " policy-in-core"}[args.policy_process]
         print(f"== workload: {key}, {args.connections} connections, {args.duration:.0f} s, "
               f"setNumLuaStates({args.lua_states}), setNumWebProcesses({args.web_processes})", flush=True)
         result = run(args, script)
