@@ -120,6 +120,14 @@ def stream() -> list[dict[str, Any]]:
     out.append(report("carol", "214.0.1.5", T0 + 11 * DAY + 7200, True))
     # ... and carol herself back in London 8.4 h later: the return to her habit, not a journey
     out.append(report("carol", "81.2.69.155", T0 + 11 * DAY + 7200 + 30240, True))
+    # benign: heidi's habit is London, but her newest 16 successes are all from Linköping (a
+    # project there); back in London an hour after the last one, 1,400 km at 1,400 km/h, her
+    # habit is found only beyond the first 16 she looks at (impossible_travel's FIRST_SAMPLE)
+    for day in range(3):
+        out.append(report("heidi", "81.2.69.157", T0 + day * DAY, True))
+    for half in range(18):
+        out.append(report("heidi", "89.160.20.122", T0 + 3 * DAY + half * DAY / 2, True))
+    out.append(report("heidi", "81.2.69.157", T0 + 3 * DAY + 17 * DAY / 2 + 3600, True))
     # attack: frank only ever read his mail over IMAP, then someone logs in to his webmail
     for i in range(108):
         out.append(report("frank", "81.2.69.156", T0 + i * 2 * 3600, True, ua=THUNDERBIRD,
@@ -291,7 +299,7 @@ def test_a_failing_policy_does_not_stop_the_others(scenario) -> None:
 
 def test_impossible_travel(scenario) -> None:
     """One alert for carol's attacker in Melbourne, none for her own return to London 8.4 h
-    later (London is her habit)."""
+    later (London is her habit), none for heidi's return to hers (older than her newest 16)."""
     found = alerts(scenario, "impossible_travel")
     assert [a["login"] for a in found] == ["carol"]
     evidence = found[0]["evidence"]
