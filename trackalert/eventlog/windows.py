@@ -61,7 +61,7 @@ import operator
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from trackalert.eventlog.base import FIELDS_ROW, Event, EventLog, EventQueries
 from trackalert.eventlog.bound import BoundFilter, as_filter
@@ -953,6 +953,14 @@ class WindowProjection:
                 continue
         return {"position": self.position, "shapes": [], "building": 0, "calls": {}}
 
+    def shape_counts(self) -> tuple[int, int]:
+        """(shapes on, shapes building): what changes the description's shapes but their sizes
+        (the policy process describes itself again when it changes)."""
+        with self._lock:
+            building = len(self._pending) + len(self._building) + sum(
+                len(b.shapes) for b in self._near)
+        return len(self._active), building
+
     def _describe(self) -> dict[str, Any]:
         shapes = []
         for shape in list(self._active.values()):
@@ -963,14 +971,20 @@ class WindowProjection:
         with self._lock:
             building = len(self._pending) + len(self._building) + sum(
                 len(b.shapes) for b in self._near)
-        calls: dict[str, dict[str, int]] = {}
-        for (helper, path), n in sorted(list(self.calls.items())):
-            calls.setdefault(helper, {"projection": 0, "sql": 0})[path] = n
+        calls = calls_by_helper(self.calls)
         out = {"position": self.position, "shapes": shapes, "building": building,
                "calls": calls, "recent": self.recent.describe()}
         if self._feed is not None:
             out["foreign"] = self._feed.describe()
         return out
+
+
+def calls_by_helper(calls: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """{helper: {"projection": n, "sql": n}} of the (helper, path) counters."""
+    out: dict[str, dict[str, int]] = {}
+    for (helper, path), n in sorted(list(calls.items())):
+        out.setdefault(helper, {"projection": 0, "sql": 0})[path] = n
+    return out
 
 
 class ProjectedQueries(EventQueries):

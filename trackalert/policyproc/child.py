@@ -299,6 +299,10 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The projection's shape counts when it was last described (by id: one per process).
+_described: dict[int, tuple[int, int]] = {}
+
+
 def _done(link: CoreLink, host: Host, runner: PolicyRunner, seq: int) -> None:
     """Events up to `seq` have run: their counters (custom stats, errors, projection answers)
     first, so that the core's figures are whole once its lag says they ran, then the cursor."""
@@ -307,14 +311,19 @@ def _done(link: CoreLink, host: Host, runner: PolicyRunner, seq: int) -> None:
 
 
 def _stats(host: Host, runner: PolicyRunner, describe: bool = True) -> dict[str, Any]:
+    """The counters since the last STATS; the projection's description too when `describe`,
+    or when shapes went on or started building since it was last sent (the console shows it)."""
     assert isinstance(host.metrics, Counters)
     delta = host.metrics.drain()
-    if runner.projection is not None:
-        calls = dict(runner.projection.calls)  # one copy under the GIL: Lua threads add keys
+    projection = runner.projection
+    if projection is not None:
+        calls = dict(projection.calls)  # one copy under the GIL: Lua threads add keys
         delta["projection_calls"] = {tuple(key): int(n) for key, n in calls.items()}
-        if describe:
+        counts = projection.shape_counts()
+        if describe or counts != _described.get(id(projection)):
+            _described[id(projection)] = counts
             # plain builtins for marshal (the description holds counters and the like)
-            delta["projection"] = json.loads(json.dumps(runner.projection.describe(), default=str))
+            delta["projection"] = json.loads(json.dumps(projection.describe(), default=str))
     return delta
 
 

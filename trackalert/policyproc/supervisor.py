@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from trackalert import log
+from trackalert.eventlog.windows import calls_by_helper
 from trackalert.frontend import ipc
 from trackalert.lua.runner import CURSOR_NAME
 from trackalert.policyproc import protocol
@@ -267,4 +268,8 @@ class PolicyProcess:
             self.projection = delta["projection"]
 
     def describe_projection(self) -> dict[str, Any]:
-        return self.projection or {}
+        """The child's last description (sent when its shapes change, else every few seconds),
+        with the helper calls as of its last cursor: the counters arrive with every cursor."""
+        if not self.projection:
+            return {}
+        return {**self.projection, "calls": calls_by_helper(self.projection_calls)}
