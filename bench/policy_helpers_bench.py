@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from helpers_bench import percentiles, prefill  # noqa: E402
 
 from trackalert.clock import RealClock  # noqa: E402
+from trackalert.durations import parse_span  # noqa: E402
 from trackalert.eventlog.filters import AsOf, parse_filter  # noqa: E402
 from trackalert.eventlog.sqlite import SQLiteEventLog  # noqa: E402
 from trackalert.eventlog.windows import WindowProjection, set_running_projection  # noqa: E402
@@ -58,7 +59,14 @@ SHAPES = [
      'return countReports({login=lt.login, success=true, ["device_attrs.browser.family"]='
      'lt.device_attrs["browser.family"], window="180d"})'),
     ("recentReports login+success 7d, 5", "impossible_travel",
-     'return #recentReports({login=lt.login, success=true, window="7d"}, 5)'),
+     'return #recentReports({login=lt.login, success=true, window="7d"}, 5, '
+     '{"t", "remote", "country", "city", "latitude", "longitude"})'),
+    ("recentReports login+success 30d, 16", "impossible_travel (habit, first)",
+     'return #recentReports({login=lt.login, success=true, window="30d"}, 16, '
+     '{"latitude", "longitude"})'),
+    ("recentReports login+success 30d, 200", "impossible_travel (habit, undecided)",
+     'return #recentReports({login=lt.login, success=true, window="30d"}, 200, '
+     '{"latitude", "longitude"})'),
     ("countDistinct remote login+fail 1h", "account_attack",
      'return countDistinct("remote", {login=lt.login, success=false, window="1h"})'),
     ("countDistinct login remote+fail 1h", "password_spray",
@@ -158,19 +166,21 @@ def load_recent_rows(path: Path, log: SQLiteEventLog, projection: WindowProjecti
     conn.close()
     queries = projection.queries(log.queries())
     as_of = AsOf(before_seq=event.seq, now=event.received)
-    gc.collect()
-    before = rss_mib()
-    loads = []
-    for login in logins:
-        flt = parse_filter({"login": login, "success": True, "window": "7d"}.items())
-        t0 = time.perf_counter()
-        queries.recent_rows(flt, 5, as_of)
-        loads.append(time.perf_counter() - t0)
-    grown = rss_mib() - before
-    (shape,) = [s for s in projection.describe()["recent"] if s["window"] == 7 * 86400]
-    print(f"  recent rows: {len(logins):,} logins loaded (each one query) {percentiles(loads)}; "
-          f"{shape['key_tuples']:,} keys, {shape['rows']:,} rows held: RSS +{grown:.0f} MiB "
-          f"({grown * 2**20 / max(1, shape['rows']):.0f} bytes per row)")
+    for window, n in (("7d", 5), ("30d", 16)):  # the trip's previous successes, the habit's first
+        gc.collect()
+        before = rss_mib()
+        loads = []
+        for login in logins:
+            flt = parse_filter({"login": login, "success": True, "window": window}.items())
+            t0 = time.perf_counter()
+            queries.recent_rows(flt, n, as_of)
+            loads.append(time.perf_counter() - t0)
+        grown = rss_mib() - before
+        seconds = parse_span(window)
+        (shape,) = [s for s in projection.describe()["recent"] if s["window"] == seconds]
+        print(f"  recent rows {window}: {len(logins):,} logins loaded (each one query) "
+              f"{percentiles(loads)}; {shape['key_tuples']:,} keys, {shape['rows']:,} rows held: "
+              f"RSS +{grown:.0f} MiB ({grown * 2**20 / max(1, shape['rows']):.0f} bytes per row)")
 
 
 def one_per_family(picks: list[tuple]) -> list[tuple]:

@@ -30,7 +30,8 @@ as the reports all nodes' runners judged (`trackalert_lua_calls_total{kind="repo
 summed, the worst node's p50/p99, CPU per report summed over the daemons (memory: node 1's).
 
 --profile FILE records the core process with py-spy (`pip install py-spy` in the venv; not a
-dependency of trackalert) during the load and prints where the time goes.
+dependency of trackalert) during the load and prints where the time goes; --profile-process
+policy|web records the policy process or the first web worker instead.
 
 The daemon runs the `trackalert` this interpreter imports (run from a checkout's directory, or
 with PYTHONPATH pointing at it: bench/compare.py does that), and the script prints which one.
@@ -61,7 +62,8 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import harness  # noqa: E402
 import reports  # noqa: E402
-from trackalert.testing import DaemonProcess, listener_config  # noqa: E402
+from trackalert.testing import (DaemonProcess, listener_config, policy_process_pid,  # noqa: E402
+                               web_worker_pids)
 
 STARTER = ("new_country", "new_device", "impossible_travel", "password_spray", "account_attack",
            "pwhash_spray")
@@ -150,6 +152,18 @@ def print_profile(path: Path, top: int = 15) -> None:
             print(f"    {100 * count / max(1, total):5.1f}%  {frame}")
 
 
+def profiled_pid(core: int, which: str) -> int:
+    """The pid --profile-process names: the core, the policy process or the first web worker."""
+    if which == "policy":
+        pid = policy_process_pid(core)
+        if pid is None:
+            sys.exit("--profile-process policy: the daemon runs its policy in the core")
+        return pid
+    if which == "web":
+        return web_worker_pids(core)[0]
+    return core
+
+
 def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, args: argparse.Namespace,
             server_pid: int | None = None) -> dict[str, Any]:
     metrics = process.url("/metrics")
@@ -161,8 +175,8 @@ def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, arg
         before_stored = stored()
         lag_at_start = harness.policy_lag(metrics)
         before_done = before_stored - lag_at_start
-        profiler = Profiler(args.profile, process.process.pid, min(args.profile_seconds, args.duration),
-                            args.profile_gil)
+        profiler = Profiler(args.profile, profiled_pid(process.process.pid, args.profile_process),
+                            min(args.profile_seconds, args.duration), args.profile_gil)
         started = time.monotonic()
         server_before = harness.process_cpu_seconds(server_pid) if server_pid else 0.0
         with harness.CpuMeter(process.process.pid) as cpu:
@@ -400,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="longest wait for lag 0")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="longest wait for READY")
     parser.add_argument("--profile", metavar="FILE", help="py-spy raw profile of the core process")
+    parser.add_argument("--profile-process", choices=("core", "policy", "web"), default="core",
+                        help="which process --profile records (web: the first web worker)")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
     parser.add_argument("--profile-gil", action="store_true", help="sample only the GIL holder")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON (compare.py)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -424,6 +425,95 @@ def test_recent_reports_hold_exactly_the_fields_of_lt(rich) -> None:
     kinds = {(e.report.geo is None, (e.report.geo or RICH_GEOS[1]).latitude is None,
               not e.report.attrs_mv) for e in events}
     assert len(kinds) >= 4, kinds
+
+
+# recentReports(f, n, fields) against recentReports(f, n): the same rows, each holding exactly
+# the fields asked for, with the same values (tables compared deeply).
+_PICKED = """
+local function same(a, b)
+  if type(a) ~= "table" or type(b) ~= "table" then return a == b end
+  for k, v in pairs(a) do if not same(v, b[k]) then return false end end
+  for k in pairs(b) do if a[k] == nil then return false end end
+  return true
+end
+return function(f, n, fields)
+  local whole, picked = recentReports(f, n), recentReports(f, n, fields)
+  if #whole ~= #picked then return "rows: " .. #whole .. " ~= " .. #picked end
+  local asked = {}
+  for _, name in ipairs(fields) do asked[name] = true end
+  for i, r in ipairs(picked) do
+    for k in pairs(r) do if not asked[k] then return i .. ": " .. k .. " was not asked" end end
+    for name in pairs(asked) do
+      if not same(whole[i][name], r[name]) then
+        return i .. ": " .. name .. ": " .. tostring(whole[i][name]) .. " ~= " .. tostring(r[name])
+      end
+    end
+  end
+end
+"""
+
+
+def test_recent_reports_with_fields_hold_just_them_with_the_same_values(rich) -> None:
+    from trackalert.lua.convert import PICKABLE
+
+    state, events = rich
+    (compare,) = state.execute(_PICKED)
+    lua = state.lua
+    rng = random.Random(5)
+    subsets = [[name] for name in PICKABLE] + [["latitude", "longitude"], list(PICKABLE)]
+    subsets += [rng.sample(PICKABLE, rng.randint(2, 8)) for _ in range(12)]
+    filters = [lua.table_from({}), lua.table_from({"login": events[-1].report.login}),
+               lua.table_from({"success": True, "window": "1d"})]
+    for fields in subsets:
+        for flt in filters:
+            for n in (1, ARGS_MAX + 1, 200):
+                assert compare(flt, n, lua.table_from(fields)) is None, (fields, n)
+    # the cases that make the values differ from the stored columns are there
+    assert any(e.report.geo is None for e in events) and any(e.report.attrs_mv for e in events)
+
+
+def test_recent_reports_fields_from_a_flat_filter_and_inside_report(rich) -> None:
+    """The flat path (a filter of plain values, two or three arguments) gives what the table
+    path gives, and so does a report call asking as of its lt."""
+    state, events = rich
+    login = events[-1].report.login
+    (fn,) = state.execute(f"""
+        return function()
+          local t = {{}}
+          for _, r in ipairs(recentReports({{login="{login}", success=true}}, 50, {{"seq", "city"}})) do
+            t[#t + 1] = r.seq .. "/" .. r.city
+          end
+          return table.concat(t, ","), #recentReports({{login="{login}", success=true}}, 50)
+        end""")
+    def expected(before: int) -> list[Event]:
+        return [e for e in events if e.report.login == login and e.report.success
+                and e.seq < before][::-1][:50]
+
+    def text_of(chosen: list[Event]) -> str:
+        return ",".join(f"{e.seq}/{e.report.geo.city if e.report.geo else ''}" for e in chosen)
+
+    newest = expected(events[-1].seq + 1)
+    assert fn() == (text_of(newest), len(newest)) and len(newest) > 2
+    state.as_of_seq = newest[1].seq  # as of an older report: it and the newer are not there
+    try:
+        assert fn() == (text_of(expected(newest[1].seq)), len(expected(newest[1].seq)))
+        assert fn()[0].startswith(f"{newest[2].seq}/")
+    finally:
+        state.as_of_seq = None
+
+
+@pytest.mark.parametrize("fields, message", [
+    ('{"latitude", "nope"}', "unknown report field 'nope' in fields (known: seq, received"),
+    ("{}", "fields must name at least one report field"),
+    ('"latitude"', "fields must be a table of field names, got"),
+    ("{1}", "fields must hold field names, got"),
+    ('{"latitude", x="longitude"}', "fields must be an array of field names"),
+])
+def test_recent_reports_bad_fields_raise_a_lua_error_naming_the_problem(rich, fields, message) -> None:
+    state, _ = rich
+    for call in (f"recentReports({{}}, 3, {fields})", f"recentReports({{login='x'}}, 3, {fields})"):
+        with pytest.raises(LuaError, match=re.escape(message)):
+            state.execute(f"return {call}")
 
 
 def test_each_recent_report_is_a_table_of_its_own(rich) -> None:

@@ -14,6 +14,9 @@ local HABIT_SAMPLE = 200  -- the newest successes looked at to judge a place hab
 -- Looked at first: the newest few decide most accounts, and recentReports keeps 16 rows per
 -- login in memory, while 200 are read from the log for many logins (eventlog/recent.py).
 local FIRST_SAMPLE = math.min(16, HABIT_SAMPLE)
+-- The fields read of those reports: only they cross into Lua (recentReports' third argument).
+local PLACE = { "latitude", "longitude" }
+local TRIP = { "t", "remote", "country", "city", "latitude", "longitude" }
 
 function policy.configure(options)
   opts = StarterAlert.options(policy.name, opts, options)
@@ -30,7 +33,8 @@ end
 -- stops at `habitual`), and how many successes were looked at.
 local function near_successes(lt, n)
   local near = 0
-  local seen = recentReports({ login = lt.login, success = true, window = opts.habit_window }, n)
+  local seen = recentReports({ login = lt.login, success = true, window = opts.habit_window }, n,
+                             PLACE)
   for _, r in ipairs(seen) do
     if r.latitude ~= nil
        and km(r.latitude, r.longitude, lt.latitude, lt.longitude) < opts.min_distance_km then
@@ -55,7 +59,8 @@ end
 
 function policy.report(lt)
   if not lt.success or lt.latitude == nil then return end
-  local previous = recentReports({ login = lt.login, success = true, window = opts.window }, 5)
+  local previous = recentReports({ login = lt.login, success = true, window = opts.window }, 5,
+                                 TRIP)
   for _, prev in ipairs(previous) do
     if prev.latitude ~= nil then
       local distance = km(prev.latitude, prev.longitude, lt.latitude, lt.longitude)

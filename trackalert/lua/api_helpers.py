@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from trackalert.eventlog.bound import BoundFilter, as_filter, bind_pairs
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
 from trackalert.eventlog.windows import running_projection
-from trackalert.lua.convert import ANSWERS, LT_TIME, counted_table, describe, is_table, report_tables
+from trackalert.lua.convert import (ANSWERS, LT_TIME, counted_table, describe, field_plan, is_table,
+                                    picked_tables, report_tables)
 from trackalert.lua.registry import Where, lua_global
 
 #: Worker states, and the config state that answers console commands.
@@ -227,21 +228,26 @@ def _last_seen(state: "LuaState") -> Callable[[Any], float | None]:
 
 
 @lua_global(
-    "recentReports", HELPERS, "recentReports(filter, n) -> {report, ...}",
+    "recentReports", HELPERS, "recentReports(filter, n[, fields]) -> {report, ...}",
     """Up to `n` reports matching `filter`, newest first. Each is a table with the LoginTuple
     fields (`remote` as a string), `seq`, `received`, and the enrichment `country`, `city`,
-    `latitude`, `longitude`, `asn`, `isp` (nil/"" when unknown). """ + _FILTER_DOC,
+    `latitude`, `longitude`, `asn`, `isp` (nil/"" when unknown). With `fields`, an array of
+    those names (e.g. `{"latitude", "longitude"}`), each table holds just them, with the same
+    values: much cheaper when many reports are asked for a few fields. """ + _FILTER_DOC,
     example='local prev = recentReports({login=lt.login, success=true}, 1)[1]\n'
-            'if prev then infoLog("previous login", {from=prev.remote}) end',
-    topic="helpers", filter_at=(2, 1),
+            'if prev then infoLog("previous login", {from=prev.remote}) end\n'
+            'local places = recentReports({login=lt.login}, 200, {"latitude", "longitude"})',
+    topic="helpers", filter_at=(3, 1),
 )
-def _recent_reports(state: "LuaState") -> Callable[[Any, Any], Any]:
-    def ask(flt: "BoundFilter | Filter", n: Any) -> Any:
+def _recent_reports(state: "LuaState") -> Callable[..., Any]:
+    def ask(flt: "BoundFilter | Filter", n: Any, fields: Any) -> Any:
+        plan = None if fields is None else field_plan(state, fields)
         queries, flt = _queries(state, flt)
         rows = queries.recent_rows(flt, _count(n, "n"), _as_of(state))
-        return report_tables(state, rows)
+        return report_tables(state, rows) if plan is None else picked_tables(state, rows, plan)
 
-    def recent_reports(flt: Any = None, n: Any = 10) -> Any:
-        return ask(_filter(state, flt), n)
+    def recent_reports(flt: Any = None, n: Any = 10, fields: Any = None) -> Any:
+        return ask(_filter(state, flt), n, fields)
 
-    return _with_flat(recent_reports, lambda n, *flat: ask(_flat_filter(state, flat), n))
+    return _with_flat(recent_reports,
+                      lambda n, fields, *flat: ask(_flat_filter(state, flat), n, fields))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import lupa.luajit21 as luajit
 
@@ -126,6 +127,23 @@ function E.run_row(fn, ip, port, hex, version, mapped, t, login, pwhash, success
                               latitude, longitude, asn, isp or ""))
 end
 
+-- recentReports' tables of just the fields `names` (an array): `count` rows of #names values,
+-- made Lua-ready by Python (convert.FieldPlan) but for the JSON maps (`maps[j]` true), which
+-- are decoded here as E.reports decodes them.
+function E.picked(a, count, names, maps)
+  local out, width = {}, #names
+  for i = 1, count do
+    local b, r = (i - 1) * width, {}
+    for j = 1, width do
+      local v = a[b + j]
+      if maps[j] then v = map(names[j], v) or {} end
+      r[names[j]] = v
+    end
+    out[i] = r
+  end
+  return out
+end
+
 -- E.reports with the flat values as arguments (few rows: no table to build from Python).
 function E.reports_args(count, ...)
   return E.reports({...}, count)
@@ -199,6 +217,69 @@ def report_tables(state: "LuaState", rows: list[tuple]) -> Any:
     if len(rows) <= ARGS_MAX:
         return reports[1](len(rows), *chain.from_iterable(rows))
     return reports[0](_flat(state, rows), len(rows))
+
+
+_GEO = tuple(REPORT_COLUMNS.index(c) for c in ("country", "city", "latitude", "asn", "isp"))
+_MAPS = ("attrs", "attrs_mv", "device_attrs")
+_BOOLS = ("success", "policy_reject", "tls")
+_TEXTS = ("country", "city", "isp")  # "" when unknown, as in lt
+#: The fields recentReports(filter, n, fields) may name: a report table's keys.
+PICKABLE = REPORT_COLUMNS
+
+
+def _getter(name: str) -> Callable[[tuple], Any]:
+    """The Lua-ready value of field `name` from a REPORT_COLUMNS row, as E.reports makes it."""
+    i = REPORT_COLUMNS.index(name)
+    if name in _BOOLS:
+        return lambda row: row[i] != 0
+    if name in _TEXTS:
+        return lambda row: row[i] or ""
+    if name == "longitude":  # no enrichment at all: every value unknown, longitude included
+        return lambda row: None if all(row[g] is None for g in _GEO) else row[i]
+    return operator.itemgetter(i)
+
+
+class FieldPlan:
+    """What recentReports' `fields` asks for, checked once per state: a getter per field, and
+    the Lua tables of the names and of which of them are JSON maps."""
+
+    def __init__(self, state: "LuaState", names: tuple[str, ...]) -> None:
+        if not names:
+            raise ValueError("fields must name at least one report field")
+        for name in names:
+            if type(name) is not str:
+                raise ValueError(f"fields must hold field names, got {describe(name)}")
+            if name not in PICKABLE:
+                raise ValueError(f"unknown report field '{name}' in fields (known: "
+                                 f"{', '.join(PICKABLE)})")
+        self.getters = tuple(_getter(name) for name in names)
+        table_from = state.lua.table_from
+        self.tables = (table_from(list(names)), table_from([name in _MAPS for name in names]))
+
+
+def field_plan(state: "LuaState", fields: Any) -> FieldPlan:
+    """The plan of a Lua array of field names (plans are kept per distinct list of names)."""
+    if lua_type(fields) != "table":
+        raise ValueError(f"fields must be a table of field names, got {describe(fields)}")
+    names = tuple(fields.values())
+    if len(names) != len(fields):  # keys besides 1..n (or holes): not an array of names
+        raise ValueError("fields must be an array of field names, like {\"latitude\", \"longitude\"}")
+    plans = state.cache.setdefault("field_plans", {})
+    plan = plans.get(names)
+    if plan is None:
+        if len(plans) >= 256:  # built from what a policy passes: bounded
+            plans.clear()
+        plan = plans[names] = FieldPlan(state, names)
+    return plan
+
+
+def picked_tables(state: "LuaState", rows: list[tuple], plan: FieldPlan) -> Any:
+    """recentReports' array of tables holding only `plan`'s fields: a few values a row cross
+    into Lua instead of every column (the habit check of impossible_travel reads 200 rows for
+    their latitude and longitude)."""
+    getters = plan.getters
+    flat = [get(row) for row in rows for get in getters]
+    return _events(state).picked(state.lua.table_from(flat), len(rows), *plan.tables)
 
 
 def counted_table(state: "LuaState", pairs: list[tuple[Any, int]]) -> Any:
