@@ -14,6 +14,8 @@ whose ``script_location`` points here).
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from alembic import command
@@ -24,6 +26,8 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 
 from trackalert.eventlog.base import SchemaVersionError
+
+logger = logging.getLogger("trackalert")
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 
@@ -70,4 +74,14 @@ def upgrade(connection: Connection, target: str = "head", *, location: str = "")
                 f"{scripts.get_current_head()!r}); it was probably written by a newer trackalert. "
                 f"Upgrade trackalert or point it at another file."
             )
+    current = current_revisions(connection)
+    head = scripts.get_current_head()
+    if current and head not in current and target == "head":  # a new file migrates in no time
+        logger.info("event log %s: upgrading its schema from revision %s to %s (an index rebuilt "
+                    "on a big log takes a while: about a minute for 10M events)",
+                    location or "(database)", ", ".join(current), head)
+    started = time.monotonic()
     command.upgrade(config, target)
+    if current and head not in current and target == "head":
+        logger.info("event log %s: schema upgraded in %.1f s", location or "(database)",
+                    time.monotonic() - started)

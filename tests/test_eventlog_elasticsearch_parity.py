@@ -109,6 +109,7 @@ def answers(q: EventQueries, spec: dict[str, Any], fields: list[str], as_of: AsO
         "count": q.count_reports(flt, as_of), "first": q.first_seen(flt, as_of),
         "last": q.last_seen(flt, as_of), "recent": q.recent_reports(flt, 6, as_of),
         "rows": q.recent_rows(flt, 3, as_of),
+        "places": q.recent_columns(flt, 5, as_of, (0, 16, 18, 19)),  # seq, country, lat, lon
     }
     for name in fields:
         field = parse_field(name)

@@ -130,7 +130,7 @@ def test_migration_scripts_are_found_from_the_package_not_the_cwd(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert migrations.SCRIPT_LOCATION == REPO / "migrations"
-    assert migrations.head_revision() == "0007"
+    assert migrations.head_revision() == "0008"
 
 
 async def test_reopen_keeps_data_and_schema(tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ async def test_old_file_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
     finally:
         await log.close()
     with raw(path) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0007",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (migrations.head_revision(),)
 
 
 async def test_0005_keys_old_delivery_ids_with_an_unknown_body(tmp_path: Path) -> None:
@@ -209,7 +209,7 @@ async def test_0005_keys_old_delivery_ids_with_an_unknown_body(tmp_path: Path) -
         assert conn.execute(
             "SELECT delivery_id, length(fingerprint), seq FROM deliveries ORDER BY seq"
         ).fetchall() == [("same-microsecond", 0, 1), ("same-microsecond", 16, 2)]
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0007",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (migrations.head_revision(),)
 
 
 async def test_file_from_a_newer_trackalert_is_refused(tmp_path: Path) -> None:

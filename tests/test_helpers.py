@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from trackalert.clock import VirtualClock
-from trackalert.eventlog.base import Event
+from trackalert.eventlog.base import REPORT_COLUMNS, Event
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.lua.convert import ARGS_MAX, call_with_tuple, tuple_runner
@@ -300,6 +300,29 @@ async def test_per_login_helpers_never_read_the_table(filled) -> None:
         assert "COVERING INDEX ix_events_login" in plan, (select, plan)
 
 
+async def test_an_accounts_recent_places_never_read_the_table(filled) -> None:
+    """recentReports with the fields of a place (impossible_travel's habit sample: 200 rows) is
+    answered from ix_events_login alone (migration 0008); other fields read the table."""
+    from trackalert.lua.convert import FieldPlan
+
+    log, _, clock = filled
+    state = LuaState(StateKind.WORKER, Host(clock=clock, eventlog=log))
+    queries = log.queries()
+    conn = queries._conn()
+    flt = parse_filter({"login": "x", "success": True, "window": "30d"}.items())
+    source, where, params = queries._where(conn, flt, AsOf(now=clock.time()))
+
+    def plan_of(fields: tuple[str, ...]) -> str:
+        columns = ", ".join(REPORT_COLUMNS[i] for i in FieldPlan(state, fields).columns)
+        return " ".join(str(r) for r in conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT {columns} FROM {source} WHERE {where} "
+            "ORDER BY seq DESC LIMIT 200", params))
+
+    for fields in (("latitude", "longitude"), ("longitude",), ("seq", "country", "latitude")):
+        assert "COVERING INDEX ix_events_login" in plan_of(fields), fields
+    assert "COVERING" not in plan_of(("latitude", "city")) and "ix_events_login" in plan_of(("city",))
+
+
 async def test_time_to_seq_search_is_exact_with_gaps_and_any_previous_answer(filled) -> None:
     """The one-seek search (ix_events_received) finds the same seq as a scan, even where
     retention or a failed batch left holes in the seqs, and ties share one `received`."""
@@ -500,6 +523,32 @@ def test_recent_reports_fields_from_a_flat_filter_and_inside_report(rich) -> Non
         assert fn()[0].startswith(f"{newest[2].seq}/")
     finally:
         state.as_of_seq = None
+
+
+async def test_recent_reports_fields_blank_a_longitude_as_the_whole_tables_do(tmp_path: Path) -> None:
+    """A stored longitude with no other enrichment value is not shown (E.reports); with a city
+    but no country nor latitude it is. The index alone cannot tell the two apart: such answers
+    are read whole."""
+    clock = VirtualClock(start=START)
+    log = SQLiteEventLog(tmp_path / "lon.db", clock)
+    await log.open()
+    geos = [Enrichment("", "", None, 4.9, None, ""), Enrichment("", "Utrecht", None, 5.1, None, ""),
+            Enrichment("NL", "", 52.1, 5.2, None, ""), None]
+    for i, geo in enumerate(geos * 3):
+        await log.append(Report(t=START + i, login="lon", remote="10.0.0.1", success=True, geo=geo))
+        await clock.advance(1.0)
+    try:
+        state = LuaState(StateKind.WORKER, Host(clock=clock, eventlog=log))
+        (compare,) = state.execute(_PICKED)
+        lua = state.lua
+        for fields in (["longitude"], ["longitude", "city"], ["latitude", "longitude", "seq"]):
+            assert compare(lua.table_from({"login": "lon"}), 12, lua.table_from(fields)) is None
+        (shown,) = state.execute('local t = {} for _, r in ipairs(recentReports({login="lon"}, 4, '
+                                 '{"longitude"})) do t[#t + 1] = tostring(r.longitude) end '
+                                 'return table.concat(t, ",")')
+        assert shown == "nil,5.2,5.1,nil"
+    finally:
+        await log.close()
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -329,6 +329,42 @@ def expected_line(log: SQLiteEventLog, event: Event) -> str:
                      "nil" if last is None else f"{last:.3f}"])
 
 
+#: recentReports' `fields` as columns (lua/convert.FieldPlan): a place, and a whole trip.
+PICKED_COLUMNS = [tuple(REPORT_COLUMNS.index(c) for c in names) for names in
+                  (("country", "latitude", "longitude"),
+                   ("seq", "received", "t", "remote", "country", "city", "latitude", "longitude"))]
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+async def test_columns_of_the_recent_rows_equal_sqls_at_every_event(log, seed: int) -> None:
+    """recent_columns (recentReports with fields) from the recent rows, and over BOUND from
+    SQL's columns, equal the columns of SQL's whole rows as of every report judged."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(seed), 800)
+    projection = WindowProjection(eventlog)
+    projection.start_at(0)
+    sql = eventlog.queries()
+    projected = projection.queries(sql)
+    rows = 0
+    for event in events:
+        projection.begin(event)
+        as_of = AsOf(before_seq=event.seq)
+        for helper, flt, n in recent_calls(event):
+            if helper != "recentReports":
+                continue
+            for columns in PICKED_COLUMNS:
+                whole = [tuple(row[c] for c in columns) for row in sql.recent_rows(flt, n, as_of)]
+                assert sql.recent_columns(flt, n, as_of, columns) == whole, (event.seq, flt, n)
+                assert projected.recent_columns(flt, n, as_of, columns) == whole, (event.seq, flt, n)
+                rows += len(whole)
+        projection.finish(event)
+    projection.close()
+    assert rows > 10_000
+    calls = projection.calls
+    assert calls["recentReports", "projection"] > 6 * len(events), calls
+    assert calls["recentReports", "sql"] >= 2 * len(events), "the 200-row asks go to SQL, counted"
+
+
 async def test_the_runner_answers_from_the_projection_exactly_as_sql(log) -> None:
     """Through the real runner and Lua states, while events keep arriving."""
     eventlog, clock = log

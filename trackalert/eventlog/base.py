@@ -12,6 +12,7 @@ import abc
 import asyncio
 import dataclasses
 import json
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -153,6 +154,14 @@ REPORT_COLUMNS = ("seq", "received", "t", "remote", "login", "pwhash", "success"
                   "device_attrs", "country", "city", "latitude", "longitude", "asn", "isp")
 
 
+def columns_picker(columns: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """A function taking the values at `columns` of a row, as a tuple (one column too)."""
+    if len(columns) == 1:
+        only = columns[0]
+        return lambda row: (row[only],)
+    return operator.itemgetter(*columns)
+
+
 def report_row(event: Event) -> tuple:
     """An event as a row of REPORT_COLUMNS, for a backend that has only `Event`s to give."""
     r = event.report
@@ -211,6 +220,13 @@ class EventQueries(abc.ABC):
         """`recent_reports` as rows of REPORT_COLUMNS, the form recentReports() builds its Lua
         tables from; a backend may read just those columns (SQLite does)."""
         return [report_row(event) for event in self.recent_reports(flt, n, as_of)]
+
+    def recent_columns(self, flt: "Filter", n: int, as_of: "AsOf",
+                       columns: tuple[int, ...]) -> list[tuple]:
+        """`recent_rows` holding just the REPORT_COLUMNS at `columns` (recentReports' `fields`);
+        a backend may read just those (SQLite's login index holds the places: no table read)."""
+        pick = columns_picker(columns)
+        return [pick(row) for row in self.recent_rows(flt, n, as_of)]
 
     def close(self) -> None:
         """Release connections (called by the event log's close)."""

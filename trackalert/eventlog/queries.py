@@ -118,6 +118,10 @@ class SQLiteQueries(EventQueries):
     def recent_rows(self, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
         return self._recent(_REPORT_SELECT, flt, n, as_of)
 
+    def recent_columns(self, flt: Filter, n: int, as_of: AsOf,
+                       columns: tuple[int, ...]) -> list[tuple]:
+        return self._recent(", ".join(REPORT_COLUMNS[i] for i in columns), flt, n, as_of)
+
     def _recent(self, columns: str, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
         conn = self._conn()
         source, where, params = self._where(conn, flt, as_of)

@@ -60,9 +60,9 @@ events = Table(
     sqlite_autoincrement=True,
 )
 
-# The helper indexes (migration 0004; why these three: see its docstring).
+# The helper indexes (migration 0004; why these three: see its docstring; 0008 added the places).
 Index("ix_events_login", events.c.login, events.c.success, events.c.seq, events.c.country,
-      events.c.ip)
+      events.c.ip, events.c.latitude, events.c.longitude)  # the places: 0008
 Index("ix_events_ip", events.c.ip, events.c.seq,
       sqlite_where=events.c.success == False)  # noqa: E712 - SQL, not Python
 Index("ix_events_pwhash_failed", events.c.pwhash, events.c.seq,

@@ -243,8 +243,11 @@ def _recent_reports(state: "LuaState") -> Callable[..., Any]:
     def ask(flt: "BoundFilter | Filter", n: Any, fields: Any) -> Any:
         plan = None if fields is None else field_plan(state, fields)
         queries, flt = _queries(state, flt)
-        rows = queries.recent_rows(flt, _count(n, "n"), _as_of(state))
-        return report_tables(state, rows) if plan is None else picked_tables(state, rows, plan)
+        count, as_of = _count(n, "n"), _as_of(state)
+        if plan is None:
+            return report_tables(state, queries.recent_rows(flt, count, as_of))
+        rows = queries.recent_columns(flt, count, as_of, plan.columns)
+        return picked_tables(state, rows, plan, lambda: queries.recent_rows(flt, count, as_of))
 
     def recent_reports(flt: Any = None, n: Any = 10, fields: Any = None) -> Any:
         return ask(_filter(state, flt), n, fields)

@@ -219,29 +219,20 @@ def report_tables(state: "LuaState", rows: list[tuple]) -> Any:
     return reports[0](_flat(state, rows), len(rows))
 
 
-_GEO = tuple(REPORT_COLUMNS.index(c) for c in ("country", "city", "latitude", "asn", "isp"))
 _MAPS = ("attrs", "attrs_mv", "device_attrs")
 _BOOLS = ("success", "policy_reject", "tls")
 _TEXTS = ("country", "city", "isp")  # "" when unknown, as in lt
 #: The fields recentReports(filter, n, fields) may name: a report table's keys.
 PICKABLE = REPORT_COLUMNS
-
-
-def _getter(name: str) -> Callable[[tuple], Any]:
-    """The Lua-ready value of field `name` from a REPORT_COLUMNS row, as E.reports makes it."""
-    i = REPORT_COLUMNS.index(name)
-    if name in _BOOLS:
-        return lambda row: row[i] != 0
-    if name in _TEXTS:
-        return lambda row: row[i] or ""
-    if name == "longitude":  # no enrichment at all: every value unknown, longitude included
-        return lambda row: None if all(row[g] is None for g in _GEO) else row[i]
-    return operator.itemgetter(i)
+#: What decides whether a longitude is shown (E.reports: nil when no enrichment at all).
+_PLACE = ("country", "latitude", "longitude")
+_ENRICHMENT_REST = ("city", "asn", "isp")
 
 
 class FieldPlan:
-    """What recentReports' `fields` asks for, checked once per state: a getter per field, and
-    the Lua tables of the names and of which of them are JSON maps."""
+    """What recentReports' `fields` asks for, checked once per state: the columns to read, a
+    getter per field over those columns (the value E.reports gives), and the Lua tables of the
+    names and of which of them are JSON maps."""
 
     def __init__(self, state: "LuaState", names: tuple[str, ...]) -> None:
         if not names:
@@ -252,9 +243,29 @@ class FieldPlan:
             if name not in PICKABLE:
                 raise ValueError(f"unknown report field '{name}' in fields (known: "
                                  f"{', '.join(PICKABLE)})")
-        self.getters = tuple(_getter(name) for name in names)
+        wanted = set(names) | (set(_PLACE) if "longitude" in names else set())
+        self.columns = tuple(sorted(REPORT_COLUMNS.index(name) for name in wanted))
+        at = {REPORT_COLUMNS[column]: i for i, column in enumerate(self.columns)}
+        self.getters = tuple(_getter(name, at) for name in names)
+        #: A longitude with no country nor latitude: whether the rest of the enrichment is
+        #: unknown too (then it is not shown) needs columns not read (the whole rows).
+        self.unsure = _unsure_longitude(at) if "longitude" in names else None
         table_from = state.lua.table_from
         self.tables = (table_from(list(names)), table_from([name in _MAPS for name in names]))
+
+
+def _getter(name: str, at: dict[str, int]) -> Callable[[tuple], Any]:
+    i = at[name]
+    if name in _BOOLS:
+        return lambda row: row[i] != 0
+    if name in _TEXTS:
+        return lambda row: row[i] or ""
+    return operator.itemgetter(i)
+
+
+def _unsure_longitude(at: dict[str, int]) -> Callable[[tuple], bool]:
+    country, latitude, longitude = (at[name] for name in _PLACE)
+    return lambda row: row[longitude] is not None and row[country] is None and row[latitude] is None
 
 
 def field_plan(state: "LuaState", fields: Any) -> FieldPlan:
@@ -273,13 +284,31 @@ def field_plan(state: "LuaState", fields: Any) -> FieldPlan:
     return plan
 
 
-def picked_tables(state: "LuaState", rows: list[tuple], plan: FieldPlan) -> Any:
-    """recentReports' array of tables holding only `plan`'s fields: a few values a row cross
-    into Lua instead of every column (the habit check of impossible_travel reads 200 rows for
-    their latitude and longitude)."""
+def picked_tables(state: "LuaState", rows: list[tuple], plan: FieldPlan,
+                  whole: Callable[[], list[tuple]]) -> Any:
+    """recentReports' array of tables holding only `plan`'s fields, from rows of its columns:
+    a few values a row cross into Lua instead of every column (impossible_travel's habit check
+    reads 200 rows for their latitude and longitude). `whole` gives the rows of every column,
+    for the rare answer a longitude makes unsure."""
+    unsure = plan.unsure
+    if unsure is not None and any(unsure(row) for row in rows):
+        rows = _known_longitudes(whole(), plan)
     getters = plan.getters
     flat = [get(row) for row in rows for get in getters]
     return _events(state).picked(state.lua.table_from(flat), len(rows), *plan.tables)
+
+
+def _known_longitudes(rows: list[tuple], plan: FieldPlan) -> list[tuple]:
+    """Whole rows as rows of the plan's columns, a longitude blanked where E.reports blanks it
+    (no enrichment value known at all)."""
+    geo = [REPORT_COLUMNS.index(name) for name in ("country", "city", "latitude", "asn", "isp")]
+    longitude = REPORT_COLUMNS.index("longitude")
+    out = []
+    for row in rows:
+        if row[longitude] is not None and all(row[g] is None for g in geo):
+            row = row[:longitude] + (None,) + row[longitude + 1:]
+        out.append(tuple(row[c] for c in plan.columns))
+    return out
 
 
 def counted_table(state: "LuaState", pairs: list[tuple[Any, int]]) -> Any:
