@@ -62,8 +62,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import harness  # noqa: E402
 import reports  # noqa: E402
-from trackalert.testing import (DaemonProcess, listener_config, policy_process_pid,  # noqa: E402
-                               web_worker_pids)
+from trackalert.testing import DaemonProcess, listener_config  # noqa: E402
 
 STARTER = ("new_country", "new_device", "impossible_travel", "password_spray", "account_attack",
            "pwhash_spray")
@@ -153,7 +152,10 @@ def print_profile(path: Path, top: int = 15) -> None:
 
 
 def profiled_pid(core: int, which: str) -> int:
-    """The pid --profile-process names: the core, the policy process or the first web worker."""
+    """The pid --profile-process names: the core, the policy process or the first web worker
+    (imported here: an older checkout compared with bench/compare.py may lack them)."""
+    from trackalert.testing import policy_process_pid, web_worker_pids
+
     if which == "policy":
         pid = policy_process_pid(core)
         if pid is None:
@@ -175,8 +177,9 @@ def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, arg
         before_stored = stored()
         lag_at_start = harness.policy_lag(metrics)
         before_done = before_stored - lag_at_start
-        profiler = Profiler(args.profile, profiled_pid(process.process.pid, args.profile_process),
-                            min(args.profile_seconds, args.duration), args.profile_gil)
+        profiled = profiled_pid(process.process.pid, args.profile_process) if args.profile else 0
+        profiler = Profiler(args.profile, profiled, min(args.profile_seconds, args.duration),
+                            args.profile_gil)
         started = time.monotonic()
         server_before = harness.process_cpu_seconds(server_pid) if server_pid else 0.0
         with harness.CpuMeter(process.process.pid) as cpu:
