@@ -404,15 +404,19 @@ async def rich(tmp_path: Path) -> AsyncIterator[tuple[LuaState, list[Event]]]:
         await log.close()
 
 
-# Every field of each recentReports() table against the lt of the same event: the same keys,
-# equal values (tables compared deeply), remote as lt.remote's text, plus seq and received.
-_COMPARE = """
+#: Lua: two values equal, tables compared deeply.
+_SAME = """
 local function same(a, b)
   if type(a) ~= "table" or type(b) ~= "table" then return a == b end
   for k, v in pairs(a) do if not same(v, b[k]) then return false end end
   for k in pairs(b) do if a[k] == nil then return false end end
   return true
 end
+"""
+
+# Every field of each recentReports() table against the lt of the same event: the same keys,
+# equal values (tables compared deeply), remote as lt.remote's text, plus seq and received.
+_COMPARE = _SAME + """
 return function(lt, r)
   for k, v in pairs(lt) do
     local want = k == "remote" and v:tostring() or v
@@ -452,13 +456,7 @@ def test_recent_reports_hold_exactly_the_fields_of_lt(rich) -> None:
 
 # recentReports(f, n, fields) against recentReports(f, n): the same rows, each holding exactly
 # the fields asked for, with the same values (tables compared deeply).
-_PICKED = """
-local function same(a, b)
-  if type(a) ~= "table" or type(b) ~= "table" then return a == b end
-  for k, v in pairs(a) do if not same(v, b[k]) then return false end end
-  for k in pairs(b) do if a[k] == nil then return false end end
-  return true
-end
+_PICKED = _SAME + """
 return function(f, n, fields)
   local whole, picked = recentReports(f, n), recentReports(f, n, fields)
   if #whole ~= #picked then return "rows: " .. #whole .. " ~= " .. #picked end
