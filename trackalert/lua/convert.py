@@ -226,7 +226,6 @@ _TEXTS = ("country", "city", "isp")  # "" when unknown, as in lt
 PICKABLE = REPORT_COLUMNS
 #: What decides whether a longitude is shown (E.reports: nil when no enrichment at all).
 _PLACE = ("country", "latitude", "longitude")
-_ENRICHMENT_REST = ("city", "asn", "isp")
 
 
 class FieldPlan:
