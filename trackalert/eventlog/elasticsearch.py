@@ -513,8 +513,12 @@ class ElasticEventLog(EventLog):
         collisions: list[_Append] = []
         in_batch: dict[DeliveryKey, _Append] = {}
         claimed: set[str] = set()
+        for item in batch:  # sent before under this seq and `_id` (from the spool): again, and
+            if item.seq and item.key is not None:  # a copy of it in this batch repeats it
+                in_batch.setdefault(item.key, item)  # (else both shared one `_id`: the one
+                claimed.add(item.doc_id)             # stored was taken as stored elsewhere)
         for index, item in enumerate(batch):
-            if item.seq:  # sent before under this seq and `_id` (from the spool): again
+            if item.seq:
                 continue
             if item.key is None:
                 item.doc_id = ""  # named after its seq, once it has one
