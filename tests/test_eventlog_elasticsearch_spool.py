@@ -30,6 +30,7 @@ from trackalert.clock import VirtualClock
 from trackalert.eventlog import Appended, EventLogError
 from trackalert.eventlog.base import Event
 from trackalert.eventlog.elasticsearch import ElasticEventLog, SpoolStats
+from trackalert.eventlog.es_docs import delivery_ids
 from trackalert.eventlog.es_client import async_client, parse_elastic_url
 from trackalert.eventlog.es_docs import to_doc
 from trackalert.eventlog.es_spool import Spool, Spooled
@@ -188,6 +189,30 @@ async def test_a_cluster_stopped_twice_under_concurrent_load_loses_nothing(
     assert [e.seq for e in heard] == [e.seq for e in stored]
     for event in stored:  # a live answer names the seq its report got
         assert answered[event.report.login].seq in (0, event.seq)
+
+
+async def test_a_spooled_retry_of_a_report_sent_before_repeats_it(open_log: ElasticEventLog) -> None:
+    """What made the test above fail now and then: a forwarded batch holding a report sent
+    before the cluster went away (its seq and `_id` kept in the spool) and a wforce retry of
+    it spooled meanwhile. The retry repeats the sent report; it must not take the delivery's
+    `_id` too (the bulk's 409 then made the stored report look stored elsewhere, and the
+    listeners never heard it)."""
+    from trackalert.eventlog.base import delivery_key
+    from trackalert.eventlog.elasticsearch import _Append
+
+    loop = asyncio.get_running_loop()
+    sent_report = report(0, login="sent")
+    key = delivery_key(sent_report, "wf-1", None)
+    assert key is not None
+    sent = _Append(sent_report, "wf-1", key, loop.create_future())
+    sent.seq, sent.doc_id, sent.received = 41, delivery_ids(key)[0], 1.0
+    retry = _Append(sent_report, "wf-1", key, loop.create_future())
+    other_report = report(0, login="other")
+    other = _Append(other_report, "wf-2", delivery_key(other_report, "wf-2", None),
+                    loop.create_future())
+    duplicates, collisions = await open_log._sort_out([sent, retry, other])
+    assert duplicates == {1: sent} and collisions == []
+    assert retry.doc_id is None and other.doc_id not in (None, sent.doc_id)
 
 
 async def test_a_start_without_the_cluster_needs_a_spool_that_has_seen_it(
