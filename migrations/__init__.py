@@ -62,7 +62,8 @@ def upgrade(connection: Connection, target: str = "head", *, location: str = "")
     """
     config = alembic_config(connection)
     scripts = ScriptDirectory.from_config(config)
-    for revision in current_revisions(connection):
+    current = current_revisions(connection)
+    for revision in current:
         try:
             known = scripts.get_revision(revision)
         except CommandError:
@@ -74,14 +75,14 @@ def upgrade(connection: Connection, target: str = "head", *, location: str = "")
                 f"{scripts.get_current_head()!r}); it was probably written by a newer trackalert. "
                 f"Upgrade trackalert or point it at another file."
             )
-    current = current_revisions(connection)
     head = scripts.get_current_head()
-    if current and head not in current and target == "head":  # a new file migrates in no time
+    announced = bool(current) and head not in current and target == "head"  # a new file: instant
+    if announced:
         logger.info("event log %s: upgrading its schema from revision %s to %s (an index rebuilt "
                     "on a big log takes a while: about a minute for 10M events)",
                     location or "(database)", ", ".join(current), head)
     started = time.monotonic()
     command.upgrade(config, target)
-    if current and head not in current and target == "head":
+    if announced:
         logger.info("event log %s: schema upgraded in %.1f s", location or "(database)",
                     time.monotonic() - started)

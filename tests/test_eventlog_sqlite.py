@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import selectors
 import signal
 import sqlite3
@@ -165,11 +166,15 @@ def _make_revision_0001_file(path: Path) -> None:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
 
 
-async def test_old_file_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
+async def test_old_file_is_upgraded_and_keeps_its_data(tmp_path: Path, caplog) -> None:
     path = tmp_path / "old.db"
     _make_revision_0001_file(path)
     log = SQLiteEventLog(path, VirtualClock(start=1_700_000_010.0))
-    await log.open()
+    with caplog.at_level("INFO", logger="trackalert"):
+        await log.open()
+    head = migrations.head_revision()
+    assert f"upgrading its schema from revision 0001 to {head}" in caplog.text  # before, and
+    assert re.search(r"schema upgraded in \d+\.\d s", caplog.text)             # how long it took
     try:
         stored = await log.read(0, 10)
         assert [e.seq for e in stored] == [1, 2, 3]

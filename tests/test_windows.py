@@ -555,6 +555,13 @@ function recent_ts(flt, n)
   for _, r in ipairs(recentReports(flt, n)) do ts[#ts + 1] = string.format("%.0f", r.t) end
   return table.concat(ts, ",")
 end
+-- the same with `fields` (recent_columns: the recent rows up to 16, the login index beyond)
+local T = {{"t", "latitude", "longitude"}}
+function picked_ts(flt, n)
+  local ts = {{}}
+  for _, r in ipairs(recentReports(flt, n, T)) do ts[#ts + 1] = string.format("%.0f", r.t) end
+  return table.concat(ts, ",")
+end
 function report(lt)
   local fail = {{login=lt.login, success=false, window="1h"}}
   local line = table.concat({{string.format("%.0f", lt.t), lt.login,
@@ -564,6 +571,8 @@ function report(lt)
     countDistinct("login", {{pwhash=lt.pwhash, success=false, window="1d"}}),
     recent_ts({{login=lt.login, success=true, window="7d"}}, 5),
     recent_ts({{login=lt.login, success=true, window="30d"}}, 200),
+    picked_ts({{login=lt.login, success=true, window="7d"}}, 5),
+    picked_ts({{login=lt.login, success=true, window="30d"}}, 200),
     string.format("%.6f", lastSeen({{login=lt.login, success=true}}) or -1)}}, "|")
   local f = io.open("answers.txt", "a")
   f:write(line .. "\\n")
@@ -590,7 +599,7 @@ async def daemon_expected(path: Path) -> dict[str, str]:
             key = f"{t:.0f}"
             answers = [str(sql_answer(log, c, f, seq)) for c, f in calls]
             queries, as_of = log.queries(), AsOf(before_seq=seq)
-            for window, n in (("7d", 5), ("30d", 200)):
+            for window, n in (("7d", 5), ("30d", 200)) * 2:  # without fields, then with them
                 flt = parse_filter({"login": login, "success": True, "window": window}.items())
                 answers.append(",".join(f"{e.report.t:.0f}" for e in queries.recent_reports(flt, n, as_of)))
             seen = queries.last_seen(parse_filter({"login": login, "success": True}.items()), as_of)
