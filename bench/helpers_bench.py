@@ -45,6 +45,10 @@ from trackalert.lua.state import LuaState, StateKind  # noqa: E402
 DAY = 86400.0
 SPAN_DAYS = 200
 COUNTRIES = ["DE", "FR", "GB", "US", "NL", "SE", "ES", "IT", "PL", "RU"]
+#: A place in each of COUNTRIES (a capital's latitude and longitude): the prefill locates each
+#: report there, so that the place helpers (impossible_travel's) read real values.
+PLACES = [(52.5, 13.4), (48.9, 2.35), (51.5, -0.13), (38.9, -77.0), (52.4, 4.9), (59.3, 18.1),
+          (40.4, -3.7), (41.9, 12.5), (52.2, 21.0), (55.8, 37.6)]
 #: The helper indexes the prefill drops and builds again afterwards (their CREATE statements
 #: are read from the migrated file: the migrations are the one definition).
 INDEXES = ("ix_events_login", "ix_events_ip", "ix_events_pwhash_failed")
@@ -97,11 +101,13 @@ def prefill(path: Path, events: int, logins: int) -> float:
             remote = f"10.{a}.{b}.{c}" if home else f"172.{(seq >> 8) & 15 | 16}.{seq & 255}.{c}"
             ip = b"\x04" + (bytes((10, a, b, c)) if home else bytes((172, (seq >> 8) & 15 | 16, seq & 255, c)))
             success = seq % 5 != 0
-            country = COUNTRIES[who % 10] if home else COUNTRIES[seq % 10]
+            place = who % 10 if home else seq % 10
+            latitude, longitude = PLACES[place]
             received = base + seq * step
             yield (seq, received, received, login_name(who), remote, f"{seq % 4093:04x}", success,
                    False, "imap", True, "", "", "" if success else "credentials", None, None,
-                   device, extra, None, country, "", None, None, 64500 + who % 50, "", ip)
+                   device, extra, None, COUNTRIES[place], "", latitude, longitude,
+                   64500 + who % 50, "", ip)
 
     chunk = 500_000
     for first in range(1, events + 1, chunk):

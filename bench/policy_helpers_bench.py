@@ -61,12 +61,14 @@ SHAPES = [
     ("recentReports login+success 7d, 5", "impossible_travel",
      'return #recentReports({login=lt.login, success=true, window="7d"}, 5, '
      '{"t", "remote", "country", "city", "latitude", "longitude"})'),
-    ("recentReports login+success 30d, 16", "impossible_travel (habit, first)",
-     'return #recentReports({login=lt.login, success=true, window="30d"}, 16, '
-     '{"latitude", "longitude"})'),
-    ("recentReports login+success 30d, 200", "impossible_travel (habit, undecided)",
-     'return #recentReports({login=lt.login, success=true, window="30d"}, 200, '
-     '{"latitude", "longitude"})'),
+    ("countNear login+success 30d, 200", "impossible_travel (habit)",
+     'return countNear({login=lt.login, success=true, window="30d"}, 200, lt.latitude, '
+     'lt.longitude, 500, 3)'),
+    # the attacker's login: a place the account never used, as far east or west as 60 degrees of
+    # longitude (past the cheap latitude check, every row measured: the worst case)
+    ("countNear login+success 30d, 200, far", "impossible_travel (habit, not found)",
+     'return countNear({login=lt.login, success=true, window="30d"}, 200, lt.latitude, '
+     'lt.longitude > 0 and lt.longitude - 60 or lt.longitude + 60, 500, 3)'),
     ("countDistinct remote login+fail 1h", "account_attack",
      'return countDistinct("remote", {login=lt.login, success=false, window="1h"})'),
     ("countDistinct login remote+fail 1h", "password_spray",
@@ -91,17 +93,20 @@ def rss_mib() -> float:
 
 
 def events_near_end(path: Path, events: int, samples: int) -> list[tuple]:
-    """(seq, login, remote, /24, pwhash, country, browser) of random events in the last 10,000."""
+    """(seq, login, remote, /24, pwhash, country, browser, latitude, longitude) of random
+    events in the last 10,000 (a place the log lacks: 0, 0)."""
     rng = random.Random(1)
     conn = sqlite3.connect(path)
     out = []
     for _ in range(samples):
         seq = events - rng.randrange(10_000)
-        login, remote, pwhash, country, device = conn.execute(
+        login, remote, pwhash, country, device, latitude, longitude = conn.execute(
             "SELECT login, remote, pwhash, country, json_extract(device_attrs, "
-            "'$.\"browser.family\"') FROM events WHERE seq = ?", (seq,)).fetchone()
+            "'$.\"browser.family\"'), latitude, longitude FROM events WHERE seq = ?",
+            (seq,)).fetchone()
         network = str(ipaddress.ip_network(f"{remote}/24", strict=False))  # newNetmaskFromCA(lt.remote, 24)
-        out.append((seq, login, remote, network, pwhash, country or "", device or ""))
+        out.append((seq, login, remote, network, pwhash, country or "", device or "",
+                    latitude or 0.0, longitude or 0.0))
     conn.close()
     return out
 
@@ -120,9 +125,9 @@ def time_shapes(path: Path, events: int, samples: int, buffer: int) -> None:
             f"shapes[{i + 1}] = function(lt) {body} end" for i, (_, _, body) in enumerate(SHAPES)))
         shapes = [state.lua.globals().shapes[i + 1] for i in range(len(SHAPES))]
         make_lt = state.lua.eval(
-            "function(login, remote, netmask, pwhash, country, browser) return {login=login, "
-            "remote=remote, netmask=netmask, pwhash=pwhash, country=country, "
-            "device_attrs={['browser.family']=browser}} end")
+            "function(login, remote, netmask, pwhash, country, browser, latitude, longitude) "
+            "return {login=login, remote=remote, netmask=netmask, pwhash=pwhash, country=country, "
+            "device_attrs={['browser.family']=browser}, latitude=latitude, longitude=longitude} end")
         picks = events_near_end(path, events, samples)
         gc.collect()  # the collector tuned as the daemon tunes it (trackalert.gc_tuning)
         gc.freeze()
@@ -166,7 +171,7 @@ def load_recent_rows(path: Path, log: SQLiteEventLog, projection: WindowProjecti
     conn.close()
     queries = projection.queries(log.queries())
     as_of = AsOf(before_seq=event.seq, now=event.received)
-    for window, n in (("7d", 5), ("30d", 16)):  # the trip's previous successes, the habit's first
+    for window, n in (("7d", 5),):  # the trip's previous successes
         gc.collect()
         before = rss_mib()
         loads = []

@@ -98,6 +98,10 @@ COUNTED = list(FIELDS) + ["device_attrs.browser.family", "device_attrs.os.family
                           "remote/24", "remote/16", "remote/64", "remote/8", "remote/128"]
 
 
+#: countNear's points (latitude, longitude, km): around and between the history's places.
+NEAR = [(52.5, 13.4, 1.0), (50.0, 8.0, 500.0), (48.0, 5.0, 300.0), (0.0, 0.0, 20_000.0)]
+
+
 def random_filter(rng: random.Random) -> dict[str, Any]:
     keys = rng.sample(sorted(FILTER_VALUES), rng.choice([0, 1, 1, 2, 2, 3]))
     return {key: rng.choice(FILTER_VALUES[key]) for key in keys}
@@ -110,6 +114,8 @@ def answers(q: EventQueries, spec: dict[str, Any], fields: list[str], as_of: AsO
         "last": q.last_seen(flt, as_of), "recent": q.recent_reports(flt, 6, as_of),
         "rows": q.recent_rows(flt, 3, as_of),
         "places": q.recent_columns(flt, 5, as_of, (0, 16, 18, 19)),  # seq, country, lat, lon
+        "near": [q.count_near(flt, n, *point, enough, as_of)
+                 for n, enough in ((3, None), (200, None), (200, 2)) for point in NEAR],
     }
     for name in fields:
         field = parse_field(name)

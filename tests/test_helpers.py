@@ -13,8 +13,9 @@ from typing import Any, AsyncIterator
 import pytest
 
 from trackalert.clock import VirtualClock
-from trackalert.eventlog.base import REPORT_COLUMNS, Event
+from trackalert.eventlog.base import REPORT_COLUMNS, Event, EventQueries
 from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
+from trackalert.eventlog.places import distance_km
 from trackalert.eventlog.sqlite import SQLiteEventLog
 from trackalert.lua.convert import ARGS_MAX, call_with_tuple, tuple_runner
 from trackalert.lua.host import Host
@@ -176,6 +177,88 @@ async def test_count_distinct_and_top_values_agree_with_brute_force(filled, fiel
             assert queries.top_values(parse_field(field), flt, 3, as_of) == expected, spec
 
 
+#: (latitude, longitude, km) asked of countNear: Berlin and Paris (GEOS) inside, outside and
+#: exactly at the edge (a place at exactly `km` is not nearer than it: the same in SQL).
+NEAR_POINTS = [(52.5, 13.4, 1.0), (50.0, 8.0, 500.0), (50.0, 8.0, distance_km(48.9, 2.35, 50.0, 8.0)),
+               (50.0, 8.0, distance_km(52.5, 13.4, 50.0, 8.0)), (-33.9, 151.2, 20_000.0),
+               (48.9, 2.35, 0.0), (0.0, -179.9, 1e9)]
+
+
+def near_brute_force(events: list[Event], flt: Filter, n: int, as_of: AsOf,
+                     point: tuple[float, float, float], enough: int | None) -> int:
+    latitude, longitude, km = point
+    newest = list(reversed(visible(events, flt, as_of)))[:n]
+    found = sum(1 for e in newest if e.report.geo and e.report.geo.latitude is not None
+                and distance_km(e.report.geo.latitude, e.report.geo.longitude, latitude, longitude) < km)
+    return found if enough is None else min(found, enough)
+
+
+@pytest.mark.parametrize("spec", FILTERS, ids=lambda s: ",".join(sorted(s)) or "all")
+async def test_count_near_agrees_with_brute_force(filled, spec) -> None:
+    """SQLite's one aggregate, and the generic path of the other backends (and of an SQLite
+    without math functions), count what measuring the newest n matching events counts."""
+    log, events, clock = filled
+    queries = log.queries()
+    assert queries._has_math(queries._conn())  # else the aggregate below would not be tested
+    flt = parse_filter(spec.items())
+    for as_of in (AsOf(now=clock.time()), AsOf(before_seq=250), AsOf(before_seq=1)):
+        for n, enough in ((0, None), (1, None), (7, None), (200, None), (200, 3), (7, 1), (9, 0)):
+            for point in NEAR_POINTS:
+                expected = near_brute_force(events, flt, n, as_of, point, enough)
+                found = queries.count_near(flt, n, *point, enough, as_of)
+                assert found == expected, (as_of, n, point, enough)
+                assert EventQueries.count_near(queries, flt, n, *point, enough, as_of) == expected
+
+
+def test_the_sql_distance_is_pythons_to_the_last_bit(tmp_path: Path) -> None:
+    """NEAR_SQL is distance_km's operations in the same order: a place at exactly the distance
+    Python measures is not counted, one ulp further it is, for places all over the globe."""
+    import math
+    import sqlite3 as sqlite
+
+    from trackalert.eventlog.places import NEAR_SQL, near_params
+
+    rng = random.Random(3)
+    conn = sqlite.connect(tmp_path / "d.db")
+    for _ in range(2000):
+        lat1, lat2 = rng.uniform(-90, 90), rng.uniform(-90, 90)
+        lon1, lon2 = rng.uniform(-180, 180), rng.uniform(-180, 180)
+        km = distance_km(lat1, lon1, lat2, lon2)
+        for edge, counted in ((km, 0), (math.nextafter(km, math.inf), 1)):
+            found = conn.execute(f"SELECT count(*) FROM (SELECT ? AS latitude, ? AS longitude) "
+                                 f"WHERE {NEAR_SQL}", [lat1, lon1] + near_params(lat2, lon2, edge))
+            assert found.fetchone()[0] == counted, (lat1, lon1, lat2, lon2)
+
+
+def test_the_sql_checks_before_the_distance_never_leave_out_a_near_place(tmp_path: Path) -> None:
+    """NEAR_SQL's cheap checks (lower bounds of the distance) count exactly what the formula
+    alone counts, for places all over the globe, near the poles and across the date line."""
+    import sqlite3 as sqlite
+
+    from trackalert.eventlog.places import NEAR_SQL, near_params
+
+    rng = random.Random(4)
+    conn = sqlite.connect(tmp_path / "d.db")
+    checks = NEAR_SQL.count(" AND ")
+    assert checks == 2  # the two checks, then the formula: the last term
+    formula = NEAR_SQL.split(" AND ")[-1]
+    for _ in range(3000):
+        lat1, lon1 = rng.uniform(-90, 90), rng.uniform(-180, 180)
+        if rng.random() < 0.5:  # a place nearby (a neighbourhood of lat1, lon1)
+            lat2 = max(-90.0, min(90.0, lat1 + rng.uniform(-8, 8)))
+            lon2 = (lon1 + rng.uniform(-30, 30) + 180) % 360 - 180
+        else:
+            lat2, lon2 = rng.uniform(-90, 90), rng.uniform(-180, 180)
+        km = rng.choice([rng.uniform(0, 3000), rng.uniform(0, 21_000),
+                         distance_km(lat1, lon1, lat2, lon2) * rng.uniform(0.999, 1.001)])
+        row = "(SELECT ? AS latitude, ? AS longitude)"
+        both = conn.execute(f"SELECT count(*) FROM {row} WHERE {NEAR_SQL}",
+                            [lat1, lon1] + near_params(lat2, lon2, km)).fetchone()[0]
+        alone = conn.execute(f"SELECT count(*) FROM {row} WHERE {formula}",
+                             [lat1, lon1] + near_params(lat2, lon2, km)[-9:]).fetchone()[0]
+        assert both == alone == int(distance_km(lat1, lon1, lat2, lon2) < km), (lat1, lon1, lat2, lon2, km)
+
+
 async def test_a_report_never_sees_itself_or_later_events(filled) -> None:
     log, events, _ = filled
     queries = log.queries()
@@ -242,6 +325,29 @@ def test_helpers_from_lua(worker) -> None:
     assert state.execute("return countReports(), firstSeen({})") == (0,)
 
 
+def test_count_near_from_lua_inside_report_and_out(worker) -> None:
+    """As of lt inside report(lt), as of now outside: the answers of the queries."""
+    state, events, clock = worker
+    queries = state.host.eventlog.queries()
+    login = LOGINS[2]
+    mine = [e for e in events if e.report.login == login]
+    flt = parse_filter({"login": login, "success": True}.items())
+    state.as_of_seq = mine[-1].seq
+    as_of = AsOf(before_seq=mine[-1].seq)
+    inside = state.execute(f'return countNear({{login="{login}", success=true}}, 50, 50, 8, 700)')
+    assert inside == (queries.count_near(flt, 50, 50.0, 8.0, 700.0, None, as_of),)
+    assert inside[0] > 2  # something located was counted
+    assert state.execute(f'return countNear({{login="{login}", success=true}}, 50, 50, 8, 700, 2)') == (2,)
+    state.as_of_seq = None
+    now = AsOf(now=clock.time())
+    code = f'local f = {{login="{login}", success=true}}; return countNear(f, 50, 50, 8, 700)'
+    assert state.execute(code) == (queries.count_near(flt, 50, 50.0, 8.0, 700.0, None, now),)
+    assert state.execute(code.replace("50, 8, 700", "50, 8, 1")) == (0,)
+    # the slow path (another number of arguments) gives its own errors, with the same checks
+    with pytest.raises(LuaError, match="countNear"):
+        state.execute(code.replace("50, 8, 700", "50, 8, 700, 3, 4"))
+
+
 def test_recent_reports_carry_enrichment_and_attributes(worker) -> None:
     state, events, _ = worker
     newest_de = [e for e in events if e.report.geo and e.report.geo.country == "DE"][-1]
@@ -263,6 +369,14 @@ def test_recent_reports_carry_enrichment_and_attributes(worker) -> None:
     ('countDistinct("colour", {})', "unknown field 'colour'"),
     ('topValues("remote/20", {}, 3)', "multiple of 8"),
     ('recentReports({}, "ten")', "n must be a number"),
+    ('countNear({}, 10, 91, 0, 5)', "latitude must be from -90 to 90, got 91"),
+    ('countNear({}, 10, 0, "east", 5)', "longitude must be a number, got string"),
+    ('countNear({}, 10, 0, 0, -1)', "km must be from 0 to inf, got -1"),
+    ('countNear({}, 10, 0, 0)', "km must be a number, got nil"),
+    ('countNear({}, nil, 0, 0, 5)', "n must be a number, got nil"),
+    ('countNear({logn="x"}, 10, 0, 0, 5)', "unknown filter key 'logn'"),
+    ('countNear({}, 10, 0, 0, 5, "all")', "enough must be a number, got string"),
+    ('countNear({}, 10, 0, 0, 5, 3, 4)', "takes from 0 to 6 positional arguments but 7"),
 ])
 def test_bad_filters_raise_a_lua_error_naming_the_problem(worker, code, message) -> None:
     state, _, _ = worker
@@ -321,6 +435,23 @@ async def test_an_accounts_recent_places_never_read_the_table(filled) -> None:
     for fields in (("latitude", "longitude"), ("longitude",), ("seq", "country", "latitude")):
         assert "COVERING INDEX ix_events_login" in plan_of(fields), fields
     assert "COVERING" not in plan_of(("latitude", "city")) and "ix_events_login" in plan_of(("city",))
+
+
+async def test_count_near_never_reads_the_table(filled) -> None:
+    """countNear of an account (impossible_travel's habit) is one aggregate over ix_events_login."""
+    log, _, clock = filled
+    queries = log.queries()
+    conn = queries._conn()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        flt = parse_filter({"login": LOGINS[1], "success": True, "window": "30d"}.items())
+        queries.count_near(flt, 200, 52.5, 13.4, 500.0, 3, AsOf(now=clock.time()))
+    finally:
+        conn.set_trace_callback(None)
+    [aggregate] = [sql for sql in statements if "count(*)" in sql]
+    plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + aggregate))
+    assert "COVERING INDEX ix_events_login" in plan and "SCAN events" not in plan, plan
 
 
 async def test_time_to_seq_search_is_exact_with_gaps_and_any_previous_answer(filled) -> None:

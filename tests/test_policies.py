@@ -122,7 +122,8 @@ def stream() -> list[dict[str, Any]]:
     out.append(report("carol", "81.2.69.155", T0 + 11 * DAY + 7200 + 30240, True))
     # benign: heidi's habit is London, but her newest 16 successes are all from Linköping (a
     # project there); back in London an hour after the last one, 1,400 km at 1,400 km/h, her
-    # habit is found only beyond the first 16 she looks at (impossible_travel's FIRST_SAMPLE)
+    # habit is found only beyond her newest 16 (more than recentReports keeps in memory per
+    # login: countNear counts the newest 200 where they are stored)
     for day in range(3):
         out.append(report("heidi", "81.2.69.157", T0 + day * DAY, True))
     for half in range(18):

@@ -11,11 +11,8 @@ local policy = { name = "impossible_travel" }
 local opts = { max_speed_kmh = 1000, min_distance_km = 500, window = "7d",
                habit_window = "30d", habitual = 3 }
 local HABIT_SAMPLE = 200  -- the newest successes looked at to judge a place habitual
--- Looked at first: the newest few decide most accounts, and recentReports keeps 16 rows per
--- login in memory, while 200 are read from the log for many logins (eventlog/recent.py).
-local FIRST_SAMPLE = math.min(16, HABIT_SAMPLE)
--- The fields read of those reports: only they cross into Lua (recentReports' third argument).
-local PLACE = { "latitude", "longitude" }
+-- The fields read of the previous successes: only they cross into Lua (recentReports' third
+-- argument).
 local TRIP = { "t", "remote", "country", "city", "latitude", "longitude" }
 
 function policy.configure(options)
@@ -29,31 +26,15 @@ local function km(lat1, lon1, lat2, lon2)  -- great-circle distance (haversine)
   return 2 * 6371 * math.asin(math.min(1, math.sqrt(a)))
 end
 
--- How many of the account's newest `n` successes in habit_window are near lt's place (counting
--- stops at `habitual`), and how many successes were looked at.
-local function near_successes(lt, n)
-  local near = 0
-  local seen = recentReports({ login = lt.login, success = true, window = opts.habit_window }, n,
-                             PLACE)
-  for _, r in ipairs(seen) do
-    if r.latitude ~= nil
-       and km(r.latitude, r.longitude, lt.latitude, lt.longitude) < opts.min_distance_km then
-      near = near + 1
-      if near >= opts.habitual then break end
-    end
-  end
-  return near, #seen
-end
-
 -- True when at least `habitual` of the account's newest HABIT_SAMPLE successes in habit_window
--- are near lt's place. The newest FIRST_SAMPLE are asked first, with the same answer: they are
--- among the newest HABIT_SAMPLE, and when fewer came back there are no more to look at.
+-- were located within min_distance_km of lt's place (countNear measures them where they are
+-- stored, with the haversine formula of km() above, and stops at `habitual` found, instead of
+-- crossing 200 rows into Lua).
 local function habitual(lt)
   if opts.habitual <= 0 then return false end
-  local near, seen = near_successes(lt, FIRST_SAMPLE)
-  if near >= opts.habitual then return true end
-  if seen < FIRST_SAMPLE then return false end
-  near = near_successes(lt, HABIT_SAMPLE)
+  local near = countNear({ login = lt.login, success = true, window = opts.habit_window },
+                         HABIT_SAMPLE, lt.latitude, lt.longitude, opts.min_distance_km,
+                         opts.habitual)
   return near >= opts.habitual
 end
 

@@ -16,6 +16,7 @@ import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from trackalert.eventlog.places import count_near
 from trackalert.report import Report, fingerprint, parse_delivery_id
 
 if TYPE_CHECKING:
@@ -154,6 +155,10 @@ REPORT_COLUMNS = ("seq", "received", "t", "remote", "login", "pwhash", "success"
                   "device_attrs", "country", "city", "latitude", "longitude", "asn", "isp")
 
 
+#: The columns of a place, latitude and longitude.
+_PLACE_COLUMNS = (REPORT_COLUMNS.index("latitude"), REPORT_COLUMNS.index("longitude"))
+
+
 def columns_picker(columns: tuple[int, ...]) -> Callable[[tuple], tuple]:
     """A function taking the values at `columns` of a row, as a tuple (one column too)."""
     if len(columns) == 1:
@@ -227,6 +232,14 @@ class EventQueries(abc.ABC):
         a backend may read just those (SQLite's login index holds the places: no table read)."""
         pick = columns_picker(columns)
         return [pick(row) for row in self.recent_rows(flt, n, as_of)]
+
+    def count_near(self, flt: "Filter", n: int, latitude: float, longitude: float, km: float,
+                   enough: int | None, as_of: "AsOf") -> int:
+        """How many of the newest `n` matching events were located closer than `km` to the
+        point, counting up to `enough` (countNear); a backend may count where it reads (SQLite
+        does, in one query)."""
+        return count_near(self.recent_columns(flt, n, as_of, _PLACE_COLUMNS),
+                          latitude, longitude, km, enough)
 
     def close(self) -> None:
         """Release connections (called by the event log's close)."""

@@ -25,6 +25,7 @@ from typing import Any
 from trackalert.eventlog.base import REPORT_COLUMNS, Event, EventQueries
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.ipkey import V4, ip_key, network_range, prefix_text
+from trackalert.eventlog.places import NEAR_SQL, near_params
 from trackalert.eventlog.rows import decode_row
 
 BUSY_TIMEOUT_MS = 5000
@@ -121,6 +122,39 @@ class SQLiteQueries(EventQueries):
     def recent_columns(self, flt: Filter, n: int, as_of: AsOf,
                        columns: tuple[int, ...]) -> list[tuple]:
         return self._recent(", ".join(REPORT_COLUMNS[i] for i in columns), flt, n, as_of)
+
+    def count_near(self, flt: Filter, n: int, latitude: float, longitude: float, km: float,
+                   enough: int | None, as_of: AsOf) -> int:
+        """One aggregate over the newest n rows (an account's places are in its login index),
+        which stops reading at `enough` (an account's home is in its first few rows); an SQLite
+        built without its math functions counts the rows here instead."""
+        conn = self._conn()
+        if not self._has_math(conn):
+            return super().count_near(flt, n, latitude, longitude, km, enough, as_of)
+        source, where, params = self._where(conn, flt, as_of)
+        if where is None or n <= 0 or (enough is not None and enough <= 0):
+            return 0
+        rows = (f"SELECT latitude, longitude FROM {source} WHERE {where} "
+                f"ORDER BY seq DESC LIMIT ?")
+        params += [n] + near_params(latitude, longitude, km)
+        if enough is None:
+            sql = f"SELECT count(*) FROM ({rows}) WHERE {NEAR_SQL}"
+        else:
+            sql = f"SELECT count(*) FROM (SELECT 1 FROM ({rows}) WHERE {NEAR_SQL} LIMIT ?)"
+            params.append(enough)
+        return conn.execute(sql, params).fetchone()[0]
+
+    def _has_math(self, conn: sqlite3.Connection) -> bool:
+        """Whether this SQLite has sin() and the rest (SQLITE_ENABLE_MATH_FUNCTIONS, 3.35+)."""
+        known = getattr(self._local, "math", None)
+        if known is None:
+            try:
+                conn.execute("SELECT asin(sqrt(pow(sin(0.5), 2))) * cos(0.5)").fetchone()
+                known = True
+            except sqlite3.OperationalError:
+                known = False
+            self._local.math = known
+        return known
 
     def _recent(self, columns: str, flt: Filter, n: int, as_of: AsOf) -> list[tuple]:
         conn = self._conn()

@@ -1037,6 +1037,15 @@ class ProjectedQueries(EventQueries):
         return self.sql.recent_columns(as_filter(flt), n, as_of, columns)
 
 
+    def count_near(self, flt: Filter | BoundFilter, n: int, latitude: float, longitude: float,
+                   km: float, enough: int | None, as_of: AsOf) -> int:
+        """Always the backend's: SQLite counts in the login index, faster than rows from memory
+        would cross (and the habit sample of 200 is more than the recent rows keep)."""
+        if as_of.before_seq is not None and as_of.before_seq == self._projection.judging:
+            self._projection.calls["countNear", "sql"] += 1
+        return self.sql.count_near(as_filter(flt), n, latitude, longitude, km, enough, as_of)
+
+
 def _newest_received(rows: list[Row]) -> float | None:
     return rows[0][RECEIVED] if rows else None
 

@@ -108,8 +108,8 @@ V.flat = flat
 
 -- A helper taking a filter: called with exactly `arity` arguments, the filter (argument `at`)
 -- crosses flat, after the other arguments: fast(others..., flat(filter)); any other call goes
--- to `impl` as it was made (its own errors, word for word). Arity 3 with the filter first
--- also takes two arguments (the third, optional, crosses as nil).
+-- to `impl` as it was made (its own errors, word for word). Arities 3 and 6 with the filter
+-- first also take one argument less (the last, optional, crosses as nil).
 function V.wrap_flat(impl, fast, name, arity, at)
   local slow = V.wrap(impl, name)
   if arity == 1 then
@@ -129,6 +129,13 @@ function V.wrap_flat(impl, fast, name, arity, at)
       if count ~= 2 and count ~= 3 then return slow(...) end
       local f, b, c = ...
       return finish(name, pcall(fast, b, c, flat(f)))
+    end
+  elseif arity == 6 and at == 1 then  -- (filter, b, c, d, e [, g]): the last may be left out
+    return function(...)
+      local count = select("#", ...)
+      if count ~= 5 and count ~= 6 then return slow(...) end
+      local f, b, c, d, e, g = ...
+      return finish(name, pcall(fast, b, c, d, e, g, flat(f)))
     end
   elseif arity == 2 then
     return function(...)
