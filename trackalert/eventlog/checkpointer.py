@@ -43,8 +43,9 @@ BACKSTOP_PAGES = 16384
 #: longer WAL folds repeated writes of the same page (index pages) into one copy. But on a big
 #: log the pages a pass copies are scattered (random-key indexes), and every commit's WAL fsync
 #: waits behind the file's: passes every 0.25 s gave p99 104 ms at 5M events, every 0.1 s
-#: 52 ms at the same rate (bench/compare.py, 4 Dec 2026; see README).
-MIN_INTERVAL = 0.1
+#: 48-52 ms, every 0.05 s 36-39 ms, at about the same rate (bench/compare.py, 4 Dec 2026; see
+#: README).
+MIN_INTERVAL = 0.05
 #: A pass at most this long hands the rest to the writer (about two commits' time: what the
 #: writer then copies is what a pass this short let accumulate).
 HANDOFF_S = 0.015
