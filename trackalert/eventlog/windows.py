@@ -1036,7 +1036,6 @@ class ProjectedQueries(EventQueries):
             self._projection.calls["recentReports", "sql"] += 1  # as the recent rows count it
         return self.sql.recent_columns(as_filter(flt), n, as_of, columns)
 
-
     def count_near(self, flt: Filter | BoundFilter, n: int, latitude: float, longitude: float,
                    km: float, enough: int | None, as_of: AsOf) -> int:
         """Always the backend's: SQLite counts in the login index, faster than rows from memory
