@@ -45,6 +45,9 @@ REMOTES = ["192.0.2.1", "192.0.2.77", "192.0.3.5", "198.51.100.5", "198.51.100.6
 GEOS = [None, Enrichment("DE", "Berlin", 52.5, 13.4, 3320, "DTAG"),
         Enrichment("FR", "Paris", 48.9, 2.35, 3215, "Orange"), Enrichment("", "", None, None, None, "")]
 BROWSERS = ["Chrome", "Firefox", None]
+#: Addresses the test City DB locates: London, Boxford (~90 km from it) and Linköping.
+LONDON_AND_AWAY = ("81.2.69.160", "2.125.160.216", "89.160.20.112")
+GEOIP_CITY = Path(__file__).resolve().parent / "data" / "geoip" / "GeoIP2-City-Test.mmdb"
 
 
 def history(rng: random.Random, n: int) -> list[tuple[float, Report]]:
@@ -573,7 +576,10 @@ function report(lt)
     recent_ts({{login=lt.login, success=true, window="30d"}}, 200),
     picked_ts({{login=lt.login, success=true, window="7d"}}, 5),
     picked_ts({{login=lt.login, success=true, window="30d"}}, 200),
-    string.format("%.6f", lastSeen({{login=lt.login, success=true}}) or -1)}}, "|")
+    string.format("%.6f", lastSeen({{login=lt.login, success=true}}) or -1),
+    -- successes near London (located only where the config enriches), all and up to 2
+    countNear({{login=lt.login, success=true, window="30d"}}, 200, 51.5, -0.1, 500),
+    countNear({{login=lt.login, success=true, window="30d"}}, 200, 51.5, -0.1, 500, 2)}}, "|")
   local f = io.open("answers.txt", "a")
   f:write(line .. "\\n")
   f:close()
@@ -604,6 +610,9 @@ async def daemon_expected(path: Path) -> dict[str, str]:
                 answers.append(",".join(f"{e.report.t:.0f}" for e in queries.recent_reports(flt, n, as_of)))
             seen = queries.last_seen(parse_filter({"login": login, "success": True}.items()), as_of)
             answers.append(f"{-1 if seen is None else seen:.6f}")
+            near = parse_filter({"login": login, "success": True, "window": "30d"}.items())
+            answers += [str(queries.count_near(near, 200, 51.5, -0.1, 500.0, enough, as_of))
+                        for enough in (None, 2)]
             out[key] = "|".join([key, login] + answers)
     finally:
         await log.close()
@@ -711,13 +720,17 @@ async def test_under_concurrent_load_with_web_processes_every_answer_is_sqls(tmp
     from test_lua_values import metric, post_all
 
     rng = random.Random(9)
+    located = REMOTES + list(LONDON_AND_AWAY)  # the test City DB's: two near London, one not
     sent = [{"login": rng.choice(["alice", "bob", "carol", "dave", "erin"]), "t": 3_000_000 + i,
-             "remote": rng.choice(REMOTES), "pwhash": rng.choice(["aa", "bb", "cc"]),
+             "remote": rng.choice(located), "pwhash": rng.choice(["aa", "bb", "cc"]),
              "success": rng.random() < 0.3, "protocol": "imap",
              "attrs": {"n": str(i), "client": rng.choice(["x", "y"])},
              "device_attrs": {"browser.family": rng.choice(["Firefox", "Chrome"]), "i": str(i)}}
             for i in range(3000)]
-    config = DAEMON_POLICY + "setNumWebProcesses(2)\n"
+    config = DAEMON_POLICY + f"""setNumWebProcesses(2)
+newGeoIP2DB("City", "{GEOIP_CITY}")
+setEnrichment({{city="City"}})
+"""
     db = tmp_path / "trackalert-events.db"
     with DaemonProcess(tmp_path, config) as process:
         statuses = await post_all(process.url("/command/report"), sent, connections=64)
@@ -735,6 +748,9 @@ async def test_under_concurrent_load_with_web_processes_every_answer_is_sqls(tmp
     recent = metric(scraped, name, 'helper="recentReports",source="projection"')
     assert recent > len(sent), "the recent rows (16 and 200 per key) answered, not only SQL"
     assert metric(scraped, name, 'helper="lastSeen",source="projection"') > 0
+    assert metric(scraped, name, 'helper="countNear",source="sql"') >= len(sent) * 2
+    near = [line.split("|")[-2:] for lines in answer_lines(tmp_path).values() for line in lines]
+    assert any(int(every) > 2 and int(two) == 2 for every, two in near), "places were counted"
     with sqlite3.connect(db) as conn:
         stored = conn.execute("SELECT t, login, remote, attrs, device_attrs FROM events").fetchall()
     assert len(stored) == len(sent), "each report stored once"

@@ -61,9 +61,9 @@ def count_near(places: Iterable[tuple], latitude: float, longitude: float, km: f
                enough: int | None = None) -> int:
     """How many (latitude, longitude) pairs are located (neither None) closer than `km`;
     counting stops at `enough`."""
-    found = 0
     if enough is not None and enough <= 0:
         return 0
+    found = 0
     for lat, lon in places:
         if lat is not None and lon is not None and distance_km(lat, lon, latitude, longitude) < km:
             found += 1
