@@ -199,9 +199,13 @@ async def test_every_shape_equals_sql_at_every_event(log, seed: int) -> None:
             assert projection_answer(projection, counted, flt, event.seq) == expected, (
                 event.seq, counted, flt)
             # as a helper called from Lua asks: the filter bound to the plan of its keys
-            bound = bind_pairs(tuple(item for pair in pairs.items() for item in pair))
+            flat = tuple(item for pair in pairs.items() for item in pair)
+            bound = bind_pairs(flat)
             assert type(bound) is BoundFilter
             assert projection_answer(projection, counted, bound, event.seq) == expected
+            # and as the count helpers ask it first, from the flat pairs themselves
+            helper = "countReports" if counted is None else "countDistinct"
+            assert projection.count_pairs(helper, flat, counted, event.seq) == expected
             if counted is not None and counted.kind == "column" and counted.name != "remote":
                 as_of = AsOf(before_seq=event.seq)
                 n = rng.choice([1, 2, 3, 50])
@@ -214,6 +218,47 @@ async def test_every_shape_equals_sql_at_every_event(log, seed: int) -> None:
     assert compared == 16 * len(events) and tops > len(events)
     sizes = projection.describe()["shapes"]
     assert len(sizes) == 19 and any(s["distinct_pairs"] for s in sizes)
+
+
+async def test_the_flat_pairs_path_leaves_to_the_general_path_what_it_does_not_answer(log) -> None:
+    """count_pairs answers only what `answer` answers from a shape (None otherwise: the general
+    path then counts, registers or queries), and refuses a bad value as binding the pairs does."""
+    eventlog, clock = log
+    events = await fill(eventlog, clock, random.Random(3), 200)
+    projection = WindowProjection(eventlog)
+    projection.start_at(0)
+    mine = ("login", events[0].report.login, "success", True, "window", 180 * DAY)
+    assert projection.register(parse_filter(zip(mine[::2], mine[1::2])))
+    assert projection.wait_built(30)
+    for event in events[:-1]:
+        projection.begin(event)
+        projection.finish(event)
+    event = events[-1]
+    projection.begin(event)
+    login = parse_field("login")
+    expected = sql_answer(eventlog, None, parse_filter(zip(mine[::2], mine[1::2])), event.seq)
+    assert projection.count_pairs("countReports", mine, None, event.seq) == expected
+    calls = dict(projection.calls)
+    left = [
+        ("countReports", mine, None, event.seq - 1),  # not the report being judged
+        ("countReports", mine[:4], None, event.seq),  # no window
+        ("countReports", mine + ("since", START), None, event.seq),
+        ("countReports", mine + ("until", START + DAY), None, event.seq),
+        ("countReports", ("login", "x", "nonsense", 1, "window", HOUR), None, event.seq),
+        ("countDistinct", mine, parse_field("city"), event.seq),  # no shape counts cities
+        ("countDistinct", mine, login, event.seq),  # covered, not registered
+        ("countReports", mine[:2] + ("success", False) + mine[4:], None, event.seq),
+    ]
+    for helper, pairs, counted, seq in left:
+        assert projection.count_pairs(helper, pairs, counted, seq) is None, pairs
+    assert dict(projection.calls) == calls  # nothing counted: the general path counts them
+    bad = ("login", "x", "success", "yes", "window", HOUR)
+    with pytest.raises(Exception) as general:
+        bind_pairs(bad)
+    with pytest.raises(type(general.value), match=re.escape(str(general.value))):
+        projection.count_pairs("countReports", bad, None, event.seq)
+    projection.finish(event)
+    projection.close()
 
 
 async def test_a_shape_registered_mid_stream_equals_sql_once_on(log) -> None:

@@ -26,7 +26,7 @@ class FilterPlan:
     """The parse of every filter whose keys are `keys`, in this order."""
 
     __slots__ = ("keys", "_converters", "_attributes", "_maps", "_positions", "_key_parts",
-                 "_specs", "_windowing")
+                 "_specs", "windowing_at")
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         parts = [key_converter(key) for key in keys]  # an unknown key raises FilterError
@@ -51,13 +51,17 @@ class FilterPlan:
         #: the key specs, unless a netmask's (its family and bits) depends on its value
         self._specs = None if "netmask" in self._positions else tuple(spec for spec, _, _ in parts_of)
         #: where success, window, since and until are (-1: not a key): read on every bind
-        self._windowing = tuple(self._positions.get(attribute, -1)
+        self.windowing_at = tuple(self._positions.get(attribute, -1)
                                 for attribute in ("success", "window", "since", "until"))
 
     def bind(self, values: tuple) -> "BoundFilter":
         """This call's filter; the first value its key refuses raises FilterError, as
         parse_filter would for these pairs."""
         return BoundFilter(self, [convert(value) for convert, value in zip(self._converters, values)])
+
+    def parse(self, values: tuple) -> list:
+        """`bind`'s parsed values alone (the same checks, the same first error)."""
+        return [convert(value) for convert, value in zip(self._converters, values)]
 
     def build(self, parsed: list) -> Filter:
         fields = {attribute: parsed[i] for i, attribute in self._attributes}
@@ -98,7 +102,7 @@ class BoundFilter:
 
     def __init__(self, plan: FilterPlan, parsed: list) -> None:
         self.plan, self.parsed = plan, parsed
-        success, window, since, until = plan._windowing
+        success, window, since, until = plan.windowing_at
         self.success = None if success < 0 else parsed[success]
         self.window = None if window < 0 else parsed[window]
         self.since = None if since < 0 else parsed[since]
@@ -122,20 +126,28 @@ class BoundFilter:
 _plans: dict[tuple, FilterPlan] = {}
 
 
-def bind_pairs(flat: tuple) -> BoundFilter | Filter:
-    """The filter of flat (key, value, ...) pairs: bound to the plan of its keys (made on first
-    use), or, when its keys make no plan (an unknown key), parse_filter's own answer: the
-    error it raises for the first bad pair in order."""
-    keys = flat[::2]
+def plan_of(keys: tuple) -> FilterPlan | None:
+    """The plan of filters with these keys (made on first use), None when a key is unknown."""
     plan = _plans.get(keys)
     if plan is None:
         try:
             plan = FilterPlan(keys)
         except FilterError:
-            return parse_filter(zip(keys, flat[1::2]))
+            return None
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
         _plans[keys] = plan
+    return plan
+
+
+def bind_pairs(flat: tuple) -> BoundFilter | Filter:
+    """The filter of flat (key, value, ...) pairs: bound to the plan of its keys (made on first
+    use), or, when its keys make no plan (an unknown key), parse_filter's own answer: the
+    error it raises for the first bad pair in order."""
+    keys = flat[::2]
+    plan = _plans.get(keys) or plan_of(keys)
+    if plan is None:
+        return parse_filter(zip(keys, flat[1::2]))
     return plan.bind(flat[1::2])
 
 

@@ -108,8 +108,9 @@ def spec_column(spec: str) -> int:
     return DEVICE_ATTRS if spec.startswith("d:") else ATTRS
 
 
-def _extractor(spec: str) -> Callable[[Row], Any]:
-    """The value of one key spec in a row (None: the event cannot match that key)."""
+def spec_extractor(spec: str) -> Callable[[Row], Any]:
+    """The value of one key spec in a row (None: the event cannot match that key): one part
+    of `key_function`'s tuple."""
     index = _column(spec)
     if index is not None:
         return operator.itemgetter(index)
@@ -154,7 +155,7 @@ def key_function(specs: tuple[str, ...]) -> Callable[[Row], tuple | None]:
             values = get(row)
             return None if None in values else values
         return several
-    parts = [_extractor(spec) for spec in specs]
+    parts = [spec_extractor(spec) for spec in specs]
 
     def computed(row: Row) -> tuple | None:
         values = tuple([part(row) for part in parts])

@@ -64,12 +64,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from trackalert.eventlog.base import FIELDS_ROW, Event, EventLog, EventQueries, columns_picker
-from trackalert.eventlog.bound import BoundFilter, as_filter
+from trackalert.eventlog.bound import BoundFilter, as_filter, plan_of
 from trackalert.eventlog.filters import AsOf, Field, Filter
 from trackalert.eventlog.foreign import FeedOverflow, ForeignFeed
 from trackalert.eventlog.keys import (ASN, COUNTRY, IP, LOGIN, PROTOCOL, PWHASH, RECEIVED, SEQ,
                                       SUCCESS, Row, equality_keys, event_fields, key_function,
-                                      spec_column)
+                                      spec_column, spec_extractor)
 from trackalert.eventlog import snapshot
 from trackalert.eventlog.recent import BOUND, NOT_ANSWERED, Answer, RecentProjection
 
@@ -160,8 +160,8 @@ class Shape:
             if key is not None:
                 yield key, row
 
-    # add_all/remove_all are add/remove over many rows, inlined: a call per row made the
-    # builds of 10M events ~35 % slower (bench/policy_helpers_bench.py)
+    # add_all/remove_all count many rows in one loop: a call per row made the builds of 10M
+    # events ~35 % slower (bench/policy_helpers_bench.py)
     def add_all(self, rows: Iterable[Row]) -> None:
         counts, value_of = self.counts, self._value
         if value_of is None:
@@ -201,52 +201,9 @@ class Shape:
             else:
                 del counts[key]
 
-    def add(self, row: Row) -> None:
-        """Count one row of this shape's `success` (the caller checked it)."""
-        key = self._key(row)
-        if key is None:
-            return
-        counts = self.counts
-        if self._value is None:
-            counts[key] = counts.get(key, 0) + 1
-            return
-        value = self._value(row)
-        if value is None:  # count(DISTINCT x) ignores NULL
-            return
-        seen = counts.get(key)
-        if seen is None:
-            counts[key] = {value: 1}
-        else:
-            seen[value] = seen.get(value, 0) + 1
-
-    def remove(self, row: Row) -> None:
-        """Uncount one row `add` counted."""
-        key = self._key(row)
-        if key is None:
-            return
-        counts = self.counts
-        if self._value is None:
-            left = counts[key] - 1
-            if left:
-                counts[key] = left
-            else:
-                del counts[key]
-            return
-        value = self._value(row)
-        if value is None:
-            return
-        seen = counts[key]
-        left = seen[value] - 1
-        if left:
-            seen[value] = left
-        elif len(seen) > 1:
-            del seen[value]
-        else:
-            del counts[key]
-
     def add_group(self, row: Row, n: int) -> None:
         """Count `n` events equal to `row` in every column this shape reads (a group of
-        `EventLog.count_fields`): what `n` calls of `add` would do."""
+        `EventLog.count_fields`): what `add_all` of `n` such rows would do."""
         if self.success is not None and row[SUCCESS] != self.success:
             return
         key = self._key(row)
@@ -286,6 +243,56 @@ class Shape:
         if self._value is None:
             return len(self.counts), 0
         return len(self.counts), sum(len(seen) for seen in self.counts.values())
+
+
+def head_adder(shapes: list[Shape]) -> Callable[[Row], None]:
+    """`add` of one row to every shape of `shapes`, in one function: each key spec's value is
+    read from the row once for all of them (a failed login's /24 network keys four shapes), and
+    no call is made per shape. The head runs it on every event judged; what it counts is
+    exactly what `Shape.add_all` counts (the builds' path), a key with a NULL part counting
+    nothing.
+    """
+    specs = list(dict.fromkeys(spec for shape in shapes for spec in shape.id[0]))
+    extractors = [spec_extractor(spec) for spec in specs]
+    plan = []
+    for shape in shapes:
+        at = [specs.index(spec) for spec in shape.id[0]]
+        if not at:
+            get = None
+        elif len(at) == 1:
+            get = operator.itemgetter(at[0])
+        else:
+            get = operator.itemgetter(*at)
+        plan.append((shape, get, len(at) == 1, shape._value))
+
+    def add(row: Row) -> None:
+        values = [extract(row) for extract in extractors]
+        for shape, get, single, value_of in plan:
+            if get is None:
+                key: Any = ()
+            elif single:
+                key = get(values)
+                if key is None:
+                    continue
+                key = (key,)
+            else:
+                key = get(values)
+                if None in key:
+                    continue
+            counts = shape.counts
+            if value_of is None:
+                counts[key] = counts.get(key, 0) + 1
+                continue
+            value = value_of(row)
+            if value is None:  # count(DISTINCT x) ignores NULL
+                continue
+            seen = counts.get(key)
+            if seen is None:
+                counts[key] = {value: 1}
+            else:
+                seen[value] = seen.get(value, 0) + 1
+
+    return add
 
 
 # ------------------------------------------------------------------------ reading the log
@@ -331,6 +338,11 @@ class Cursor:
     def take_before(self, threshold: float, upto: int) -> list[Row]:
         """`take_while_before`'s rows in one list, for the runner's tails: a few rows per event,
         so a short scan finds them (bisection only for longer runs)."""
+        rows, start = self._rows, self._next
+        if start < len(rows):  # most events expire nothing: one look at the next row
+            row = rows[start]
+            if row[RECEIVED] >= threshold or row[SEQ] > upto:
+                return []
         taken: list[Row] = []
         while self.after < upto and self._ready():
             rows, start = self._rows, self._next
@@ -415,9 +427,9 @@ class WindowProjection:
         #: seq of the event whose report is running (helpers answer only for it), or None
         self.judging: int | None = None
         self._windows: dict[float, _Window] = {}
-        #: success -> the `add` of every shape counting events of it, made on first use and
-        #: emptied when a shape goes on or off: the head's loop, per event
-        self._adders: dict[Any, list[Callable[[Row], None]]] = {}
+        #: success -> head_adder of every shape counting events of it, made on first use and
+        #: emptied when a shape goes on or off: the head's work, per event
+        self._adders: dict[Any, Callable[[Row], None]] = {}
         self._active: dict[ShapeId, Shape] = {}
         self._pending: dict[ShapeId, None] = {}
         self._building: set[ShapeId] = set()
@@ -587,11 +599,10 @@ class WindowProjection:
         the recent shapes hold)."""
         row = event_fields(event)
         success = row[SUCCESS]
-        adders = self._adders.get(success)
-        if adders is None:
-            adders = self._adders[success] = self._shape_adders(success)
-        for add in adders:
-            add(row)
+        add = self._adders.get(success)
+        if add is None:
+            add = self._adders[success] = self._shape_adders(success)
+        add(row)
         if self.recent.shapes:
             self.recent.add(event, row, late)
 
@@ -620,10 +631,10 @@ class WindowProjection:
         self.position = event.seq
         self._at = (event.seq, event.received)
 
-    def _shape_adders(self, success: Any) -> list[Callable[[Row], None]]:
-        """The `add` of the shapes an event of `success` counts in, in window and shape order."""
-        return [shape.add for window in self._windows.values() for shape in window.shapes
-                if shape.success is None or shape.success == success]
+    def _shape_adders(self, success: Any) -> Callable[[Row], None]:
+        """head_adder of the shapes an event of `success` counts in, in window and shape order."""
+        return head_adder([shape for window in self._windows.values() for shape in window.shapes
+                           if shape.success is None or shape.success == success])
 
     def check_retention(self) -> None:
         """Drop windows that count events the log no longer holds, and tell the recent rows
@@ -646,6 +657,34 @@ class WindowProjection:
         """The projection's answer, or None when SQL must answer (counted in `calls`)."""
         found = self._shape(helper, flt, counted, as_of)
         return None if found is None else found[0].answer(found[1])
+
+    def count_pairs(self, helper: str, pairs: tuple, counted: Field | None, before_seq: int) -> int | None:
+        """`answer` for a filter of flat (key, value, ...) pairs as of `before_seq`, without
+        building its BoundFilter: the count helpers' common call, made on every report. None
+        when the general path must answer (it then does all that `answer` does: not the report
+        being judged, keys that make no plan, a filter no shape covers, a shape not on yet,
+        a lagging window); a value its key refuses raises the FilterError that path raises."""
+        if before_seq != self.judging:
+            return None
+        plan = plan_of(pairs[::2])
+        if plan is None:
+            return None
+        parsed = plan.parse(pairs[1::2])
+        success_at, window_at, since_at, until_at = plan.windowing_at
+        window = parsed[window_at] if window_at >= 0 else None
+        if window is None or (since_at >= 0 and parsed[since_at] is not None) \
+                or (until_at >= 0 and parsed[until_at] is not None):
+            return None
+        success = parsed[success_at] if success_at >= 0 else None
+        if counted is not None and counted.name not in _COUNTED_COLUMNS and counted.kind != "prefix":
+            return None
+        specs, values = plan.equality(parsed)
+        shape_id = (specs, success, window, None if counted is None else counted.name)
+        shape = self._active.get(shape_id)
+        if shape is None or (self._lagging and shape_id[2] in self._lagging):
+            return None
+        self.calls[helper, "projection"] += 1
+        return shape.answer(values)
 
     def top(self, flt: Filter | BoundFilter, counted: Field, n: int,
             as_of: AsOf) -> list[tuple[Any, int]] | None:

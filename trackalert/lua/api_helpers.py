@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from trackalert.eventlog.bound import BoundFilter, as_filter, bind_pairs
-from trackalert.eventlog.filters import AsOf, Filter, FilterError, parse_field, parse_filter
+from trackalert.eventlog.filters import AsOf, Field, Filter, FilterError, parse_field, parse_filter
 from trackalert.eventlog.windows import running_projection
 from trackalert.lua.convert import (ANSWERS, LT_TIME, counted_table, describe, field_plan, is_table,
                                     picked_tables, report_tables)
@@ -124,6 +124,40 @@ def _answered(state: "LuaState", helper: str, at: int, ask: Callable[..., int]) 
     return answered
 
 
+def _projected_count(state: "LuaState", helper: str, counted: "Field | None", flat: tuple) -> int | None:
+    """The window projection's answer to a count helper whose filter crossed as plain pairs,
+    inside the runner's report call; None when the general path must answer (it asks the
+    projection itself, then SQL). The same answer, without the general path's filter object."""
+    if flat[0] is not True or state.as_of_seq is None:
+        return None
+    projection = running_projection()
+    if projection is None:
+        return None
+    return projection.count_pairs(helper, flat[1:], counted, state.as_of_seq)
+
+
+#: countDistinct's fields by name, None for a name that is not one (the general path then
+#: raises its error, after the filter's own): parsed once, not on every call.
+_fields: dict[str, "Field | None"] = {}
+
+
+def _known_field(name: Any) -> "Field | None":
+    if type(name) is not str:
+        return None
+    try:
+        return _fields[name]
+    except KeyError:
+        pass
+    try:
+        field: Field | None = parse_field(name)
+    except FilterError:
+        field = None
+    if len(_fields) >= 1024:  # names built from data: bounded
+        _fields.clear()
+    _fields[name] = field
+    return field
+
+
 def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"{what} must be a number, got {describe(value)}")
@@ -144,8 +178,11 @@ def _count_reports(state: "LuaState") -> Callable[[Any], int]:
     def count_reports(flt: Any = None) -> int:
         return ask(_filter(state, flt))
 
-    return _with_flat(count_reports,
-                      _answered(state, "countReports", 0, lambda *flat: ask(_flat_filter(state, flat))))
+    def count_reports_flat(*flat: Any) -> int:
+        found = _projected_count(state, "countReports", None, flat)
+        return ask(_flat_filter(state, flat)) if found is None else found
+
+    return _with_flat(count_reports, _answered(state, "countReports", 0, count_reports_flat))
 
 
 @lua_global(
@@ -165,9 +202,12 @@ def _count_distinct(state: "LuaState") -> Callable[[Any, Any], int]:
     def count_distinct(field: Any, flt: Any = None) -> int:
         return ask(field, _filter(state, flt))
 
-    return _with_flat(count_distinct,
-                      _answered(state, "countDistinct", 1,
-                                lambda field, *flat: ask(field, _flat_filter(state, flat))))
+    def count_distinct_flat(field: Any, *flat: Any) -> int:
+        counted = _known_field(field)
+        found = None if counted is None else _projected_count(state, "countDistinct", counted, flat)
+        return ask(field, _flat_filter(state, flat)) if found is None else found
+
+    return _with_flat(count_distinct, _answered(state, "countDistinct", 1, count_distinct_flat))
 
 
 @lua_global(
