@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import lupa.luajit21 as luajit
 
-from trackalert.eventlog.base import REPORT_COLUMNS
+from trackalert.eventlog.base import REPORT_COLUMNS, columns_picker
 from trackalert.eventlog.rows import StoredEvent
 from trackalert.lua.values import CHUNK_NAME, address_fields, guarded
 
@@ -127,16 +126,18 @@ function E.run_row(fn, ip, port, hex, version, mapped, t, login, pwhash, success
                               latitude, longitude, asn, isp or ""))
 end
 
--- recentReports' tables of just the fields `names` (an array): `count` rows of #names values,
--- made Lua-ready by Python (convert.FieldPlan) but for the JSON maps (`maps[j]` true), which
--- are decoded here as E.reports decodes them.
-function E.picked(a, count, names, maps)
+-- recentReports' tables of just the fields `names` (an array): `count` rows of #names values
+-- as stored (convert.FieldPlan picks them), each made what E.reports makes of it by its kind:
+-- a JSON map decoded, a stored 0/1 a boolean, an unknown text "".
+function E.picked(a, count, names, kinds)
   local out, width = {}, #names
   for i = 1, count do
     local b, r = (i - 1) * width, {}
     for j = 1, width do
-      local v = a[b + j]
-      if maps[j] then v = map(names[j], v) or {} end
+      local v, kind = a[b + j], kinds[j]
+      if kind == "map" then v = map(names[j], v) or {}
+      elseif kind == "bool" then v = v ~= 0 and v ~= false  -- stored 0/1, as Python's v != 0
+      elseif kind == "text" then v = v or "" end  -- "" when unknown, as in lt
       r[names[j]] = v
     end
     out[i] = r
@@ -245,21 +246,23 @@ class FieldPlan:
         wanted = set(names) | (set(_PLACE) if "longitude" in names else set())
         self.columns = tuple(sorted(REPORT_COLUMNS.index(name) for name in wanted))
         at = {REPORT_COLUMNS[column]: i for i, column in enumerate(self.columns)}
-        self.getters = tuple(_getter(name, at) for name in names)
+        #: the stored values of `names`, in their order, from a row of `columns` (in C: the
+        #: conversions to what lt holds are E.picked's, in Lua)
+        self.pick = columns_picker(tuple(at[name] for name in names))
         #: A longitude with no country nor latitude: whether the rest of the enrichment is
         #: unknown too (then it is not shown) needs columns not read (the whole rows).
         self.unsure = _unsure_longitude(at) if "longitude" in names else None
         table_from = state.lua.table_from
-        self.tables = (table_from(list(names)), table_from([name in _MAPS for name in names]))
+        self.tables = (table_from(list(names)), table_from([_kind(name) for name in names]))
 
 
-def _getter(name: str, at: dict[str, int]) -> Callable[[tuple], Any]:
-    i = at[name]
+def _kind(name: str) -> str | bool:
+    """What E.picked makes of a stored value of `name` (False: nothing, it is lt's already)."""
+    if name in _MAPS:
+        return "map"
     if name in _BOOLS:
-        return lambda row: row[i] != 0
-    if name in _TEXTS:
-        return lambda row: row[i] or ""
-    return operator.itemgetter(i)
+        return "bool"
+    return "text" if name in _TEXTS else False
 
 
 def _unsure_longitude(at: dict[str, int]) -> Callable[[tuple], bool]:
@@ -290,10 +293,9 @@ def picked_tables(state: "LuaState", rows: list[tuple], plan: FieldPlan,
     reads 200 rows for their latitude and longitude). `whole` gives the rows of every column,
     for the rare answer a longitude makes unsure."""
     unsure = plan.unsure
-    if unsure is not None and any(unsure(row) for row in rows):
+    if unsure is not None and any(map(unsure, rows)):
         rows = _known_longitudes(whole(), plan)
-    getters = plan.getters
-    flat = [get(row) for row in rows for get in getters]
+    flat = list(chain.from_iterable(map(plan.pick, rows)))
     return _events(state).picked(state.lua.table_from(flat), len(rows), *plan.tables)
 
 
