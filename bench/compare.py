@@ -30,7 +30,8 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 
 #: Figures worth a ratio, in print order (the others are shown per round only).
-SHOWN = ("reports_per_s", "p50_ms", "p99_ms", "policy_events_per_s", "lag_events", "drain_s",
+SHOWN = ("reports_per_s", "p50_ms", "p99_ms", "policy_events_per_s", "lag_events", "lag_max_events",
+         "drain_s",
          "rss_peak_mib", "rss_end_mib", "cpu_core_us_per_report", "cpu_web_us_per_report",
          "cpu_policy_us_per_event", "cpu_policy_us_per_report")
 

@@ -197,6 +197,36 @@ class MemorySampler:
         self.sample()
 
 
+@dataclass
+class LagSampler:
+    """The policy lag every `interval` s of a load, in a thread: whether the runner keeps pace
+    (the lag bounded, not growing) shows in the series, not in its last value."""
+
+    url: str
+    interval: float = 10.0
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds in, events)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.wait(self.interval):
+            try:
+                self.samples.append((time.monotonic() - started, policy_lag(self.url)))
+            except OSError:  # the daemon is busy past the scrape's timeout: no sample this time
+                continue
+
+    def __enter__(self) -> "LagSampler":
+        self._thread = threading.Thread(target=self._run, name="lag-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
 # ------------------------------------------------------------------------------------------- CPU
 
 def process_cpu_seconds(pid: int) -> float:

@@ -12,8 +12,9 @@ IMAP client, 70 % successes, a unique X-Wforce-Delivery each; see bench/reports.
 connections for a fixed duration, after a short warm-up and once the warm-up has drained.
 
 Prints durable reports/s, p50/p99 latency (wrk), policy events/s during the load, the policy lag
-at the end of the load (`trackalert_policy_lag_events`), the time until it drains to 0 (bounded
-by --drain-timeout), and the resident memory of the whole daemon (core + web workers), sampled
+(`trackalert_policy_lag_events`) every --lag-every seconds of the load and at its end (whether
+the runner keeps pace shows in that series: bounded, or growing), the time until it drains to 0
+(bounded by --drain-timeout), and the resident memory of the whole daemon (core + web workers), sampled
 during the run (peak and end), and the CPU time the core process and the web workers spent per
 durable report during the load. It asserts nothing. With --prefill N the log first holds N events
 of the same vocabulary (written directly, as the daemon would store them).
@@ -182,7 +183,8 @@ def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, arg
                             args.profile_gil)
         started = time.monotonic()
         server_before = harness.process_cpu_seconds(server_pid) if server_pid else 0.0
-        with harness.CpuMeter(process.process.pid) as cpu:
+        with harness.CpuMeter(process.process.pid) as cpu, \
+                harness.LagSampler(metrics, args.lag_every) as lags:
             wrk = harness.run_wrk(process.url("/command/report"), args.connections, args.duration,
                                   script, "load")
         server_s = harness.process_cpu_seconds(server_pid) - server_before if server_pid else 0.0
@@ -199,6 +201,8 @@ def measure(process: DaemonProcess, stored: Callable[[], int], script: Path, arg
         "non2xx": wrk.non2xx, "socket_errors": wrk.errors,
         "policy_events_per_s": (after_stored - lag - before_done) / elapsed,
         "lag_at_start_events": lag_at_start, "lag_events": lag,
+        "lag_samples": lags.samples,
+        "lag_max_events": max([lag] + [events for _, events in lags.samples]),
         "drain_s": drain if drain is not None else float("nan"),
         "rss_peak_mib": memory.peak_mib, "rss_load_end_mib": rss_load_end,
         "rss_end_mib": memory.last_mib, "processes": memory.processes,
@@ -288,6 +292,9 @@ def report_figures(f: dict[str, Any], drain_timeout: float) -> None:
     print(f"  policy events/s     {f['policy_events_per_s']:9,.0f}")
     print(f"  policy lag at end   {f['lag_events']:9,.0f} events (at start {f['lag_at_start_events']:,.0f});"
           f"  drained in {drain}")
+    if f.get("lag_samples"):
+        print("  policy lag sampled  " + ", ".join(f"{t:.0f} s {events:,.0f}"
+                                                   for t, events in f["lag_samples"]))
     print(f"  daemon RSS          peak {f['rss_peak_mib']:.0f} MiB, end of load "
           f"{f['rss_load_end_mib']:.0f} MiB, end {f['rss_end_mib']:.0f} MiB "
           f"({f['processes']} processes)")
@@ -415,6 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--policy-in-core", dest="policy_process", action="store_const", const=False,
                        help="setPolicyProcess(false): report(lt) in the core process")
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="longest wait for lag 0")
+    parser.add_argument("--lag-every", type=float, default=10.0,
+                        help="seconds between samples of the policy lag during the load")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="longest wait for READY")
     parser.add_argument("--profile", metavar="FILE", help="py-spy raw profile of the core process")
     parser.add_argument("--profile-process", choices=("core", "policy", "web"), default="core",

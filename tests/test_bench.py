@@ -10,6 +10,7 @@ import json
 import shutil
 import sqlite3
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -108,6 +109,13 @@ def test_prefilled_log_is_what_the_daemon_stores(tmp_path: Path) -> None:
     firefox = sum(1 for d in drawn if d[2] == 1)
     with DaemonProcess(tmp_path, ENRICHED) as daemon:
         assert harness.policy_lag(daemon.url("/metrics")) == 0  # the cursor is at the end
+        with harness.LagSampler(daemon.url("/metrics"), interval=0.05) as lags:
+            for _ in range(1500):  # bounded: 30 s at most
+                if len(lags.samples) >= 3:
+                    break
+                time.sleep(0.02)
+        assert [events for _, events in lags.samples[:3]] == [0, 0, 0]
+        assert [t for t, _ in lags.samples] == sorted(t for t, _ in lags.samples)
         status, answer = post(daemon.url("/command/count"), json.dumps({"attrs": {
             "remote": "81.2.69.142", "netmask": "2001:218::/32", "country": "GB",
             "asn": "29518", "browser": "Firefox", "login": reports.login_name(login)}}), {})
